@@ -16,6 +16,7 @@ from ltau_lmp.errors import LTAUError
 
 _COMMAND_MODULES = [
     "ltau_lmp.estimator.cli",
+    "ltau_lmp.lammps.cli",
 ]
 
 

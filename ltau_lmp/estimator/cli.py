@@ -1,0 +1,141 @@
+"""Sub-commands ``build-estimator``, ``predict`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ltau_lmp.errors import ConfigError, FileFormatError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-estimator",
+        help="build an LTAU estimator from a training-error log and latent descriptors",
+        description=(
+            "Build an LTAU estimator: the per-atom force-error distributions logged during training "
+            "(an error-log .npz written by `ltau-lmp train` or ErrorLog.save) are attached to the "
+            "latent descriptors of the same training atoms (an (n_atoms, dim) .npy from the final "
+            "model, same atom order), and a faiss nearest-neighbour index is built over the descriptors."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--error-log", required=True, type=Path, help="error-log .npz")
+    p.add_argument("--descriptors", required=True, type=Path, help="training-atom descriptors .npy (n_atoms x dim)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                   help="search backend: exact 'flat', graph 'hnsw', compressed 'ivfpq'; "
+                        "auto = flat below 200k entries, hnsw above")
+    p.add_argument("-k", "--neighbors", type=int, default=10, help="neighbours averaged per query")
+    p.add_argument("--weighting", default="uniform", choices=["uniform", "distance"],
+                   help="average neighbour PDFs equally or by inverse distance")
+    p.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
+    p.add_argument("--ef-construction", type=int, help="HNSW build effort (default 40)")
+    p.add_argument("--ef-search", type=int, help="HNSW search effort (default 16)")
+    p.add_argument("--nlist", type=int, help="IVF-PQ number of lists (default ~4*sqrt(n))")
+    p.add_argument("--nprobe", type=int, help="IVF-PQ lists probed per query (default 16)")
+    p.add_argument("--model-hash", help="hash of the model that produced the descriptors (checked by fix ltau)")
+    p.add_argument("--threads", type=int, help="faiss threads")
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser(
+        "predict",
+        help="per-atom uncertainty for new latent descriptors",
+        description=(
+            "Query an LTAU estimator: for each descriptor row, average the error distributions of the "
+            "k nearest training atoms and report the expected force error (eV/Angstrom), a confidence "
+            "interval, P(error < tol) and the mean kNN distance (large = far from the training data)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("estimator", type=Path, help="estimator directory")
+    p.add_argument("--descriptors", required=True, type=Path, help="query descriptors .npy (n x dim)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .npz or .csv")
+    p.add_argument("-k", "--neighbors", type=int, help="override the estimator's k")
+    p.add_argument("--ci", nargs=2, type=float, default=(0.05, 0.95), metavar=("LO", "HI"),
+                   help="quantile levels of the confidence interval")
+    p.add_argument("--tol", type=float, default=0.1, help="tolerance for P(error < tol), eV/Angstrom")
+    p.add_argument("--threads", type=int, help="faiss threads")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("info", help="describe an estimator directory or an error-log file",
+                       description="Print what an LTAU estimator directory or error-log .npz holds, as JSON.")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=_info)
+
+
+def _load_npy(path: Path, what: str):
+    import numpy as np
+
+    if not path.is_file():
+        raise FileFormatError(f"{path}: {what} file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise FileFormatError(f"{path}: unreadable {what} .npy ({type(exc).__name__}: {exc})") from None
+    if array.ndim != 2:
+        raise FileFormatError(f"{path}: {what} must be a 2-D (n, dim) array, got shape {array.shape}")
+    return array
+
+
+def _build(args) -> int:
+    from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+
+    log = ErrorLog.load(args.error_log)
+    descriptors = _load_npy(args.descriptors, "descriptors")
+    names = {"hnsw_m": "M", "ef_construction": "ef_construction", "ef_search": "ef_search",
+             "nlist": "nlist", "nprobe": "nprobe"}
+    options = {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg) is not None}
+    metadata = {"units": "eV/Angstrom", "source_error_log": str(args.error_log)}
+    if args.model_hash:
+        metadata["model_hash"] = args.model_hash
+    try:
+        est = LTAUEstimator.build(descriptors, log, index=args.index, k=args.neighbors,
+                                  weighting=args.weighting, metadata=metadata,
+                                  index_options=options, threads=args.threads)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    est.save(args.output)
+    print(f"wrote {args.output}: {est.n_entries} entries x {est.dim} dims, {est.nbins} bins, "
+          f"index {est.index.kind}, k={est.k}")
+    return 0
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator.index import set_threads
+
+    suffix = args.output.suffix.lower()
+    if suffix not in (".npz", ".csv"):
+        raise ConfigError(f"output must end in .npz or .csv, got {args.output}")
+    est = LTAUEstimator.load(args.estimator)
+    set_threads(args.threads)
+    res = est.query(_load_npy(args.descriptors, "descriptors"), k=args.neighbors)
+    try:
+        interval = res.interval(*args.ci)
+    except ValueError as exc:
+        raise ConfigError(f"--ci: {exc}") from None
+    columns = {"expected": res.expected, "ci_low": interval[:, 0], "ci_high": interval[:, 1],
+               "prob_below_tol": res.prob_below(args.tol), "knn_distance": res.distance}
+    if suffix == ".npz":
+        np.savez(args.output, **columns, ci_levels=np.array(args.ci), tol=np.array(args.tol))
+    else:
+        header = ",".join(columns)
+        np.savetxt(args.output, np.column_stack(list(columns.values())), delimiter=",",
+                   header=f"{header}  # ci={args.ci[0]}-{args.ci[1]}, tol={args.tol} eV/Angstrom",
+                   comments="# ", fmt="%.6g")
+    print(f"wrote {args.output}: {len(res)} points, median expected error "
+          f"{np.median(res.expected):.4g} eV/Angstrom, max kNN distance {res.distance.max():.4g}")
+    return 0
+
+
+def _info(args) -> int:
+    from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+
+    if args.path.is_dir():
+        summary = {"type": "LTAU estimator", **LTAUEstimator.load(args.path).summary()}
+    elif args.path.suffix == ".npz":
+        summary = {"type": "error log", **ErrorLog.load(args.path).summary()}
+    else:
+        raise FileFormatError(f"{args.path}: neither an estimator directory nor an error-log .npz")
+    print(json.dumps(summary, indent=2))
+    return 0

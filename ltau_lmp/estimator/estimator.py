@@ -1,0 +1,247 @@
+"""The LTAU estimator: error distributions of the k nearest training atoms in latent space.
+
+Build: descriptors D (n_train x d, from the final model) and per-atom error PDFs P
+(n_train x nbins, from the training-error log) on fixed bin edges. Query: the predicted error
+PDF of a new atom is the mean of its k nearest neighbours' PDFs (L2 in latent space).
+From that PDF: expected error, quantiles, P(err < tol); the mean kNN distance flags atoms far
+from the training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator.errorlog import ErrorLog, validate_bin_edges
+from ltau_lmp.estimator.index import SearchIndex, set_threads
+
+WEIGHTINGS = ("uniform", "distance")
+PROGRESS_MIN_POINTS = 500_000
+
+
+def log_midpoints(bin_edges: np.ndarray) -> np.ndarray:
+    """Geometric mean of each bin's edges: the value a bin stands for on a log axis."""
+    return np.sqrt(bin_edges[:-1] * bin_edges[1:])
+
+
+def pdf_cdf_at(pdf: np.ndarray, bin_edges: np.ndarray, values) -> np.ndarray:
+    """CDF of each row's distribution at ``values`` (scalar or one per row); linear inside a bin."""
+    values = np.broadcast_to(np.asarray(values, dtype=np.float64), (pdf.shape[0],))
+    nbins = pdf.shape[1]
+    b = np.clip(np.searchsorted(bin_edges, values, side="right") - 1, 0, nbins - 1)
+    cdf_lo = np.cumsum(pdf, axis=1, dtype=np.float64) - pdf
+    rows = np.arange(pdf.shape[0])
+    frac = (values - bin_edges[b]) / (bin_edges[b + 1] - bin_edges[b])
+    out = cdf_lo[rows, b] + pdf[rows, b] * np.clip(frac, 0.0, 1.0)
+    return np.where(values < bin_edges[0], 0.0, np.where(values >= bin_edges[-1], 1.0, out))
+
+
+def pdf_quantile(pdf: np.ndarray, bin_edges: np.ndarray, q: float) -> np.ndarray:
+    """Inverse CDF per row; inside a bin the CDF is linear in the error value."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile level must lie in [0, 1], got {q}")
+    cdf = np.cumsum(pdf, axis=1, dtype=np.float64)
+    nbins = pdf.shape[1]
+    b = np.minimum(np.count_nonzero(cdf < q - 1e-12, axis=1), nbins - 1)
+    rows = np.arange(pdf.shape[0])
+    mass = pdf[rows, b].astype(np.float64)
+    below = cdf[rows, b] - mass
+    frac = np.divide(q - below, mass, out=np.zeros_like(mass), where=mass > 0)
+    width = bin_edges[b + 1] - bin_edges[b]
+    return bin_edges[b] + np.clip(frac, 0.0, 1.0) * width
+
+
+@dataclass
+class LTAUResult:
+    """Per-point uncertainty. ``pdf`` and quantiles are computed on demand, in chunks."""
+
+    expected: np.ndarray       # (n,) expected error, eV/Å
+    distance: np.ndarray       # (n,) mean Euclidean distance to the k neighbours (latent units)
+    neighbors: np.ndarray      # (n, k) training-entry ids
+    weights: np.ndarray        # (n, k) neighbour weights, rows sum to 1
+    estimator: "LTAUEstimator"
+    chunk_size: int = 65_536
+
+    def __len__(self) -> int:
+        return self.expected.shape[0]
+
+    def _pdf_chunks(self):
+        for start in range(0, len(self), self.chunk_size):
+            stop = min(start + self.chunk_size, len(self))
+            yield start, stop, self.estimator.mix_pdfs(self.neighbors[start:stop], self.weights[start:stop])
+
+    @property
+    def pdf(self) -> np.ndarray:
+        """(n, nbins) predicted probability mass per bin."""
+        out = np.empty((len(self), self.estimator.nbins), dtype=np.float32)
+        for start, stop, block in self._pdf_chunks():
+            out[start:stop] = block
+        return out
+
+    def quantile(self, q: float) -> np.ndarray:
+        """Error value below which the predicted distribution puts mass ``q``."""
+        out = np.empty(len(self))
+        for start, stop, block in self._pdf_chunks():
+            out[start:stop] = pdf_quantile(block, self.estimator.bin_edges, q)
+        return out
+
+    def interval(self, lo: float = 0.05, hi: float = 0.95) -> np.ndarray:
+        """(n, 2) error interval between the ``lo`` and ``hi`` quantiles."""
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
+        out = np.empty((len(self), 2))
+        for start, stop, block in self._pdf_chunks():
+            out[start:stop, 0] = pdf_quantile(block, self.estimator.bin_edges, lo)
+            out[start:stop, 1] = pdf_quantile(block, self.estimator.bin_edges, hi)
+        return out
+
+    def prob_below(self, tol) -> np.ndarray:
+        """P(error < tol) from the predicted distribution (tol scalar or one per point)."""
+        tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), (len(self),))
+        out = np.empty(len(self))
+        for start, stop, block in self._pdf_chunks():
+            out[start:stop] = pdf_cdf_at(block, self.estimator.bin_edges, tol[start:stop])
+        return out
+
+
+class LTAUEstimator:
+    """kNN over training-atom descriptors + their training-error distributions."""
+
+    def __init__(self, index: SearchIndex, pdfs: np.ndarray, bin_edges: np.ndarray, k: int = 10,
+                 weighting: str = "uniform", metadata: dict | None = None):
+        self.index = index
+        self.pdfs = pdfs
+        self.bin_edges = validate_bin_edges(bin_edges)
+        self.metadata = dict(metadata or {})
+        self.k = self._check_k(k)
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        self.weighting = weighting
+        if pdfs.shape != (index.ntotal, self.nbins):
+            raise ConfigError(f"PDF array {pdfs.shape} does not match {index.ntotal} indexed entries "
+                              f"x {self.nbins} bins")
+        # Expected error is linear in the PDF: precompute it per training entry once.
+        self.entry_expected = np.asarray(pdfs @ log_midpoints(self.bin_edges).astype(np.float32), np.float64)
+
+    @classmethod
+    def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, index: str = "auto", k: int = 10,
+              weighting: str = "uniform", metadata: dict | None = None, index_options: dict | None = None,
+              use_gpu: bool | str = "auto", gpu_device: int = 0, threads: int | None = None,
+              progress: bool | None = None) -> "LTAUEstimator":
+        """From descriptors (n, d) and either an ``ErrorLog`` or PDFs (n, nbins) + ``bin_edges``."""
+        descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
+        if descriptors.ndim != 2 or descriptors.shape[0] == 0:
+            raise ConfigError(f"descriptors must be a non-empty (n, d) array, got shape {descriptors.shape}")
+        if not np.all(np.isfinite(descriptors)):
+            raise ConfigError("descriptors contain NaN or infinite values")
+        if isinstance(error_log_or_pdfs, ErrorLog):
+            if bin_edges is not None:
+                raise ConfigError("bin_edges come from the ErrorLog; do not pass them as well")
+            bin_edges = error_log_or_pdfs.bin_edges
+            pdfs = error_log_or_pdfs.pdfs()
+        else:
+            if bin_edges is None:
+                raise ConfigError("building from a PDF array needs bin_edges")
+            pdfs = np.ascontiguousarray(error_log_or_pdfs, dtype=np.float32)
+            check_pdfs(pdfs)
+        if pdfs.shape[0] != descriptors.shape[0]:
+            raise ConfigError(f"{descriptors.shape[0]} descriptors but {pdfs.shape[0]} error distributions")
+        set_threads(threads)
+        if progress is None:
+            progress = descriptors.shape[0] >= PROGRESS_MIN_POINTS
+        search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress)
+        return cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    @property
+    def n_entries(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def nbins(self) -> int:
+        return self.bin_edges.size - 1
+
+    def _check_k(self, k: int) -> int:
+        if int(k) < 1 or int(k) > self.index.ntotal:
+            raise ConfigError(f"k must lie in [1, {self.index.ntotal}] (the number of entries), got {k}")
+        return int(k)
+
+    def mix_pdfs(self, neighbors: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Weighted mean of the neighbours' PDFs: (n, k) ids and weights → (n, nbins)."""
+        return np.einsum("nk,nkb->nb", weights.astype(np.float32), self.pdfs[neighbors], optimize=True)
+
+    def query(self, descriptors, k: int | None = None, chunk_size: int = 65_536,
+              progress: bool | None = None) -> LTAUResult:
+        """Uncertainty of new points from their latent descriptors (n, d)."""
+        from tqdm.auto import tqdm
+
+        X = np.ascontiguousarray(descriptors, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.dim:
+            raise ConfigError(f"descriptors must have shape (n, {self.dim}), got {X.shape}")
+        if not np.all(np.isfinite(X)):
+            raise ConfigError("descriptors contain NaN or infinite values")
+        k = self.k if k is None else self._check_k(k)
+        n = X.shape[0]
+        distance = np.empty(n)
+        neighbors = np.empty((n, k), dtype=np.int64)
+        weights = np.empty((n, k), dtype=np.float64)
+        if progress is None:
+            progress = n >= PROGRESS_MIN_POINTS
+        with tqdm(total=n, desc="LTAU query", unit="pt", disable=not progress) as bar:
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                dist, ids = self.index.search(X[start:stop], k)
+                neighbors[start:stop] = ids
+                distance[start:stop] = dist.mean(axis=1)
+                weights[start:stop] = self._weights(dist)
+                bar.update(stop - start)
+        expected = np.einsum("nk,nk->n", weights, self.entry_expected[neighbors])
+        return LTAUResult(expected, distance, neighbors, weights, self, chunk_size)
+
+    def _weights(self, dist: np.ndarray) -> np.ndarray:
+        if self.weighting == "uniform":
+            return np.full(dist.shape, 1.0 / dist.shape[1])
+        inv = 1.0 / np.maximum(dist, 1e-12)
+        return inv / inv.sum(axis=1, keepdims=True)
+
+    def save(self, path):
+        """Directory with meta.json, pdfs.npy, bin_edges.npy, index.faiss (see ``io``)."""
+        from ltau_lmp.estimator.io import save_estimator
+
+        return save_estimator(self, path)
+
+    @classmethod
+    def load(cls, path, mmap: bool = True, verify: bool = True, use_gpu: bool | str = "auto",
+             gpu_device: int = 0) -> "LTAUEstimator":
+        """Load and validate; ``mmap`` shares the arrays' pages between processes on one node."""
+        from ltau_lmp.estimator.io import load_estimator
+
+        return load_estimator(path, mmap=mmap, verify=verify, use_gpu=use_gpu, gpu_device=gpu_device)
+
+    def summary(self) -> dict:
+        return {
+            "n_entries": self.n_entries, "dim": self.dim, "nbins": self.nbins,
+            "bin_range": [float(self.bin_edges[0]), float(self.bin_edges[-1])],
+            "index": {"kind": self.index.kind, **self.index.options},
+            "k": self.k, "weighting": self.weighting,
+            "search_device": "cpu" if self.index.gpu_device is None else f"gpu:{self.index.gpu_device}",
+            "metadata": self.metadata,
+        }
+
+
+def check_pdfs(pdfs: np.ndarray, rows: np.ndarray | None = None, where: str = "PDF array") -> None:
+    """Rows must be non-negative and sum to 1 (checked on ``rows`` only when given, to stay cheap)."""
+    if pdfs.ndim != 2:
+        raise ConfigError(f"{where} must be 2-D (n, nbins), got shape {pdfs.shape}")
+    sample = pdfs if rows is None else pdfs[rows]
+    if not np.all(np.isfinite(sample)) or np.any(sample < 0):
+        raise ConfigError(f"{where} has negative, NaN or infinite probabilities")
+    sums = sample.sum(axis=1, dtype=np.float64)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-3)
+    if bad.size:
+        raise ConfigError(f"{where}: {bad.size} rows do not sum to 1 (e.g. {sums[bad[0]]:.6g})")

@@ -1,0 +1,137 @@
+"""Estimator file format: a directory, no pickle.
+
+    meta.json       format name, version, shapes, index kind + options, k, weighting,
+                    user metadata (model hash, units), sha256 of every array file
+    pdfs.npy        (n_entries, nbins) float32 per-entry error PDFs
+    bin_edges.npy   (nbins + 1,) float64
+    index.faiss     the CPU faiss index (``faiss.write_index``)
+
+Loading validates everything it can and names the file and the problem; arrays are
+memory-mapped so MPI ranks on one node share their pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ltau_lmp.errors import ConfigError, FileFormatError
+from ltau_lmp.estimator.estimator import LTAUEstimator, check_pdfs
+from ltau_lmp.estimator.index import INDEX_KINDS, SearchIndex
+
+ESTIMATOR_FORMAT = "ltau-estimator"
+ESTIMATOR_VERSION = 1
+FILES = {"pdfs": "pdfs.npy", "bin_edges": "bin_edges.npy", "index": "index.faiss"}
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_estimator(est: LTAUEstimator, path) -> Path:
+    """Write into a temporary sibling directory, then rename: never a half-written estimator."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / FILES["pdfs"], np.ascontiguousarray(est.pdfs, dtype=np.float32))
+    np.save(tmp / FILES["bin_edges"], est.bin_edges)
+    faiss.write_index(est.index.cpu_index, str(tmp / FILES["index"]))
+    meta = {
+        "format": ESTIMATOR_FORMAT, "version": ESTIMATOR_VERSION,
+        "n_entries": est.n_entries, "dim": est.dim, "nbins": est.nbins,
+        "index": {"kind": est.index.kind, "options": est.index.options},
+        "k": est.k, "weighting": est.weighting, "metadata": est.metadata,
+        "files": FILES, "sha256": {key: sha256_file(tmp / name) for key, name in FILES.items()},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json, checked for format and version."""
+    meta_file = path / "meta.json"
+    if not path.is_dir():
+        raise FileFormatError(f"{path}: estimator directory not found")
+    if not meta_file.is_file():
+        raise FileFormatError(f"{meta_file}: missing (is {path} an ltau estimator directory?)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{meta_file}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ESTIMATOR_FORMAT:
+        raise FileFormatError(f"{meta_file}: not an ltau estimator (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != ESTIMATOR_VERSION:
+        raise FileFormatError(f"{meta_file}: estimator version {meta.get('version')} is not supported "
+                              f"(this ltau_lmp reads version {ESTIMATOR_VERSION})")
+    required = ("n_entries", "dim", "nbins", "index", "k", "weighting", "metadata", "sha256")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise FileFormatError(f"{meta_file}: missing field(s) {', '.join(missing)}")
+    if meta["index"].get("kind") not in INDEX_KINDS:
+        raise FileFormatError(f"{meta_file}: unknown index kind {meta['index'].get('kind')!r}")
+    return meta
+
+
+def _load_array(file: Path, mmap: bool) -> np.ndarray:
+    if not file.is_file():
+        raise FileFormatError(f"{file}: missing")
+    try:
+        return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as exc:  # truncated headers, bad magic, short data: several exception types
+        raise FileFormatError(f"{file}: unreadable or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def load_estimator(path, mmap: bool = True, verify: bool = True, use_gpu: bool | str = "auto",
+                   gpu_device: int = 0) -> LTAUEstimator:
+    """Load and validate (``verify`` also checks every file's sha256 against meta.json)."""
+    path = Path(path)
+    meta = read_meta(path)
+    files = {key: path / name for key, name in FILES.items()}
+    for key, file in files.items():
+        if not file.is_file():
+            raise FileFormatError(f"{file}: missing")
+        if verify and sha256_file(file) != meta["sha256"].get(key):
+            raise FileFormatError(f"{file}: checksum does not match meta.json (corrupted or replaced file)")
+    pdfs = _load_array(files["pdfs"], mmap)
+    edges = _load_array(files["bin_edges"], mmap=False)
+    n, nbins, dim = int(meta["n_entries"]), int(meta["nbins"]), int(meta["dim"])
+    if pdfs.dtype != np.float32 or pdfs.shape != (n, nbins):
+        raise FileFormatError(f"{files['pdfs']}: expected float32 {(n, nbins)}, got {pdfs.dtype} {pdfs.shape}")
+    if edges.dtype != np.float64 or edges.shape != (nbins + 1,):
+        raise FileFormatError(f"{files['bin_edges']}: expected float64 ({nbins + 1},), got {edges.dtype} {edges.shape}")
+    try:
+        flags = faiss.IO_FLAG_MMAP if mmap and meta["index"]["kind"] == "flat" else 0
+        index = faiss.read_index(str(files["index"]), flags)
+    except RuntimeError as exc:
+        raise FileFormatError(f"{files['index']}: not a readable faiss index ({str(exc).splitlines()[0]})") from None
+    if index.d != dim or index.ntotal != n:
+        raise FileFormatError(f"{files['index']}: index has {index.ntotal} vectors of dimension {index.d}, "
+                              f"meta.json says {n} of dimension {dim}")
+    rows = np.unique(np.linspace(0, n - 1, num=min(n, 1000)).astype(np.int64))
+    try:
+        check_pdfs(pdfs, rows, where=str(files["pdfs"]))
+        search_index = SearchIndex(meta["index"]["kind"], meta["index"]["options"], index)
+        search_index.place(use_gpu, gpu_device)
+        return LTAUEstimator(search_index, pdfs, edges, k=meta["k"], weighting=meta["weighting"],
+                             metadata=meta["metadata"])
+    except ConfigError as exc:
+        raise FileFormatError(f"{path}: {exc}") from None

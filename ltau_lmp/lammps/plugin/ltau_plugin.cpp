@@ -1,0 +1,386 @@
+/* LAMMPS plugin: `pair_style ltau` and `fix ltau` as thin shims over a per-rank Python runtime.
+
+   Copyright (C) the ltau_lmp authors. GPL-2.0-only (it links against LAMMPS).
+
+   All the work happens in Python (ltau_lmp/lammps/runtime.py). This file only hands it
+   zero-copy pointers to LAMMPS arrays through C function pointers that the runtime registers
+   with ltau_set_callbacks() via ctypes. Every callback returns a status and writes a message;
+   the shim reduces the status over all ranks and stops every rank with the message of the
+   lowest failing rank, so a Python exception on one rank never leaves the others hanging.
+
+   Inside a Python host (`ltau-lmp run`, `from lammps import lammps`) the running interpreter
+   is used; inside the native `lmp` binary no Python runs, so the shim starts an embedded
+   interpreter (the one the package was built with, see setup.py) and imports the runtime. */
+
+#include "lammpsplugin.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "fix.h"
+#include "force.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "pair.h"
+#include "timer.h"
+#include "update.h"
+#include "utils.h"
+
+#include <dlfcn.h>
+#include <mpi.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifndef LTAU_LIBPYTHON
+#define LTAU_LIBPYTHON ""
+#endif
+#ifndef LTAU_PYTHON
+#define LTAU_PYTHON ""
+#endif
+
+using namespace LAMMPS_NS;
+
+/* ---------------------------------------------------------------------------------------------
+   C ABI shared with ltau_lmp/lammps/runtime.py (keep the two in sync)
+--------------------------------------------------------------------------------------------- */
+
+static constexpr int LTAU_MSGLEN = 2048;
+
+extern "C" {
+typedef int (*ltau_pair_coeff_fn)(void *pair, int fcomm, int ntypes, int narg, char **arg,
+                                  double *cutoff, char *msg, int msglen);
+typedef int (*ltau_pair_compute_fn)(void *pair, int64_t step, int nlocal, int nghost,
+                                    const double *x, const int *type, const int *tag,
+                                    int64_t nedges, const int64_t *centers,
+                                    const int64_t *neighbors, int eflag_global, int eflag_atom,
+                                    int vflag_atom, double cutghost, double *f, double *energy,
+                                    double *eatom, double *vatom, char *msg, int msglen);
+typedef void (*ltau_destroy_fn)(void *obj);
+typedef int (*ltau_fix_create_fn)(void *fix, void *pair, int fcomm, const char *fix_id,
+                                  int narg, char **arg, char *msg, int msglen);
+typedef int (*ltau_fix_step_fn)(void *fix, int64_t step, int nlocal, const double *x,
+                                const int *tag, const int *mask, int groupbit, double *peratom,
+                                double *global6, char *msg, int msglen);
+
+struct LtauCallbacks {
+  ltau_pair_coeff_fn pair_coeff;
+  ltau_pair_compute_fn pair_compute;
+  ltau_destroy_fn pair_destroy;
+  ltau_fix_create_fn fix_create;
+  ltau_fix_step_fn fix_end_of_step;
+  ltau_destroy_fn fix_destroy;
+};
+static LtauCallbacks cbs = {};
+
+void ltau_set_callbacks(ltau_pair_coeff_fn pc, ltau_pair_compute_fn pcomp, ltau_destroy_fn pd,
+                        ltau_fix_create_fn fc, ltau_fix_step_fn fs, ltau_destroy_fn fd)
+{
+  cbs = {pc, pcomp, pd, fc, fs, fd};
+}
+
+int ltau_callbacks_registered() { return cbs.pair_compute != nullptr; }
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Python bootstrap: use the running interpreter or start an embedded one (recipe section 10).
+   libpython is not linked; its functions are looked up with dlsym so that a Python host with
+   a statically linked interpreter never gets a second one.
+--------------------------------------------------------------------------------------------- */
+
+namespace {
+
+template <typename T> T pysym(void *handle, const char *name)
+{
+  return reinterpret_cast<T>(dlsym(handle, name));
+}
+
+std::string plugin_path()
+{
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void *>(&ltau_set_callbacks), &info) && info.dli_fname)
+    return info.dli_fname;
+  return "";
+}
+
+// Returns "" when the callbacks are registered, else the reason they could not be.
+std::string ensure_runtime()
+{
+  if (ltau_callbacks_registered()) return "";
+
+  void *py = RTLD_DEFAULT;
+  if (!dlsym(py, "Py_IsInitialized")) {    // native lmp: no Python in this process
+    if (std::strlen(LTAU_LIBPYTHON) == 0)
+      return "this Python has no shared libpython, so the plugin cannot start Python inside "
+             "the lmp binary; run the script with `ltau-lmp run` instead";
+    py = dlopen(LTAU_LIBPYTHON, RTLD_NOW | RTLD_GLOBAL);
+    if (!py)
+      return std::string("cannot load ") + LTAU_LIBPYTHON + " (" + dlerror() +
+          "); run the script with `ltau-lmp run` instead";
+  }
+  auto is_init = pysym<int (*)()>(py, "Py_IsInitialized");
+  if (!is_init()) {
+    auto decode = pysym<wchar_t *(*) (const char *, size_t *)>(py, "Py_DecodeLocale");
+    auto set_name = pysym<void (*)(const wchar_t *)>(py, "Py_SetProgramName");
+    // the venv's python as program name makes sys.prefix the venv, so its packages import
+    if (decode && set_name && std::strlen(LTAU_PYTHON)) set_name(decode(LTAU_PYTHON, nullptr));
+    pysym<void (*)(int)>(py, "Py_InitializeEx")(0);
+    pysym<void *(*) ()>(py, "PyEval_SaveThread")();    // later entries take the GIL as usual
+  }
+  std::string so = plugin_path();
+  // <root>/ltau_lmp/lammps/ltauplugin.so -> <root> makes a non-installed checkout importable
+  std::string root = so.substr(0, so.rfind('/'));
+  root = root.substr(0, root.rfind('/'));
+  root = root.substr(0, root.rfind('/'));
+  std::string code = "import sys\nif r'''" + root + "''' not in sys.path: sys.path.append(r'''" +
+      root + "''')\nimport ltau_lmp.lammps.runtime as _rt\n_rt.bootstrap(r'''" + so + "''')\n";
+  auto ensure = pysym<int (*)()>(py, "PyGILState_Ensure");
+  auto release = pysym<void (*)(int)>(py, "PyGILState_Release");
+  auto run = pysym<int (*)(const char *)>(py, "PyRun_SimpleString");
+  int gil = ensure();
+  int rc = run(code.c_str());
+  release(gil);
+  if (rc != 0 || !ltau_callbacks_registered())
+    return "could not import ltau_lmp.lammps.runtime in Python (traceback above)";
+  return "";
+}
+
+bool python_alive()
+{
+  auto is_init = pysym<int (*)()>(RTLD_DEFAULT, "Py_IsInitialized");
+  return is_init && is_init();
+}
+
+/* Collective: every rank calls it with its own status. If any rank has a status >= threshold,
+   all ranks stop with the message of the lowest such rank. Returns the maximum status. */
+int reduce_status(LAMMPS *lmp, MPI_Comm world, int status, const char *msg, const char *who,
+                  int threshold)
+{
+  int maxstatus = 0;
+  MPI_Allreduce(&status, &maxstatus, 1, MPI_INT, MPI_MAX, world);
+  if (maxstatus < threshold) return maxstatus;
+  int me, nprocs;
+  MPI_Comm_rank(world, &me);
+  MPI_Comm_size(world, &nprocs);
+  int mine = status >= threshold ? me : nprocs, root = 0;
+  MPI_Allreduce(&mine, &root, 1, MPI_INT, MPI_MIN, world);
+  char buf[LTAU_MSGLEN];
+  std::strncpy(buf, msg, LTAU_MSGLEN - 1);
+  buf[LTAU_MSGLEN - 1] = '\0';
+  MPI_Bcast(buf, LTAU_MSGLEN, MPI_CHAR, root, world);
+  lmp->error->all(FLERR, "{}: {}", who, buf);
+  return maxstatus;
+}
+
+}    // namespace
+
+/* ---------------------------------------------------------------------------------------------
+   pair_style ltau
+--------------------------------------------------------------------------------------------- */
+
+class PairLTAU : public Pair {
+ public:
+  explicit PairLTAU(LAMMPS *lmp) : Pair(lmp)
+  {
+    single_enable = 0;
+    restartinfo = 0;
+    one_coeff = 1;
+    manybody_flag = 1;
+    centroidstressflag = CENTROID_NOTAVAIL;
+    std::string why = ensure_runtime();
+    if (!why.empty()) error->all(FLERR, "Pair style ltau: {}", why);
+  }
+
+  ~PairLTAU() override
+  {
+    if (cbs.pair_destroy && python_alive()) cbs.pair_destroy(this);
+    if (allocated) {
+      memory->destroy(setflag);
+      memory->destroy(cutsq);
+    }
+  }
+
+  void settings(int narg, char **) override
+  {
+    if (narg != 0) error->all(FLERR, "Pair style ltau takes no arguments (the model is given in pair_coeff)");
+  }
+
+  void coeff(int narg, char **arg) override
+  {
+    int ntypes = atom->ntypes;
+    if (narg < 3 || std::strcmp(arg[0], "*") != 0 || std::strcmp(arg[1], "*") != 0)
+      error->all(FLERR, "Pair style ltau: usage is pair_coeff * * MODEL_FILE El1 El2 ...");
+    if (narg != 3 + ntypes)
+      error->all(FLERR, "Pair style ltau: pair_coeff needs one element per atom type: {} types but {} elements given",
+                 ntypes, narg - 3);
+    char msg[LTAU_MSGLEN] = "";
+    double cut = 0.0;
+    int status = cbs.pair_coeff(this, MPI_Comm_c2f(world), ntypes, narg - 2, arg + 2, &cut, msg,
+                                LTAU_MSGLEN);
+    reduce_status(lmp, world, status, msg, "Pair style ltau", 1);
+    cutoff = cut;
+    if (!allocated) {
+      allocated = 1;
+      memory->create(setflag, ntypes + 1, ntypes + 1, "pair:setflag");
+      memory->create(cutsq, ntypes + 1, ntypes + 1, "pair:cutsq");
+    }
+    for (int i = 1; i <= ntypes; i++)
+      for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
+  }
+
+  void init_style() override
+  {
+    if (force->newton_pair == 0) error->all(FLERR, "Pair style ltau requires newton pair on");
+    if (atom->tag_enable == 0) error->all(FLERR, "Pair style ltau requires atom IDs");
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+  }
+
+  double init_one(int, int) override { return cutoff; }
+
+  void compute(int eflag, int vflag) override
+  {
+    ev_init(eflag, vflag);
+    int inum = list->inum;
+    int *ilist = list->ilist, *numneigh = list->numneigh, **firstneigh = list->firstneigh;
+    int64_t nedges = 0;
+    for (int ii = 0; ii < inum; ii++) nedges += numneigh[ilist[ii]];
+    centers.resize(nedges > 0 ? nedges : 1);
+    neighbors.resize(nedges > 0 ? nedges : 1);
+    int64_t e = 0;
+    for (int ii = 0; ii < inum; ii++) {
+      int i = ilist[ii], *jl = firstneigh[i];
+      for (int jj = 0; jj < numneigh[i]; jj++, e++) {
+        centers[e] = i;
+        neighbors[e] = jl[jj] & NEIGHMASK;
+      }
+    }
+    char msg[LTAU_MSGLEN] = "";
+    double energy = 0.0;
+    int status = cbs.pair_compute(this, update->ntimestep, atom->nlocal, atom->nghost, atom->x[0],
+                                  atom->type, atom->tag, nedges, centers.data(), neighbors.data(),
+                                  eflag_global, eflag_atom, vflag_atom, comm->get_comm_cutoff(),
+                                  atom->f[0], &energy, eflag_atom ? eatom : nullptr,
+                                  vflag_atom ? vatom[0] : nullptr, msg, LTAU_MSGLEN);
+    reduce_status(lmp, world, status, msg, "Pair style ltau", 1);
+    if (eflag_global) eng_vdwl += energy;
+    if (vflag_fdotr) virial_fdotr_compute();
+  }
+
+ private:
+  double cutoff = 0.0;
+  std::vector<int64_t> centers, neighbors;
+};
+
+/* ---------------------------------------------------------------------------------------------
+   fix ID group ltau ESTIMATOR_FILE keyword value ...
+--------------------------------------------------------------------------------------------- */
+
+class FixLTAU : public Fix {
+ public:
+  FixLTAU(LAMMPS *lmp, int narg, char **arg) : Fix(lmp, narg, arg)
+  {
+    if (narg < 4) error->all(FLERR, "Fix ltau: usage is fix ID group ltau ESTIMATOR_FILE keyword value ...");
+    nevery = 1;
+    for (int i = 4; i < narg; i++) {
+      if (std::strcmp(arg[i], "every") != 0) continue;
+      if (i + 1 >= narg) error->all(FLERR, "Fix ltau: keyword every needs a value");
+      nevery = utils::inumeric(FLERR, arg[i + 1], false, lmp);
+      if (nevery <= 0) error->all(FLERR, "Fix ltau: every must be a positive integer");
+    }
+    peratom_flag = 1;
+    size_peratom_cols = 4;
+    peratom_freq = nevery;
+    scalar_flag = 1;
+    vector_flag = 1;
+    size_vector = 5;
+    global_freq = nevery;
+    extscalar = 0;
+    extvector = 0;
+
+    Pair *pair = force->pair_match("ltau", 1, 0);
+    if (!pair)
+      error->all(FLERR, "Fix ltau requires pair_style ltau (define pair_style ltau and its pair_coeff before fix ltau)");
+    grow(atom->nmax);
+    char msg[LTAU_MSGLEN] = "";
+    int status = cbs.fix_create(this, pair, MPI_Comm_c2f(world), id, narg - 3, arg + 3, msg,
+                                LTAU_MSGLEN);
+    reduce_status(lmp, world, status, msg, "Fix ltau", 1);
+    created = true;
+  }
+
+  ~FixLTAU() override
+  {
+    if (created && cbs.fix_destroy && python_alive()) cbs.fix_destroy(this);
+    memory->destroy(values);
+  }
+
+  int setmask() override { return FixConst::END_OF_STEP; }
+
+  void init() override
+  {
+    if (!force->pair_match("ltau", 1, 0)) error->all(FLERR, "Fix ltau requires pair_style ltau");
+  }
+
+  void setup(int) override { end_of_step(); }
+
+  void end_of_step() override
+  {
+    if (atom->nmax > nmax) grow(atom->nmax);
+    char msg[LTAU_MSGLEN] = "";
+    int status = cbs.fix_end_of_step(this, update->ntimestep, atom->nlocal, atom->x[0], atom->tag,
+                                     atom->mask, groupbit, values[0], global, msg, LTAU_MSGLEN);
+    int any = reduce_status(lmp, world, status, msg, "Fix ltau", 2);
+    if (any == 1) timer->force_timeout();    // soft halt, like fix halt ... error soft
+  }
+
+  void post_run() override { timer->reset_timeout(); }
+
+  double compute_scalar() override { return global[0]; }
+  double compute_vector(int i) override { return global[1 + i]; }
+  double memory_usage() override { return (double) nmax * 4 * sizeof(double); }
+
+ private:
+  double **values = nullptr;
+  double global[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int nmax = 0;
+  bool created = false;
+
+  void grow(int n)
+  {
+    nmax = n > 0 ? n : 1;
+    memory->grow(values, nmax, 4, "ltau:values");
+    array_atom = values;
+  }
+};
+
+/* ---------------------------------------------------------------------------------------------
+   registration
+--------------------------------------------------------------------------------------------- */
+
+static void *pair_creator(LAMMPS *lmp) { return new PairLTAU(lmp); }
+static void *fix_creator(LAMMPS *lmp, int narg, char **arg) { return new FixLTAU(lmp, narg, arg); }
+
+extern "C" void lammpsplugin_init(void *lmp, void *handle, void *regfunc)
+{
+  auto reg = (lammpsplugin_regfunc) regfunc;
+  lammpsplugin_t plugin;
+  plugin.version = nullptr;    // version.h is not in the wheel; NULL skips the version message
+  plugin.author = "ltau_lmp";
+  plugin.handle = handle;
+
+  plugin.style = "pair";
+  plugin.name = "ltau";
+  plugin.info = "ltau_lmp torch force field pair style (Python runtime)";
+  plugin.creator.v1 = (lammpsplugin_factory1 *) &pair_creator;
+  (*reg)(&plugin, lmp);
+
+  plugin.style = "fix";
+  plugin.name = "ltau";
+  plugin.info = "ltau_lmp LTAU uncertainty fix (Python runtime)";
+  plugin.creator.v2 = (lammpsplugin_factory2 *) &fix_creator;
+  (*reg)(&plugin, lmp);
+}

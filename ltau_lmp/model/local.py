@@ -1,0 +1,266 @@
+"""The built-in strictly local force field: radial + 3-body invariants -> MLP -> atom energy.
+
+Descriptor of atom i (a Cartesian-moment power spectrum, linear cost in the number of pairs):
+
+* per pair a radial basis g_k(r) = sqrt(2/rc) sin(k pi r / rc) / r * f_cut(r), with a quintic
+  envelope f_cut that is C2-smooth and exactly 0 at r >= rc, mixed into ``n_radial`` channels
+  by learnable weights that depend on the (centre, neighbour) species pair;
+* per atom the moments A_l[n] = sum_j R_n(r_ij) u_ij^(x)l for l = 0..max_l (u = unit vector);
+* invariants A_0[n] and <A_l[n], A_l[m]> = sum_jk R_n R_m cos^l(theta_jik) for l >= 1, n <= m.
+  The powers cos^0..cos^max_l span the Legendre polynomials P_0..P_max_l, so this is the usual
+  3-body power spectrum.
+
+The invariants are normalised (buffers ``feature_mean`` / ``feature_std``, see
+``fit_normalization``), concatenated with the centre's species one-hot and passed through an
+MLP whose last hidden layer (width ``latent_dim``) is the latent vector LTAU searches; a linear
+readout plus a per-species ``reference_energy`` gives the atom energy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import NamedTuple
+
+import torch
+from ase.data import atomic_numbers
+from torch import Tensor, nn
+
+from ltau_lmp.errors import ConfigError
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _monomials(max_l: int) -> tuple[list[tuple[int, list[int]]], Tensor]:
+    """Unique Cartesian monomials of u^(x)l per l, as indices into the flattened full tensors.
+
+    Returns per l (start column in the full [1, u, u(x)u, ...] layout, list of column offsets) and
+    sqrt of the multinomial weights, so that a plain dot product of the reduced vectors equals
+    the full tensor contraction (u.v)^l.
+    """
+    blocks, weights, start = [], [], 0
+    for l in range(max_l + 1):
+        picked = {}
+        for flat in range(3**l):
+            axes = tuple(sorted((flat // 3**p) % 3 for p in range(l)))
+            picked.setdefault(axes, []).append(flat)
+        cols = [members[0] for members in picked.values()]
+        blocks.append((start, cols))
+        weights += [math.sqrt(len(members)) for members in picked.values()]
+        start += 3**l
+    return blocks, torch.tensor(weights, dtype=torch.float64)
+
+
+def _neighbor_slots(centers: Tensor, n_local: int) -> tuple[Tensor, int]:
+    """Row of each pair in an (n_local x width) padded layout, width = most pairs of any atom."""
+    counts = torch.bincount(centers, minlength=n_local)
+    width = max(int(counts.max()), 1) if len(centers) else 1
+    sorted_centers, order = torch.sort(centers, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(centers)
+    slot[order] = sorted_centers * width + torch.arange(len(centers)) - first[sorted_centers]
+    return slot, width
+
+
+class LocalForceField(nn.Module):
+    """Strictly local invariant force field; see the module docstring and doc/architecture.md."""
+
+    def __init__(
+        self,
+        species: list[str],
+        cutoff: float = 4.0,
+        n_basis: int = 8,
+        n_radial: int = 8,
+        max_l: int = 3,
+        hidden: list[int] | tuple[int, ...] = (64,),
+        latent_dim: int = 32,
+        dtype: str = "float64",
+        seed: int | None = None,
+    ):
+        super().__init__()
+        species = list(species)
+        if not species or len(set(species)) != len(species):
+            raise ConfigError(f"species must be a non-empty list of distinct symbols, got {species}")
+        unknown = [s for s in species if s not in atomic_numbers]
+        if unknown:
+            raise ConfigError(f"unknown chemical symbol(s) {unknown} in species")
+        if not (cutoff > 0 and math.isfinite(cutoff)):
+            raise ConfigError(f"cutoff must be a positive number of Angstrom, got {cutoff}")
+        for name, value in (("n_basis", n_basis), ("n_radial", n_radial), ("latent_dim", latent_dim)):
+            if int(value) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if int(max_l) < 0:
+            raise ConfigError(f"max_l must be >= 0, got {max_l}")
+        if any(int(h) < 1 for h in hidden):
+            raise ConfigError(f"hidden layer widths must be >= 1, got {list(hidden)}")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+        self.config = {
+            "species": species, "cutoff": float(cutoff), "n_basis": int(n_basis),
+            "n_radial": int(n_radial), "max_l": int(max_l), "hidden": [int(h) for h in hidden],
+            "latent_dim": int(latent_dim), "dtype": dtype,
+        }
+        self.species = species
+        self.cutoff = float(cutoff)
+        self.latent_dim = int(latent_dim)
+        n_species, n_radial, max_l = len(species), int(n_radial), int(max_l)
+
+        self.register_buffer("frequencies", torch.arange(1, n_basis + 1) * math.pi / self.cutoff,
+                             persistent=False)
+        self._blocks, sqrt_weights = _monomials(max_l)
+        columns = [start + c for start, cols in self._blocks for c in cols]
+        self.register_buffer("angular_columns", torch.tensor(columns), persistent=False)
+        self.register_buffer("angular_weights", sqrt_weights, persistent=False)
+        self.register_buffer("triu", torch.triu_indices(n_radial, n_radial), persistent=False)
+        n_features = n_radial + max_l * self.triu.shape[1]
+        self.n_features = n_features
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            mixing = torch.randn(n_species * n_species, n_basis, n_radial)
+            self.radial_mixing = nn.Parameter(mixing / math.sqrt(n_basis))
+            widths = [n_features + n_species, *self.config["hidden"], self.latent_dim]
+            layers = []
+            for w_in, w_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Linear(w_in, w_out), nn.SiLU()]
+            self.mlp = nn.Sequential(*layers)
+            self.readout = nn.Linear(self.latent_dim, 1)
+        self.reference_energy = nn.Parameter(torch.zeros(n_species))
+        self.to(_DTYPES[dtype])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.readout.weight.dtype
+
+    @property
+    def model_hash(self) -> str:
+        """sha256 over the config and every state tensor: identifies the exact weights."""
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for key, value in sorted(self.state_dict().items()):
+            value = value.detach().cpu().contiguous()
+            h.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+            h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        return h.hexdigest()
+
+    def descriptors(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
+                    shifts: Tensor | None, n_local: int) -> Tensor:
+        """Raw (un-normalised) invariants, (n_local, n_features); pairs with r >= cutoff are dropped."""
+        vectors = positions[neighbors] - positions[centers]
+        if shifts is not None:
+            vectors = vectors + shifts
+        distances = torch.linalg.vector_norm(vectors, dim=1)
+        inside = distances < self.cutoff
+        if not bool(inside.all()):
+            # Exact zero contribution (and zero gradient) beyond the cutoff: LAMMPS lists carry a skin.
+            keep = inside.nonzero().squeeze(1)
+            vectors, distances = vectors[keep], distances[keep]
+            centers, neighbors = centers[keep], neighbors[keep]
+
+        x = distances / self.cutoff
+        envelope = 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x**2)
+        basis = torch.sin(distances[:, None] * self.frequencies) / distances[:, None]
+        basis = basis * (math.sqrt(2.0 / self.cutoff) * envelope)[:, None]
+
+        n_species = len(self.species)
+        pair_type = species[centers] * n_species + species[neighbors]
+        n_basis = basis.shape[1]
+        if n_species == 1:
+            radial = basis @ self.radial_mixing[0]
+        else:
+            onehot = nn.functional.one_hot(pair_type, n_species * n_species).to(basis.dtype)
+            radial = (onehot[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
+            radial = radial @ self.radial_mixing.reshape(n_species * n_species * n_basis, -1)
+
+        unit = vectors / distances[:, None]
+        full = [torch.ones_like(distances)[:, None]]
+        power = full[0]
+        for _ in self._blocks[1:]:
+            power = (power[:, :, None] * unit[:, None, :]).reshape(len(unit), -1)
+            full.append(power)
+        angular = torch.cat(full, dim=1)[:, self.angular_columns] * self.angular_weights
+
+        # Moments A[i] = sum_j radial_j (x) angular_j as a batched matmul over neighbour slots: far
+        # faster (forward and backward) than scattering an (E, n_radial, n_angular) outer product.
+        slot, width = _neighbor_slots(centers, n_local)
+        radial_pad = radial.new_zeros(n_local * width, radial.shape[1]).index_copy(0, slot, radial)
+        angular_pad = angular.new_zeros(n_local * width, angular.shape[1]).index_copy(0, slot, angular)
+        moments = radial_pad.view(n_local, width, -1).transpose(1, 2) @ angular_pad.view(n_local, width, -1)
+
+        features = [moments[:, :, 0]]
+        column = 1
+        for _, cols in self._blocks[1:]:
+            block = moments[:, :, column:column + len(cols)]
+            column += len(cols)
+            gram = block @ block.transpose(1, 2)
+            features.append(gram[:, self.triu[0], self.triu[1]])
+        return torch.cat(features, dim=1)
+
+    @torch.no_grad()
+    def fit_normalization(self, features: Tensor) -> None:
+        """Set the feature mean/std buffers from raw descriptors (n, n_features) of training atoms."""
+        features = torch.as_tensor(features, dtype=self.dtype)
+        if features.ndim != 2 or features.shape[1] != self.n_features or len(features) < 2:
+            raise ConfigError(f"fit_normalization needs (n >= 2, {self.n_features}) features, "
+                              f"got {tuple(features.shape)}")
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(features.std(0).clamp_min(1e-8))
+
+    def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
+                shifts: Tensor | None, n_local: int) -> tuple[Tensor, Tensor]:
+        """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
+        features = self.descriptors(positions, species, centers, neighbors, shifts, n_local)
+        features = (features - self.feature_mean) / self.feature_std
+        onehot = nn.functional.one_hot(species[:n_local], len(self.species)).to(features.dtype)
+        latent = self.mlp(torch.cat([features, onehot], dim=1))
+        atom_energy = self.readout(latent).squeeze(1) + self.reference_energy[species[:n_local]]
+        return atom_energy, latent
+
+
+class ModelOutput(NamedTuple):
+    atom_energy: Tensor        # (n_local,)
+    forces: Tensor | None      # (n_all, 3), ghosts included
+    latent: Tensor             # (n_local, latent_dim)
+    virial: Tensor | None      # (3, 3), W = -dE/d(strain) = sum_i x_i (x) F_i for a finite system
+
+
+def evaluate(model: nn.Module, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
+             shifts: Tensor | None, n_local: int, forces: bool = True, virial: bool = False,
+             create_graph: bool = False) -> ModelOutput:
+    """Energies, forces = -dE/dpositions and virial of any model honouring the forward contract.
+
+    Shared by the ASE calculator, the trainer and the LAMMPS runtime so all three agree. The virial
+    differentiates a homogeneous strain applied to positions and shifts, so it is right both for
+    shift-based periodic lists and for LAMMPS's explicit ghost images. ``create_graph=True`` keeps
+    the graph (force-matching losses); otherwise the outputs are detached.
+    """
+    dtype = next(model.parameters()).dtype
+    positions = torch.as_tensor(positions, dtype=dtype)
+    shifts = None if shifts is None else torch.as_tensor(shifts, dtype=dtype)
+    species, centers, neighbors = (torch.as_tensor(a, dtype=torch.int64) for a in (species, centers, neighbors))
+    if not (forces or virial):
+        atom_energy, latent = model(positions, species, centers, neighbors, shifts, n_local)
+        if not create_graph:
+            atom_energy, latent = atom_energy.detach(), latent.detach()
+        return ModelOutput(atom_energy, None, latent, None)
+
+    with torch.enable_grad():
+        if not positions.requires_grad:
+            positions = positions.detach().requires_grad_(True)
+        inputs = [positions]
+        pos, shf = positions, shifts
+        if virial:
+            strain = torch.zeros(3, 3, dtype=dtype, requires_grad=True)
+            inputs.append(strain)
+            deform = torch.eye(3, dtype=dtype) + strain
+            pos = positions @ deform
+            shf = None if shifts is None else shifts @ deform
+        atom_energy, latent = model(pos, species, centers, neighbors, shf, n_local)
+        grads = torch.autograd.grad(atom_energy.sum(), inputs, create_graph=create_graph)
+    out = ModelOutput(atom_energy, -grads[0] if forces else None, latent, -grads[1] if virial else None)
+    if not create_graph:
+        out = ModelOutput(*(None if t is None else t.detach() for t in out))
+    return out

@@ -1,0 +1,286 @@
+"""Force-field training that records every training atom's force error every epoch (LTAU).
+
+The per-atom errors come from the forward pass that computes the loss (detached, no extra
+model call), so logging costs only a norm and a histogram update per batch.  Atoms are keyed by
+their global id in the training set, so shuffling and batching do not matter.  After training,
+the final model's latent features of all training atoms and the error log make the estimator.
+
+External trainers reuse ``ErrorLogger``: call ``logger.log(atom_ids, predicted, reference)``
+after each loss evaluation and ``logger.end_epoch()`` after each epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ltau_lmp.data.datasets import AtomsDataset, Batch, read_frames
+from ltau_lmp.errors import ConfigError, LTAUError
+from ltau_lmp.training.config import TrainConfig, resolve
+
+METRIC_FIELDS = [
+    "epoch", "lr", "train_loss", "train_energy_rmse", "train_force_rmse",
+    "val_loss", "val_energy_rmse", "val_force_rmse", "train_seconds", "val_seconds", "log_seconds",
+]
+
+
+class ErrorLogger:
+    """Feeds per-atom force errors ‖F_pred − F_ref‖ (eV/Angstrom) into an ``ErrorLog``.
+
+    Works with any trainer: pass the predicted forces of the loss's forward pass (detached here),
+    the reference forces and each atom's stable global id.  ``seconds`` accumulates the time
+    spent, so the logging overhead can be reported.
+    """
+
+    def __init__(self, error_log):
+        self.error_log = error_log
+        self.seconds = 0.0
+
+    def log(self, atom_ids, predicted: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        errors = torch.linalg.vector_norm(predicted.detach() - reference, dim=1).cpu().numpy()
+        self.error_log.update(np.asarray(atom_ids), errors)
+        self.seconds += time.perf_counter() - start
+        return errors
+
+    def end_epoch(self) -> None:
+        self.error_log.end_epoch()
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    error_log: object
+    estimator: object
+    metrics: list[dict]
+    summary: dict
+
+
+class _Sums:
+    """Running squared-error sums of an epoch (energies per atom, force components)."""
+
+    def __init__(self):
+        self.e2 = self.f2 = 0.0
+        self.n_struct = self.n_comp = 0
+
+    def add(self, energy_err: torch.Tensor, force_err: torch.Tensor) -> None:
+        self.e2 += float((energy_err.detach() ** 2).sum())
+        self.f2 += float((force_err.detach() ** 2).sum())
+        self.n_struct += energy_err.numel()
+        self.n_comp += force_err.numel()
+
+    def rmse(self) -> tuple[float, float]:
+        return math.sqrt(self.e2 / max(self.n_struct, 1)), math.sqrt(self.f2 / max(self.n_comp, 1))
+
+
+def _predict(model, batch: Batch, create_graph: bool):
+    from ltau_lmp.model import evaluate
+
+    out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
+                   batch.shifts, batch.n_local, create_graph=create_graph)
+    energy = batch.structure_energy(out.atom_energy)
+    return energy, out.forces, out.latent
+
+
+def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int) -> dict:
+    """Energy RMSE (eV/atom), force-component RMSE (eV/Angstrom) and per-atom errors of a set."""
+    sums, atom_errors = _Sums(), []
+    for batch in dataset.batches(batch_size):
+        energy, forces, _ = _predict(model, batch, create_graph=False)
+        sums.add((energy - batch.energy) / batch.n_atoms, forces - batch.forces)
+        atom_errors.append(torch.linalg.vector_norm(forces - batch.forces, dim=1).numpy())
+    e_rmse, f_rmse = sums.rmse()
+    return {"energy_rmse": e_rmse, "force_rmse": f_rmse, "atom_errors": np.concatenate(atom_errors)}
+
+
+@torch.no_grad()
+def latent_features(model, dataset: AtomsDataset, batch_size: int = 8) -> np.ndarray:
+    """Latent vectors (float32) of every atom of ``dataset``, row = global atom id."""
+    from ltau_lmp.model import evaluate
+
+    rows = []
+    for batch in dataset.batches(batch_size):
+        out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
+                       batch.shifts, batch.n_local, forces=False)
+        rows.append(out.latent.numpy().astype(np.float32))
+    return np.concatenate(rows)
+
+
+@torch.no_grad()
+def initialize_model(model, dataset: AtomsDataset, batch_size: int = 8) -> None:
+    """Feature normalisation from the training atoms; per-species reference energies by least squares.
+
+    Starting from the right energy offset and unit-scale features makes the first epochs useful.
+    """
+    raw = [model.descriptors(b.positions, b.species, b.centers, b.neighbors, b.shifts, b.n_local)
+           for b in dataset.batches(batch_size)]
+    model.fit_normalization(torch.cat(raw))
+    counts = np.zeros((len(dataset), len(model.species)))
+    energies = np.zeros(len(dataset))
+    for k, atoms in enumerate(dataset.frames):
+        for s, symbol in enumerate(model.species):
+            counts[k, s] = atoms.get_chemical_symbols().count(symbol)
+        energies[k] = atoms.get_potential_energy()
+    reference, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    model.reference_energy.copy_(torch.as_tensor(reference, dtype=model.reference_energy.dtype))
+
+
+def _split(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    n_val = min(int(round(val_fraction * n)), n - 1) if val_fraction > 0 else 0
+    if val_fraction > 0 and n > 1:
+        n_val = max(n_val, 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _scheduler(cfg: TrainConfig, optimizer):
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    return None
+
+
+def build_model(cfg: TrainConfig, frames):
+    """A fresh ``LocalForceField`` from the config (species default to those in the data)."""
+    from ase.data import atomic_numbers
+
+    from ltau_lmp.model import LocalForceField
+
+    options = asdict(cfg.model)
+    species = options.pop("species") or sorted(
+        {s for atoms in frames for s in atoms.get_chemical_symbols()}, key=atomic_numbers.get)
+    try:
+        return LocalForceField(species=species, seed=cfg.seed, **options)
+    except TypeError as exc:
+        raise ConfigError(f"train.model: {exc}") from None
+
+
+def train_epoch(model, optimizer, dataset: AtomsDataset, order, cfg: TrainConfig,
+                logger: ErrorLogger | None) -> tuple[float, float, float]:
+    """One pass over ``dataset`` in ``order``; returns (loss, energy RMSE, force RMSE)."""
+    model.train()
+    sums, loss_sum, n_batches = _Sums(), 0.0, 0
+    for batch in dataset.batches(cfg.batch_size, order):
+        energy, forces, _ = _predict(model, batch, create_graph=True)
+        energy_err = (energy - batch.energy) / batch.n_atoms
+        force_err = forces - batch.forces
+        loss = cfg.energy_weight * (energy_err**2).mean() + cfg.force_weight * (force_err**2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if logger is not None:
+            logger.log(batch.atom_ids, forces, batch.forces)
+        sums.add(energy_err, force_err)
+        loss_sum += float(loss.detach())
+        n_batches += 1
+    return (loss_sum / n_batches, *sums.rmse())
+
+
+def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True) -> TrainResult:
+    """The whole ``ltau-lmp train`` pipeline; writes its outputs into ``cfg.out_dir``."""
+    from tqdm import tqdm
+
+    from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+    from ltau_lmp.model import save_model
+
+    base_dir = Path(base_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    train_path = resolve(cfg.data.train, base_dir)
+    frames = read_frames(train_path)
+    train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
+    model = build_model(cfg, frames)
+    dtype = model.dtype
+    train_set = AtomsDataset([frames[i] for i in train_idx], model.species, model.cutoff, dtype)
+    val_set = AtomsDataset([frames[i] for i in val_idx], model.species, model.cutoff, dtype) if len(val_idx) else None
+    initialize_model(model, train_set)
+
+    error_log = ErrorLog.log_spaced(train_set.total_atoms, lo=cfg.error_log.lo, hi=cfg.error_log.hi,
+                                    nbins=cfg.error_log.nbins, skip_epochs=cfg.error_log.skip_epochs)
+    logger = ErrorLogger(error_log)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = _scheduler(cfg, optimizer)
+    out_dir = resolve(cfg.out_dir, base_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    metrics, best_loss, best_state, best_epoch = [], math.inf, None, 0
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not show_progress)
+    for epoch in bar:
+        epoch_start, log_before = time.perf_counter(), logger.seconds
+        lr = optimizer.param_groups[0]["lr"]
+        loss, e_rmse, f_rmse = train_epoch(model, optimizer, train_set, rng.permutation(len(train_set)),
+                                           cfg, logger)
+        logger.end_epoch()
+        train_end = time.perf_counter()
+        row = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_energy_rmse": e_rmse,
+               "train_force_rmse": f_rmse, "val_loss": "", "val_energy_rmse": "", "val_force_rmse": ""}
+        monitor = loss
+        if val_set is not None:
+            model.eval()
+            val = evaluate_dataset(model, val_set, cfg.batch_size)
+            monitor = cfg.energy_weight * val["energy_rmse"] ** 2 + cfg.force_weight * val["force_rmse"] ** 2
+            row.update(val_loss=monitor, val_energy_rmse=val["energy_rmse"], val_force_rmse=val["force_rmse"])
+        row.update(train_seconds=train_end - epoch_start, val_seconds=time.perf_counter() - train_end,
+                   log_seconds=logger.seconds - log_before)
+        metrics.append(row)
+        _write_metrics(out_dir / "metrics.csv", metrics)
+        bar.set_postfix(loss=f"{loss:.3g}", f_rmse=f"{row['val_force_rmse'] or f_rmse:.3f}", lr=f"{lr:.1e}")
+        if monitor < best_loss:
+            best_loss, best_state, best_epoch = monitor, copy.deepcopy(model.state_dict()), epoch
+        if scheduler is not None:
+            scheduler.step(monitor) if cfg.schedule == "plateau" else scheduler.step()
+        if cfg.early_stopping and epoch - best_epoch >= cfg.early_stopping:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    model.eval()
+
+    if error_log.n_counted == 0:
+        raise LTAUError(f"training stopped after {len(metrics)} epochs, before error_log.skip_epochs="
+                        f"{cfg.error_log.skip_epochs}: no errors were logged")
+    features = latent_features(model, train_set, cfg.batch_size)
+    model_hash = save_model(model, out_dir / "model.pt")
+    error_log.save(out_dir / "error_log.npz")
+    estimator = LTAUEstimator.build(
+        features, error_log, index=cfg.estimator.index, k=cfg.estimator.k,
+        metadata={"model_hash": model_hash, "units": "eV/Angstrom", "error": "per-atom force error norm",
+                  "train_file": str(train_path), "train_structures": train_idx.tolist(),
+                  "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs})
+    estimator.save(out_dir / "estimator")
+
+    summary = {
+        "model_hash": model_hash, "epochs": len(metrics), "best_epoch": best_epoch,
+        "train_seconds": train_seconds, "n_train_structures": len(train_idx),
+        "n_val_structures": len(val_idx), "n_train_atoms": train_set.total_atoms,
+        "train_structures": train_idx.tolist(), "val_structures": val_idx.tolist(),
+        "log_overhead_fraction": sum(r["log_seconds"] for r in metrics) / sum(r["train_seconds"] for r in metrics),
+        "error_log": error_log.summary(), "test": {},
+    }
+    for name, path in cfg.data.test.items():
+        test_set = AtomsDataset(read_frames(resolve(path, base_dir)), model.species, model.cutoff, dtype)
+        scores = evaluate_dataset(model, test_set, cfg.batch_size)
+        summary["test"][name] = {"energy_rmse": scores["energy_rmse"], "force_rmse": scores["force_rmse"],
+                                 "n_atoms": test_set.total_atoms}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return TrainResult(model, error_log, estimator, metrics, summary)
+
+
+def _write_metrics(path: Path, metrics: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(metrics)

@@ -1,0 +1,182 @@
+"""LTAUEstimator: hand-computed cases, index backends and recall on real latent spaces."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator, SearchIndex, log_midpoints
+
+DATA = Path(__file__).parent / "data"
+EDGES = np.array([1.0, 2.0, 4.0, 8.0])
+
+
+def _separated_points(n, dim=4):
+    return (np.eye(n, dim) * 10.0 * (1 + np.arange(n))[:, None]).astype(np.float32)
+
+
+def _random_pdfs(rng, n, nbins):
+    p = rng.random((n, nbins)).astype(np.float32)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_k1_returns_the_neighbours_pdf_exactly():
+    rng = np.random.default_rng(0)
+    pdfs = _random_pdfs(rng, 3, 3)
+    est = LTAUEstimator.build(_separated_points(3), pdfs, EDGES, index="flat", k=1)
+    res = est.query(_separated_points(3) + 0.1)
+    np.testing.assert_array_equal(res.pdf, pdfs)
+    np.testing.assert_allclose(res.distance, 0.2, rtol=1e-5)
+
+
+def test_expected_error_is_sum_of_mass_times_log_midpoint():
+    pdfs = np.array([[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]], dtype=np.float32)
+    est = LTAUEstimator.build(_separated_points(2), pdfs, EDGES, index="flat", k=1)
+    res = est.query(_separated_points(2))
+    mid = np.sqrt([2.0, 8.0, 32.0])
+    np.testing.assert_allclose(res.expected, [0.5 * mid[0] + 0.5 * mid[1], 0.25 * mid[1] + 0.75 * mid[2]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(log_midpoints(EDGES), mid)
+
+
+def test_knn_average_of_pdfs_and_expected():
+    pdfs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    points = np.array([[0.0], [1.0], [10.0]], dtype=np.float32)
+    est = LTAUEstimator.build(points, pdfs, EDGES, index="flat", k=2)
+    res = est.query(np.array([[0.4]], dtype=np.float32))
+    np.testing.assert_allclose(res.pdf, [[0.5, 0.5, 0.0]])
+    np.testing.assert_allclose(res.distance, [(0.4 + 0.6) / 2], rtol=1e-6)
+    np.testing.assert_allclose(res.expected, [(np.sqrt(2) + np.sqrt(8)) / 2], rtol=1e-6)
+
+
+def test_distance_weighting_option():
+    pdfs = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+    points = np.array([[0.0], [1.0]], dtype=np.float32)
+    est = LTAUEstimator.build(points, pdfs, EDGES, index="flat", k=2, weighting="distance")
+    res = est.query(np.array([[0.25]], dtype=np.float32))
+    np.testing.assert_allclose(res.pdf, [[0.75, 0.25, 0.0]], rtol=1e-6)
+
+
+def _two_bin_result():
+    pdfs = np.array([[0.5, 0.5]], dtype=np.float32)
+    est = LTAUEstimator.build(np.zeros((1, 2), np.float32), pdfs, [1.0, 2.0, 4.0], index="flat", k=1)
+    return est.query(np.zeros((1, 2), np.float32))
+
+
+@pytest.mark.parametrize("q,value", [(0.0, 1.0), (0.25, 1.5), (0.5, 2.0), (0.75, 3.0), (1.0, 4.0)])
+def test_quantiles_at_and_between_bin_edges(q, value):
+    np.testing.assert_allclose(_two_bin_result().quantile(q), [value])
+
+
+@pytest.mark.parametrize("tol,p", [(0.5, 0.0), (1.0, 0.0), (1.5, 0.25), (2.0, 0.5), (3.0, 0.75),
+                                   (4.0, 1.0), (9.0, 1.0)])
+def test_prob_below_interpolates_inside_bins(tol, p):
+    np.testing.assert_allclose(_two_bin_result().prob_below(tol), [p])
+
+
+def test_quantile_skips_empty_bins():
+    pdfs = np.array([[0.0, 0.0, 1.0]], dtype=np.float32)
+    est = LTAUEstimator.build(np.zeros((1, 1), np.float32), pdfs, EDGES, index="flat", k=1)
+    res = est.query(np.zeros((1, 1), np.float32))
+    np.testing.assert_allclose(res.interval(0.25, 0.75), [[5.0, 7.0]])
+    np.testing.assert_allclose(res.prob_below(4.0), [0.0])
+
+
+def test_build_from_error_log_equals_build_from_its_pdfs():
+    rng = np.random.default_rng(3)
+    log = ErrorLog.log_spaced(200, 1e-3, 10.0, 30)
+    for _ in range(5):
+        log.update(np.arange(200), rng.lognormal(-2, 1, 200))
+        log.end_epoch()
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    a = LTAUEstimator.build(x, log, index="flat").query(x[:20])
+    b = LTAUEstimator.build(x, log.pdfs(), log.bin_edges, index="flat").query(x[:20])
+    np.testing.assert_array_equal(a.expected, b.expected)
+    np.testing.assert_array_equal(a.pdf, b.pdf)
+
+
+def test_chunked_query_equals_one_shot():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 6)).astype(np.float32)
+    est = LTAUEstimator.build(x, _random_pdfs(rng, 500, 12), np.logspace(-3, 1, 13), index="flat")
+    q = rng.normal(size=(333, 6)).astype(np.float32)
+    whole, chunked = est.query(q), est.query(q, chunk_size=50)
+    np.testing.assert_array_equal(whole.neighbors, chunked.neighbors)
+    np.testing.assert_allclose(whole.expected, chunked.expected)
+    np.testing.assert_allclose(whole.interval(), chunked.interval())
+
+
+def test_bad_inputs_are_rejected():
+    x = np.zeros((3, 2), np.float32)
+    pdfs = np.full((3, 2), 0.5, np.float32)
+    with pytest.raises(ConfigError, match="needs bin_edges"):
+        LTAUEstimator.build(x, pdfs)
+    with pytest.raises(ConfigError, match="do not sum to 1"):
+        LTAUEstimator.build(x, pdfs * 2, [1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="2 descriptors but 3"):
+        LTAUEstimator.build(x[:2], pdfs, [1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="k must lie"):
+        LTAUEstimator.build(x, pdfs, [1.0, 2.0, 3.0], k=4)
+    with pytest.raises(ConfigError, match="unknown index kind"):
+        LTAUEstimator.build(x, pdfs, [1.0, 2.0, 3.0], index="annoy")
+    est = LTAUEstimator.build(x, pdfs, [1.0, 2.0, 3.0], k=1)
+    with pytest.raises(ConfigError, match=r"shape \(n, 2\)"):
+        est.query(np.zeros((1, 3), np.float32))
+    with pytest.raises(ConfigError, match="NaN"):
+        est.query(np.full((1, 2), np.nan, np.float32))
+
+
+def _clustered(rng, n, dim, n_clusters=50):
+    centers = rng.normal(scale=5.0, size=(n_clusters, dim))
+    labels = rng.integers(0, n_clusters, n)
+    return (centers[labels] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _recall_at_10(vectors, queries, kind, **options):
+    exact = SearchIndex.build(vectors, "flat").search(queries, 10)[1]
+    approx = SearchIndex.build(vectors, kind, options).search(queries, 10)[1]
+    return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+
+
+def test_hnsw_recall_on_clustered_data():
+    rng = np.random.default_rng(5)
+    data = _clustered(rng, 20_000, 32)
+    assert _recall_at_10(data[1000:], data[:1000], "hnsw") >= 0.9
+
+
+def test_hnsw_recall_on_real_nequip_descriptors():
+    """13,500 3BPA latent vectors (NequIP) as the index; the GAP-20 carbon structure's
+    features cannot serve as queries here (other model), so hold out 3BPA atoms instead."""
+    data = np.load(DATA / "3bpa" / "descriptors.npy")
+    rng = np.random.default_rng(6)
+    held_out = rng.choice(len(data), 1000, replace=False)
+    keep = np.setdiff1d(np.arange(len(data)), held_out)
+    assert _recall_at_10(data[keep], data[held_out], "hnsw") >= 0.9
+
+
+def test_gap20_descriptors_self_query_is_exact():
+    data = np.load(DATA / "gap20" / "descriptors_sample_215.npy")
+    rng = np.random.default_rng(7)
+    est = LTAUEstimator.build(data, _random_pdfs(rng, len(data), 20), np.logspace(-3, 1, 21), index="hnsw", k=1)
+    res = est.query(data)
+    assert np.mean(res.neighbors[:, 0] == np.arange(len(data))) >= 0.97
+    np.testing.assert_allclose(res.distance[res.neighbors[:, 0] == np.arange(len(data))], 0.0, atol=1e-3)
+
+
+def test_ivfpq_backend_finds_most_true_neighbours():
+    rng = np.random.default_rng(8)
+    data = _clustered(rng, 30_000, 16)
+    assert _recall_at_10(data[500:], data[:500], "ivfpq", nprobe=32) >= 0.5
+
+
+def test_index_options_are_validated():
+    with pytest.raises(ConfigError, match="unknown option"):
+        SearchIndex.build(np.zeros((10, 4), np.float32), "hnsw", {"efSearch": 3})
+    with pytest.raises(ConfigError, match="must divide"):
+        SearchIndex.build(np.zeros((10, 6), np.float32), "ivfpq", {"pq_m": 4, "nlist": 1})
+
+
+def test_auto_index_kind_follows_size():
+    small = SearchIndex.build(np.zeros((10, 4), np.float32), "auto")
+    assert small.kind == "flat"
