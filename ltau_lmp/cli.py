@@ -16,6 +16,8 @@ from ltau_lmp.errors import LTAUError
 
 _COMMAND_MODULES = [
     "ltau_lmp.estimator.cli",
+    "ltau_lmp.data.cli",
+    "ltau_lmp.training.cli",
     "ltau_lmp.lammps.cli",
 ]
 

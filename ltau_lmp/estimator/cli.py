@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
     p.add_argument("--ef-construction", type=int, help="HNSW build effort (default 40)")
     p.add_argument("--ef-search", type=int, help="HNSW search effort (default 16)")
-    p.add_argument("--nlist", type=int, help="IVF-PQ number of lists (default ~4*sqrt(n))")
+    p.add_argument("--nlist", type=int, help="IVF-PQ number of lists (default ~sqrt(n))")
     p.add_argument("--nprobe", type=int, help="IVF-PQ lists probed per query (default 16)")
     p.add_argument("--model-hash", help="hash of the model that produced the descriptors (checked by fix ltau)")
     p.add_argument("--threads", type=int, help="faiss threads")

@@ -35,7 +35,7 @@ def resolve_kind(kind: str, n_entries: int) -> str:
 
 
 def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -> dict:
-    """Fill defaults; for IVF-PQ derive nlist (≈ 4·√n) and the number of PQ sub-vectors."""
+    """Fill defaults; for IVF-PQ derive nlist (≈ √n, cheap to train) and the PQ sub-vector count."""
     options = dict(options or {})
     unknown = set(options) - set(_DEFAULTS[kind])
     if unknown:
@@ -44,7 +44,7 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
     resolved = {**_DEFAULTS[kind], **options}
     if kind == "ivfpq":
         if resolved["nlist"] is None:
-            resolved["nlist"] = int(max(1, min(n_entries // 39, 4 * math.isqrt(n_entries))))
+            resolved["nlist"] = int(max(1, min(n_entries // 64, math.isqrt(n_entries))))
         if resolved["pq_m"] is None:
             resolved["pq_m"] = next(m for m in (dim // 2, dim // 4, dim, 1) if m >= 1 and dim % m == 0)
         if dim % resolved["pq_m"]:
@@ -151,8 +151,8 @@ class SearchIndex:
 
 
 def _training_subset(n: int, nlist: int) -> np.ndarray:
-    """IVF k-means needs ~40-256 points per list; a fixed-seed subset keeps builds reproducible."""
-    size = min(n, max(256 * nlist, 40 * nlist))
+    """IVF k-means needs ~40-256 points per list; 64 keeps training fast, a fixed seed reproducible."""
+    size = min(n, 64 * nlist)
     return np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))
 
 

@@ -32,24 +32,23 @@ from ltau_lmp.errors import ConfigError
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def _monomials(max_l: int) -> tuple[list[tuple[int, list[int]]], Tensor]:
-    """Unique Cartesian monomials of u^(x)l per l, as indices into the flattened full tensors.
+def _monomials(max_l: int) -> tuple[list[tuple[list[int], list[int]]], list[int], Tensor]:
+    """Unique Cartesian monomials u_a1 u_a2 ... u_al (a1 <= ... <= al) for l = 1..max_l.
 
-    Returns per l (start column in the full [1, u, u(x)u, ...] layout, list of column offsets) and
-    sqrt of the multinomial weights, so that a plain dot product of the reduced vectors equals
-    the full tensor contraction (u.v)^l.
+    Returns per l the (parent monomial of degree l-1, extra axis) index lists that build degree l
+    from degree l-1, the number of monomials per l, and sqrt of the multinomial weights of all
+    monomials (degree 0 included), so that a plain dot product of two weighted monomial vectors
+    of degree l equals the full tensor contraction (u.v)^l.
     """
-    blocks, weights, start = [], [], 0
-    for l in range(max_l + 1):
-        picked = {}
-        for flat in range(3**l):
-            axes = tuple(sorted((flat // 3**p) % 3 for p in range(l)))
-            picked.setdefault(axes, []).append(flat)
-        cols = [members[0] for members in picked.values()]
-        blocks.append((start, cols))
-        weights += [math.sqrt(len(members)) for members in picked.values()]
-        start += 3**l
-    return blocks, torch.tensor(weights, dtype=torch.float64)
+    levels, steps, weights = [[()]], [], [1.0]
+    for l in range(1, max_l + 1):
+        level = sorted({tuple(sorted(m + (axis,))) for m in levels[-1] for axis in range(3)})
+        parents = {m: k for k, m in enumerate(levels[-1])}
+        steps.append(([parents[m[:-1]] for m in level], [m[-1] for m in level]))
+        weights += [math.sqrt(math.factorial(l) / math.prod(math.factorial(m.count(a)) for a in range(3)))
+                    for m in level]
+        levels.append(level)
+    return steps, [len(level) for level in levels], torch.tensor(weights, dtype=torch.float64)
 
 
 def _neighbor_slots(centers: Tensor, n_local: int) -> tuple[Tensor, int]:
@@ -59,7 +58,7 @@ def _neighbor_slots(centers: Tensor, n_local: int) -> tuple[Tensor, int]:
     sorted_centers, order = torch.sort(centers, stable=True)
     first = torch.cumsum(counts, 0) - counts
     slot = torch.empty_like(centers)
-    slot[order] = sorted_centers * width + torch.arange(len(centers)) - first[sorted_centers]
+    slot[order] = sorted_centers * width + torch.arange(len(centers), device=centers.device) - first[sorted_centers]
     return slot, width
 
 
@@ -109,10 +108,11 @@ class LocalForceField(nn.Module):
 
         self.register_buffer("frequencies", torch.arange(1, n_basis + 1) * math.pi / self.cutoff,
                              persistent=False)
-        self._blocks, sqrt_weights = _monomials(max_l)
-        columns = [start + c for start, cols in self._blocks for c in cols]
-        self.register_buffer("angular_columns", torch.tensor(columns), persistent=False)
-        self.register_buffer("angular_weights", sqrt_weights, persistent=False)
+        steps, self._level_sizes, sqrt_weights = _monomials(max_l)
+        for l, (parents, axes) in enumerate(steps, start=1):
+            self.register_buffer(f"monomial_parents_{l}", torch.tensor(parents), persistent=False)
+            self.register_buffer(f"monomial_axes_{l}", torch.tensor(axes), persistent=False)
+        self.register_buffer("angular_weights", sqrt_weights[:, None], persistent=False)
         self.register_buffer("triu", torch.triu_indices(n_radial, n_radial), persistent=False)
         n_features = n_radial + max_l * self.triu.shape[1]
         self.n_features = n_features
@@ -149,7 +149,7 @@ class LocalForceField(nn.Module):
     def descriptors(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
                     shifts: Tensor | None, n_local: int) -> Tensor:
         """Raw (un-normalised) invariants, (n_local, n_features); pairs with r >= cutoff are dropped."""
-        vectors = positions[neighbors] - positions[centers]
+        vectors = positions.index_select(0, neighbors) - positions.index_select(0, centers)
         if shifts is not None:
             vectors = vectors + shifts
         distances = torch.linalg.vector_norm(vectors, dim=1)
@@ -160,41 +160,41 @@ class LocalForceField(nn.Module):
             vectors, distances = vectors[keep], distances[keep]
             centers, neighbors = centers[keep], neighbors[keep]
 
+        # Feature-major layout (channels x pairs) keeps every per-pair op a contiguous row op.
         x = distances / self.cutoff
         envelope = 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x**2)
-        basis = torch.sin(distances[:, None] * self.frequencies) / distances[:, None]
-        basis = basis * (math.sqrt(2.0 / self.cutoff) * envelope)[:, None]
-
+        basis = torch.sin(self.frequencies[:, None] * distances)
+        basis = basis * (math.sqrt(2.0 / self.cutoff) * envelope / distances)
         n_species = len(self.species)
-        pair_type = species[centers] * n_species + species[neighbors]
-        n_basis = basis.shape[1]
         if n_species == 1:
-            radial = basis @ self.radial_mixing[0]
+            radial = self.radial_mixing[0].T @ basis
         else:
-            onehot = nn.functional.one_hot(pair_type, n_species * n_species).to(basis.dtype)
-            radial = (onehot[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
-            radial = radial @ self.radial_mixing.reshape(n_species * n_species * n_basis, -1)
+            pair_type = species[centers] * n_species + species[neighbors]
+            onehot = nn.functional.one_hot(pair_type, n_species * n_species).T.to(basis.dtype)
+            typed = (onehot[:, None, :] * basis[None, :, :]).reshape(-1, len(distances))
+            radial = self.radial_mixing.reshape(len(typed), -1).T @ typed
 
-        unit = vectors / distances[:, None]
-        full = [torch.ones_like(distances)[:, None]]
-        power = full[0]
-        for _ in self._blocks[1:]:
-            power = (power[:, :, None] * unit[:, None, :]).reshape(len(unit), -1)
-            full.append(power)
-        angular = torch.cat(full, dim=1)[:, self.angular_columns] * self.angular_weights
+        unit = (vectors / distances[:, None]).T
+        levels = [torch.ones_like(distances)[None, :]]
+        for l in range(1, len(self._level_sizes)):
+            parents = getattr(self, f"monomial_parents_{l}")
+            axes = getattr(self, f"monomial_axes_{l}")
+            levels.append(levels[-1].index_select(0, parents) * unit.index_select(0, axes))
+        angular = torch.cat(levels, dim=0) * self.angular_weights
 
         # Moments A[i] = sum_j radial_j (x) angular_j as a batched matmul over neighbour slots: far
         # faster (forward and backward) than scattering an (E, n_radial, n_angular) outer product.
         slot, width = _neighbor_slots(centers, n_local)
-        radial_pad = radial.new_zeros(n_local * width, radial.shape[1]).index_copy(0, slot, radial)
-        angular_pad = angular.new_zeros(n_local * width, angular.shape[1]).index_copy(0, slot, angular)
-        moments = radial_pad.view(n_local, width, -1).transpose(1, 2) @ angular_pad.view(n_local, width, -1)
+        radial_pad = radial.new_zeros(len(radial), n_local * width).index_copy(1, slot, radial)
+        angular_pad = angular.new_zeros(len(angular), n_local * width).index_copy(1, slot, angular)
+        moments = torch.bmm(radial_pad.view(-1, n_local, width).transpose(0, 1),
+                            angular_pad.view(-1, n_local, width).permute(1, 2, 0))
 
         features = [moments[:, :, 0]]
-        column = 1
-        for _, cols in self._blocks[1:]:
-            block = moments[:, :, column:column + len(cols)]
-            column += len(cols)
+        start = 1
+        for size in self._level_sizes[1:]:
+            block = moments[:, :, start:start + size]
+            start += size
             gram = block @ block.transpose(1, 2)
             features.append(gram[:, self.triu[0], self.triu[1]])
         return torch.cat(features, dim=1)
@@ -202,7 +202,7 @@ class LocalForceField(nn.Module):
     @torch.no_grad()
     def fit_normalization(self, features: Tensor) -> None:
         """Set the feature mean/std buffers from raw descriptors (n, n_features) of training atoms."""
-        features = torch.as_tensor(features, dtype=self.dtype)
+        features = torch.as_tensor(features, dtype=self.dtype, device=self.feature_mean.device)
         if features.ndim != 2 or features.shape[1] != self.n_features or len(features) < 2:
             raise ConfigError(f"fit_normalization needs (n >= 2, {self.n_features}) features, "
                               f"got {tuple(features.shape)}")
@@ -253,9 +253,9 @@ def evaluate(model: nn.Module, positions: Tensor, species: Tensor, centers: Tens
         inputs = [positions]
         pos, shf = positions, shifts
         if virial:
-            strain = torch.zeros(3, 3, dtype=dtype, requires_grad=True)
+            strain = torch.zeros(3, 3, dtype=dtype, device=positions.device, requires_grad=True)
             inputs.append(strain)
-            deform = torch.eye(3, dtype=dtype) + strain
+            deform = torch.eye(3, dtype=dtype, device=positions.device) + strain
             pos = positions @ deform
             shf = None if shifts is None else shifts @ deform
         atom_energy, latent = model(pos, species, centers, neighbors, shf, n_local)

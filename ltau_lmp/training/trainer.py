@@ -62,6 +62,7 @@ class TrainResult:
     estimator: object
     metrics: list[dict]
     summary: dict
+    out_dir: Path
 
 
 class _Sums:
@@ -255,6 +256,7 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
     features = latent_features(model, train_set, cfg.batch_size)
     model_hash = save_model(model, out_dir / "model.pt")
     error_log.save(out_dir / "error_log.npz")
+    np.save(out_dir / "descriptors.npy", features)  # lets `ltau-lmp build-estimator` rebuild with other options
     estimator = LTAUEstimator.build(
         features, error_log, index=cfg.estimator.index, k=cfg.estimator.k,
         metadata={"model_hash": model_hash, "units": "eV/Angstrom", "error": "per-atom force error norm",
@@ -276,7 +278,7 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
         summary["test"][name] = {"energy_rmse": scores["energy_rmse"], "force_rmse": scores["force_rmse"],
                                  "n_atoms": test_set.total_atoms}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return TrainResult(model, error_log, estimator, metrics, summary)
+    return TrainResult(model, error_log, estimator, metrics, summary, out_dir)
 
 
 def _write_metrics(path: Path, metrics: list[dict]) -> None:

@@ -1,0 +1,36 @@
+# ltau_lmp: the README's commands call these targets.
+#   make demo   set up (once) and run the end-to-end silicon story (data -> train -> LAMMPS + fix ltau -> evaluate)
+#   make test   set up (once) and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first and pinned: its CPU wheel, so that nothing pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) examples/si/demo.py --out runs/demo
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+bench: setup
+	$(PY) benchmarks/estimator.py
+	$(PY) benchmarks/lammps_pair.py
+	$(PY) benchmarks/lammps_fix.py
+
+clean:
+	rm -rf build *.egg-info runs .pytest_cache

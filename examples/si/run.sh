@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Default silicon pipeline: generate -> train (+ estimator) -> measure LTAU quality.
+# About 1 min of data generation and a few minutes of training on 2 CPU cores.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+ltau-lmp generate "$here/config.yaml"            # -> $here/data/{train,test,liquid,...}.xyz
+ltau-lmp train "$here/config.yaml"               # -> $here/run/{model.pt,error_log.npz,estimator/,...}
+# Optional: rebuild the estimator with another index from the saved log and descriptors.
+ltau-lmp build-estimator --error-log "$here/run/error_log.npz" --descriptors "$here/run/descriptors.npy" \
+    --index hnsw -o "$here/run/estimator_hnsw" --model-hash "$(python -c "import json;print(json.load(open('$here/run/summary.json'))['model_hash'])")"
+python "$here/ltau_quality.py" "$here/run" "$here/data"   # Spearman and AUROC vs the true SW errors

@@ -1,0 +1,281 @@
+"""``fix ID group ltau ESTIMATOR keyword value ...``: LTAU uncertainty of every local atom.
+
+Runs at the end of every N-th step on the latent features that ``pair_style ltau`` cached in
+the same step (no second model pass). Every decision that ends or changes the run (halt,
+dump) is taken from values reduced over all ranks, so all ranks take it together.
+See doc/fix_ltau.md for the user-facing description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ltau_lmp.errors import LTAUError
+
+METRICS = ("expected", "upper", "distance")
+LOG_COLUMNS = ["step", "max", "mean", "quantile", "n_over_dump", "n_over_halt", "max_distance", "worst_tag"]
+
+
+@dataclass
+class FixOptions:
+    """Parsed keywords of ``fix ltau`` (see doc/fix_ltau.md)."""
+
+    estimator: str
+    every: int = 1
+    k: int | None = None
+    metric: str = "expected"
+    ci: tuple[float, float] = (0.05, 0.95)
+    quantile: float = 0.99
+    halt: float | None = None
+    halt_mode: str = "hard"
+    dump_file: str | None = None
+    dump_threshold: float | None = None
+    dump_interval: int = 1
+    dump_max: int | None = None
+    log_file: str | None = None
+
+    @classmethod
+    def parse(cls, args: list[str]) -> "FixOptions":
+        if not args:
+            raise LTAUError("fix ltau: usage is fix ID group ltau ESTIMATOR_FILE keyword value ...")
+        opts, rest = cls(estimator=args[0]), list(args[1:])
+
+        def take(keyword: str, what: str) -> str:
+            if not rest:
+                raise LTAUError(f"fix ltau: keyword {keyword} needs {what}")
+            return rest.pop(0)
+
+        while rest:
+            keyword = rest.pop(0)
+            if keyword == "every":
+                opts.every = _positive_int(take(keyword, "N"), "every")
+            elif keyword == "k":
+                opts.k = _positive_int(take(keyword, "K"), "k")
+            elif keyword == "metric":
+                opts.metric = take(keyword, "expected|upper|distance")
+                if opts.metric not in METRICS:
+                    raise LTAUError(f"fix ltau: metric must be one of {', '.join(METRICS)}, got {opts.metric!r}")
+            elif keyword == "ci":
+                lo, hi = _number(take(keyword, "LO HI"), "ci LO"), _number(take(keyword, "LO HI"), "ci HI")
+                if not 0.0 <= lo < hi <= 1.0:
+                    raise LTAUError(f"fix ltau: ci needs 0 <= LO < HI <= 1, got {lo} {hi}")
+                opts.ci = (lo, hi)
+            elif keyword == "quantile":
+                opts.quantile = _number(take(keyword, "Q"), "quantile")
+                if not 0.0 <= opts.quantile <= 1.0:
+                    raise LTAUError(f"fix ltau: quantile must lie in [0, 1], got {opts.quantile}")
+            elif keyword == "halt":
+                opts.halt = _threshold(take(keyword, "a threshold"), "halt")
+                if rest[:1] == ["error"]:
+                    rest.pop(0)
+                    opts.halt_mode = take("halt ... error", "hard|soft")
+                    if opts.halt_mode not in ("hard", "soft"):
+                        raise LTAUError(f"fix ltau: halt ... error must be hard or soft, got {opts.halt_mode!r}")
+            elif keyword == "dump":
+                opts.dump_file = take(keyword, "FILE THRESH")
+                opts.dump_threshold = _threshold(take(keyword, "FILE THRESH"), "dump")
+                while rest[:1] in (["interval"], ["max"]):
+                    sub = rest.pop(0)
+                    value = _positive_int(take(f"dump ... {sub}", "a positive integer"), f"dump ... {sub}")
+                    if sub == "interval":
+                        opts.dump_interval = value
+                    else:
+                        opts.dump_max = value
+            elif keyword == "log":
+                opts.log_file = take(keyword, "FILE")
+            else:
+                raise LTAUError(f"fix ltau: unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
+                                "halt, dump, log)")
+        return opts
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise LTAUError(f"fix ltau: {what} must be a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise LTAUError(f"fix ltau: {what} must be finite, got {text!r}")
+    return value
+
+
+def _threshold(text: str, what: str) -> float:
+    value = _number(text, f"{what} threshold")
+    if value < 0:
+        raise LTAUError(f"fix ltau: {what} threshold must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise LTAUError(f"fix ltau: {what} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise LTAUError(f"fix ltau: {what} must be a positive integer, got {value}")
+    return value
+
+
+class FixLtau:
+    """Per-rank state of one ``fix ltau``: the estimator, the options, rank-0 output files."""
+
+    def __init__(self, fix_id: str, args: list[str], comm, runtime):
+        from ltau_lmp.estimator import LTAUEstimator, gpu_available
+        from ltau_lmp.errors import FileFormatError
+
+        self.fix_id = fix_id
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.runtime = runtime
+        self.opts = FixOptions.parse(args)
+        device = 0
+        if gpu_available():
+            import faiss
+
+            from ltau_lmp.lammps.runtime import _local_rank
+
+            device = _local_rank()[0] % faiss.get_num_gpus()
+        try:
+            # Checksums are verified once (rank 0); every rank memory-maps the same pages.
+            self.estimator = LTAUEstimator.load(self.opts.estimator, mmap=True, verify=self.rank == 0,
+                                                gpu_device=device)
+        except FileFormatError as exc:
+            raise LTAUError(f"fix ltau: cannot use estimator: {exc}") from None
+        model = runtime.model
+        if self.estimator.dim != model.latent_dim:
+            raise LTAUError(f"fix ltau: estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
+                            f"descriptors but the model of pair_style ltau has latent_dim {model.latent_dim}: "
+                            "it was built for another model")
+        expected_hash = self.estimator.metadata.get("model_hash")
+        if expected_hash and expected_hash != model.model_hash:
+            raise LTAUError(f"fix ltau: estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
+                            f"but pair_style ltau runs model {model.model_hash[:12]}")
+        if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
+            raise LTAUError(f"fix ltau: k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
+        self.log = self.dump = None
+        if self.rank == 0:
+            from ltau_lmp.lammps.events import FrameDump, StepLog
+
+            if self.opts.log_file:
+                self.log = StepLog(self.opts.log_file, LOG_COLUMNS)
+            if self.opts.dump_file:
+                self.dump = FrameDump(self.opts.dump_file)
+        # Rank 0 knows the files' last steps; everyone must skip the same steps.
+        self.dump_steps = comm.bcast(list(self.dump.steps) if self.dump else [], root=0)
+
+    def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
+                    groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
+                    box: np.ndarray | None = None, periodic=(True, True, True)) -> int:
+        """Fill the per-atom array and global values; returns 1 to ask for a soft halt."""
+        from mpi4py import MPI
+
+        cache = self.runtime.cache
+        if cache.step != step:
+            raise LTAUError(f"fix ltau: no features for step {step} (pair_style ltau last ran at step "
+                            f"{cache.step}); fix ltau needs pair_style ltau to compute forces every step")
+        if nlocal != len(cache.tags) or not np.array_equal(tag, cache.tags):
+            raise LTAUError(f"fix ltau: atoms changed between the force call and the end of step {step}")
+        in_group = (mask & groupbit) != 0
+        peratom[:] = 0.0
+        metric = np.zeros(nlocal)
+        if np.any(in_group):
+            res = self.estimator.query(cache.latent[in_group], k=self.opts.k)
+            interval = res.interval(*self.opts.ci)
+            values = np.column_stack([res.expected, interval, res.distance])
+            peratom[in_group] = values
+            metric[in_group] = values[:, {"expected": 0, "upper": 2, "distance": 3}[self.opts.metric]]
+        o = self.opts
+        local = np.array([
+            metric[in_group].sum(), np.count_nonzero(in_group),
+            np.count_nonzero(metric[in_group] > o.dump_threshold) if o.dump_threshold is not None else 0,
+            np.count_nonzero(metric[in_group] > o.halt) if o.halt is not None else 0,
+        ])
+        sums = np.empty_like(local)
+        self.comm.Allreduce(local, sums, op=MPI.SUM)
+        local_max = np.array([metric[in_group].max(initial=-np.inf), peratom[in_group, 3].max(initial=-np.inf)])
+        maxima = np.empty_like(local_max)
+        self.comm.Allreduce(local_max, maxima, op=MPI.MAX)
+        total, n_group, n_dump, n_halt = sums
+        vmax, dmax = (maxima if n_group else np.zeros(2))
+        worst_tag = self._worst_tag(metric, in_group, tag, vmax) if n_group else 0
+        global_out[:] = [vmax, vmax, total / n_group if n_group else 0.0, n_dump, n_halt, dmax]
+
+        quantile = self._global_quantile(metric[in_group]) if o.log_file else None
+        if self.log is not None:
+            self.log.write(step, [vmax, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag])
+        if o.dump_threshold is not None and n_dump > 0:
+            self._maybe_dump(step, nlocal, x, tag, in_group, peratom, box, periodic, vmax)
+        if o.halt is not None and n_halt > 0:
+            message = (f"fix ltau {self.fix_id}: step {step}: {o.metric} uncertainty {vmax:.6g} exceeds the "
+                       f"halt threshold {o.halt:g} (atom tag {worst_tag}, {int(n_halt)} atoms over)")
+            if o.halt_mode == "hard":
+                raise LTAUError(message)
+            if self.rank == 0:
+                print(f"WARNING: {message}; stopping the run (soft halt)", flush=True)
+            return 1
+        return 0
+
+    def _worst_tag(self, metric, in_group, tag, vmax) -> int:
+        """Smallest tag among the atoms holding the global max: the same on 1 and N ranks."""
+        from mpi4py import MPI
+
+        hits = tag[in_group & (metric == vmax)]
+        mine = np.array([hits.min() if hits.size else np.iinfo(np.int64).max], dtype=np.int64)
+        out = np.empty_like(mine)
+        self.comm.Allreduce(mine, out, op=MPI.MIN)
+        return int(out[0])
+
+    def _global_quantile(self, values: np.ndarray) -> float | None:
+        """Exact quantile of the metric over all group atoms (gathered to rank 0)."""
+        gathered = self.comm.gather(values, root=0)
+        if self.rank != 0:
+            return None
+        allv = np.concatenate(gathered)
+        return float(np.quantile(allv, self.opts.quantile)) if allv.size else 0.0
+
+    def _maybe_dump(self, step, nlocal, x, tag, in_group, peratom, box, periodic, vmax) -> None:
+        """Gather the whole configuration to rank 0, sorted by tag, and append one frame."""
+        if not self._dump_allowed(step):
+            return
+        cache = self.runtime.cache
+        symbols = np.asarray(cache.symbols)[cache.species] if nlocal else np.empty(0, dtype="<U2")
+        part = (tag.copy(), symbols, x.copy(), np.array(cache.forces, copy=True), peratom.copy(), in_group.copy())
+        parts = self.comm.gather(part, root=0)
+        self.dump_steps.append(step)
+        if self.rank != 0:
+            return
+        from ase import Atoms
+
+        tags, syms, pos, forces, values, group = (np.concatenate(a) for a in zip(*parts))
+        order = np.argsort(tags, kind="stable")
+        cell, origin = _cell_from_box(box)
+        atoms = Atoms(symbols=syms[order].tolist(), positions=pos[order] - origin, cell=cell, pbc=periodic)
+        atoms.arrays["forces"] = forces[order]
+        atoms.arrays["tag"] = tags[order].astype(np.int64)
+        for i, name in enumerate(("ltau_expected", "ltau_ci_low", "ltau_ci_high", "ltau_knn_distance")):
+            atoms.arrays[name] = values[order, i]
+        atoms.arrays["in_group"] = group[order]
+        atoms.info.update({"timestep": int(step), "ltau_metric": self.opts.metric, "ltau_max": float(vmax),
+                           "ltau_dump_threshold": float(self.opts.dump_threshold), "fix_id": self.fix_id})
+        self.dump.write(atoms, step)
+
+    def _dump_allowed(self, step: int) -> bool:
+        steps = self.dump_steps
+        if steps and step <= steps[-1]:
+            return False
+        if steps and step - steps[-1] < self.opts.dump_interval:
+            return False
+        return self.opts.dump_max is None or len(steps) < self.opts.dump_max
+
+
+def _cell_from_box(box: np.ndarray | None):
+    """LAMMPS box (xlo ylo zlo xhi yhi zhi xy xz yz) → ASE cell rows and the origin shift."""
+    if box is None:
+        raise LTAUError("fix ltau: the plugin did not pass the simulation box (rebuild ltau_lmp)")
+    lo, hi = np.asarray(box[:3]), np.asarray(box[3:6])
+    xy, xz, yz = box[6:9]
+    lx, ly, lz = hi - lo
+    cell = np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])
+    return cell, lo

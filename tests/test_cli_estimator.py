@@ -1,0 +1,85 @@
+"""`ltau-lmp build-estimator / predict / info`: end to end, and one-line errors for bad input."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ltau_lmp.cli import main
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    log = ErrorLog.log_spaced(300, 1e-3, 10.0, 40)
+    for _ in range(4):
+        log.update(np.arange(300), rng.lognormal(-2.5, 0.7, 300))
+        log.end_epoch()
+    log_path = log.save(tmp_path / "errors.npz")
+    desc = rng.normal(size=(300, 8)).astype(np.float32)
+    np.save(tmp_path / "train.npy", desc)
+    np.save(tmp_path / "query.npy", desc[:25] + 0.05)
+    return tmp_path, log_path
+
+
+def test_build_predict_info(inputs, capsys):
+    tmp, log_path = inputs
+    assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
+                 "-o", str(tmp / "est"), "--index", "hnsw", "-k", "7", "--ef-search", "32",
+                 "--model-hash", "deadbeef"]) == 0
+    est = LTAUEstimator.load(tmp / "est")
+    assert (est.k, est.index.kind, est.index.options["ef_search"], est.metadata["model_hash"]) == (
+        7, "hnsw", 32, "deadbeef")
+
+    assert main(["predict", str(tmp / "est"), "--descriptors", str(tmp / "query.npy"),
+                 "-o", str(tmp / "out.npz"), "--ci", "0.1", "0.9", "--tol", "0.05"]) == 0
+    out = np.load(tmp / "out.npz")
+    res = est.query(np.load(tmp / "query.npy"))
+    np.testing.assert_allclose(out["expected"], res.expected)
+    np.testing.assert_allclose(out["ci_high"], res.interval(0.1, 0.9)[:, 1])
+    np.testing.assert_allclose(out["prob_below_tol"], res.prob_below(0.05))
+
+    assert main(["predict", str(tmp / "est"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "o.csv")]) == 0
+    with open(tmp / "o.csv") as fh:
+        rows = [r for r in csv.reader(fh) if not r[0].startswith("#")]
+    assert len(rows) == 25 and len(rows[0]) == 5
+
+    capsys.readouterr()
+    assert main(["info", str(tmp / "est")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_entries"] == 300 and info["dim"] == 8
+    assert main(["info", str(log_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["errors_counted"] == 1200
+
+
+def test_bad_files_give_one_line_errors(inputs, capsys):
+    tmp, log_path = inputs
+    (tmp / "junk.npz").write_bytes(b"not a zip file")
+    assert main(["build-estimator", "--error-log", str(tmp / "junk.npz"), "--descriptors",
+                 str(tmp / "train.npy"), "-o", str(tmp / "est")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.npz: unreadable error-log file" in err
+
+    np.save(tmp / "short.npy", np.zeros((10, 8), np.float32))
+    assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "short.npy"),
+                 "-o", str(tmp / "est")]) == 2
+    assert "10 descriptors but 300 error distributions" in capsys.readouterr().err
+
+    assert main(["predict", str(tmp / "missing"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "x.npz")]) == 2
+    assert "estimator directory not found" in capsys.readouterr().err
+
+    main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"), "-o", str(tmp / "e")])
+    np.save(tmp / "wrongdim.npy", np.zeros((3, 5), np.float32))
+    assert main(["predict", str(tmp / "e"), "--descriptors", str(tmp / "wrongdim.npy"), "-o", str(tmp / "x.npz")]) == 2
+    assert "descriptors must have shape (n, 8), got (3, 5)" in capsys.readouterr().err
+    assert main(["predict", str(tmp / "e"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "x.txt")]) == 2
+    assert "must end in .npz or .csv" in capsys.readouterr().err
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "ltau_lmp.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "build-estimator" in out.stdout and "predict" in out.stdout

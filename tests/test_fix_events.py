@@ -1,0 +1,81 @@
+"""fix ltau pieces that need no LAMMPS: keyword parsing, the step log and the frame dump."""
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.io import read
+
+from ltau_lmp.errors import LTAUError
+from ltau_lmp.lammps.events import FrameDump, StepLog
+from ltau_lmp.lammps.fix import FixOptions
+
+
+def test_parse_all_keywords():
+    o = FixOptions.parse("est every 10 k 5 metric upper ci 0.1 0.9 quantile 0.5 halt 0.8 error soft "
+                         "dump frames.xyz 0.3 interval 20 max 7 log ltau.log".split())
+    assert (o.estimator, o.every, o.k, o.metric, o.ci, o.quantile) == ("est", 10, 5, "upper", (0.1, 0.9), 0.5)
+    assert (o.halt, o.halt_mode) == (0.8, "soft")
+    assert (o.dump_file, o.dump_threshold, o.dump_interval, o.dump_max) == ("frames.xyz", 0.3, 20, 7)
+    assert o.log_file == "ltau.log"
+    defaults = FixOptions.parse(["est"])
+    assert (defaults.every, defaults.k, defaults.metric, defaults.halt_mode, defaults.dump_file) == (
+        1, None, "expected", "hard", None)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "usage"),
+    (["e", "colour", "red"], "unknown keyword 'colour'"),
+    (["e", "halt", "-1"], "halt threshold must be >= 0"),
+    (["e", "halt", "abc"], "halt threshold must be a number"),
+    (["e", "dump", "f.xyz", "nan"], "dump threshold must be finite"),
+    (["e", "dump", "f.xyz"], "keyword dump needs FILE THRESH"),
+    (["e", "every", "0"], "every must be a positive integer"),
+    (["e", "metric", "max"], "metric must be one of"),
+    (["e", "ci", "0.9", "0.1"], "ci needs 0 <= LO < HI <= 1"),
+    (["e", "halt", "1", "error", "maybe"], "hard or soft"),
+    (["e", "dump", "f", "1", "max", "0"], "dump ... max must be a positive integer"),
+])
+def test_bad_keywords_are_named(args, message):
+    with pytest.raises(LTAUError, match=message):
+        FixOptions.parse(args)
+
+
+def test_step_log_appends_and_never_repeats_a_step(tmp_path):
+    path = tmp_path / "ltau.log"
+    log = StepLog(path, ["step", "max"])
+    assert log.write(0, [0.5]) and log.write(10, [0.25])
+    again = StepLog(path, ["step", "max"])          # a restart
+    assert again.last_step == 10
+    assert not again.write(10, [0.9])                # re-evaluated first step of the continued run
+    assert again.write(20, [1])
+    lines = path.read_text().splitlines()
+    assert lines == ["# step max", "0 0.5", "10 0.25", "20 1"]
+
+
+def _frame(step, n=3):
+    atoms = Atoms("Si" * n, positions=np.arange(3 * n, dtype=float).reshape(n, 3), cell=[5, 5, 5], pbc=True)
+    atoms.info["timestep"] = step
+    atoms.arrays["ltau_expected"] = np.linspace(0.1, 0.3, n)
+    return atoms
+
+
+def test_frame_dump_recovers_steps_and_cuts_a_torn_frame(tmp_path):
+    path = tmp_path / "frames.xyz"
+    dump = FrameDump(path)
+    dump.write(_frame(5), 5)
+    dump.write(_frame(9), 9)
+    whole = path.read_bytes()
+    path.write_bytes(whole + b"3\nLattice=\"5 0 0 0 5 0 0 0 5\" timestep=12\nSi 0 0 0\n")  # torn write
+    again = FrameDump(path)
+    assert again.steps == [5, 9]
+    assert path.read_bytes() == whole
+    frames = read(path, ":")
+    assert [f.info["timestep"] for f in frames] == [5, 9]
+    np.testing.assert_allclose(frames[1].arrays["ltau_expected"], [0.1, 0.2, 0.3])
+
+
+def test_frame_dump_rejects_foreign_files(tmp_path):
+    path = tmp_path / "x.xyz"
+    path.write_text("hello\nworld\n")
+    with pytest.raises(LTAUError, match="not an extended-XYZ file"):
+        FrameDump(path)

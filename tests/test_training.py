@@ -1,0 +1,141 @@
+"""Trainer: per-atom error logging with stable ids, loss goes down, outputs, config errors."""
+
+import numpy as np
+import pytest
+
+from ltau_lmp.cli import main
+from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
+from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+from ltau_lmp.training.config import config_from_dict, load_train_config
+from ltau_lmp.training.trainer import ErrorLogger, train
+
+SMALL_MODEL = {"n_basis": 4, "n_radial": 4, "max_l": 2, "hidden": [16], "latent_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    cfg = GenerateConfig(sets={
+        "train": SetSpec(supercells=[2], temperatures=[600, 1200], strain=0.02, n_frames=8,
+                         equil_steps=20, stride=10, seed=1),
+        "test": SetSpec(supercells=[2], temperatures=[900], n_frames=2, equil_steps=20, stride=10, seed=2),
+    })
+    return generate(cfg, tmp_path_factory.mktemp("data"), show_progress=False)
+
+
+def small_config(data, out_dir, **overrides):
+    options = {"out_dir": str(out_dir), "epochs": 4, "batch_size": 3, "lr": 5e-3, "threads": 1,
+               "schedule": "none", "early_stopping": 0, "model": SMALL_MODEL,
+               "data": {"train": str(data["train"]), "val_fraction": 0.25,
+                        "test": {"test": str(data["test"])}}}
+    options.update(overrides)
+    return config_from_dict(options)
+
+
+def test_error_log_gets_every_training_atom_once_per_epoch(data, tmp_path, monkeypatch):
+    seen = []
+    original = ErrorLog.update
+
+    def spy(self, ids, errors):
+        seen[-1].append((np.array(ids), np.array(errors)))
+        original(self, ids, errors)
+
+    original_end = ErrorLog.end_epoch
+
+    def end(self):
+        original_end(self)
+        seen.append([])
+
+    seen.append([])
+    monkeypatch.setattr(ErrorLog, "update", spy)
+    monkeypatch.setattr(ErrorLog, "end_epoch", end)
+    result = train(small_config(data, tmp_path, epochs=3), show_progress=False)
+    epochs = [e for e in seen if e]
+    n = result.summary["n_train_atoms"]
+    assert n == 6 * 64 and len(epochs) == 3
+    orders = []
+    for batches in epochs:
+        ids = np.concatenate([b[0] for b in batches])
+        errors = np.concatenate([b[1] for b in batches])
+        np.testing.assert_array_equal(np.sort(ids), np.arange(n))  # a permutation of range(n)
+        assert np.all(errors >= 0) and np.all(np.isfinite(errors))
+        orders.append(ids)
+    assert not np.array_equal(orders[0], orders[1])  # batches were shuffled
+    assert result.error_log.n_counted == 3 * n
+    assert np.all(result.error_log.totals() == 3)
+
+
+def test_logged_errors_match_the_atoms(data, tmp_path):
+    """The error logged for id i is the force error of that very atom (first epoch, no update yet)."""
+    import torch
+
+    from ltau_lmp.data.datasets import AtomsDataset, read_frames
+    from ltau_lmp.model import evaluate
+    from ltau_lmp.training.trainer import build_model, initialize_model, train_epoch
+
+    cfg = small_config(data, tmp_path, batch_size=2, lr=1e-12)
+    frames = read_frames(data["train"])
+    model = build_model(cfg, frames)
+    ds = AtomsDataset(frames, model.species, model.cutoff)
+    initialize_model(model, ds)
+    captured = {}
+
+    class Recorder:
+        def update(self, ids, errors):
+            captured.update(zip(ids.tolist(), errors.tolist()))
+
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), ds, np.random.default_rng(0).permutation(len(ds)),
+                cfg, ErrorLogger(Recorder()))
+    b = ds.batch([5])
+    out = evaluate(model, b.positions, b.species, b.centers, b.neighbors, b.shifts, b.n_local)
+    expected = torch.linalg.vector_norm(out.forces - b.forces, dim=1).numpy()
+    np.testing.assert_allclose([captured[i] for i in b.atom_ids], expected, rtol=1e-10)
+
+
+def test_training_lowers_loss_and_writes_outputs(data, tmp_path):
+    result = train(small_config(data, tmp_path, epochs=6, error_log={"skip_epochs": 2}), show_progress=False)
+    losses = [row["train_loss"] for row in result.metrics]
+    assert losses[-1] < 0.5 * losses[0]
+    for name in ("model.pt", "error_log.npz", "descriptors.npy", "metrics.csv", "summary.json", "estimator"):
+        assert (tmp_path / name).exists(), name
+    assert len((tmp_path / "metrics.csv").read_text().strip().splitlines()) == 1 + 6
+    log = ErrorLog.load(tmp_path / "error_log.npz")
+    assert np.all(log.totals() == 4)  # 6 epochs, first 2 skipped
+    est = LTAUEstimator.load(tmp_path / "estimator")
+    from ltau_lmp.model import load_model
+
+    model = load_model(tmp_path / "model.pt")
+    assert est.metadata["model_hash"] == model.model_hash
+    assert est.n_entries == log.n_samples and est.dim == SMALL_MODEL["latent_dim"]
+    descriptors = np.load(tmp_path / "descriptors.npy")
+    res = est.query(descriptors[:5])
+    assert np.all(res.expected > 0) and np.all(np.isfinite(res.distance))
+    assert set(result.summary["test"]) == {"test"}
+    assert result.summary["test"]["test"]["force_rmse"] > 0
+
+
+def test_train_is_reproducible(data, tmp_path):
+    a = train(small_config(data, tmp_path / "a", epochs=2), show_progress=False)
+    b = train(small_config(data, tmp_path / "b", epochs=2), show_progress=False)
+    assert a.model.model_hash == b.model.model_hash
+    np.testing.assert_array_equal(a.error_log.counts, b.error_log.counts)
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['learning_rate'\]"):
+        config_from_dict({"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="schedule"):
+        config_from_dict({"schedule": "step"})
+    with pytest.raises(ConfigError, match="skip_epochs"):
+        config_from_dict({"epochs": 3, "error_log": {"skip_epochs": 3}})
+    with pytest.raises(ConfigError, match=r"train.model: unknown option"):
+        config_from_dict({"model": {"width": 3}})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        config_from_dict({"epochs": 2.5})
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n  optimizer: sgd\n")
+    with pytest.raises(ConfigError, match="optimizer"):
+        load_train_config(path)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ltau-lmp train: error:") and "optimizer" in err and len(err.splitlines()) == 1
