@@ -280,7 +280,8 @@ class FixLtau:
     """Stand-in with the lead's interface: column 1 = tag, soft halt once at 25, error at 45."""
     def __init__(self, fix_id, args, comm, runtime):
         self.comm, self.runtime, self.args, self.halted = comm, runtime, args, False
-    def end_of_step(self, step, nlocal, x, tag, mask, groupbit, peratom, global_out):
+    def end_of_step(self, step, nlocal, x, tag, mask, groupbit, peratom, global_out, box, periodic):
+        assert np.allclose(box, [0, 0, 0, 16.293, 16.293, 16.293, 0, 0, 0]) and periodic == (True,) * 3
         assert self.runtime.cache.step == step and self.runtime.cache.latent.shape == (nlocal, 16)
         assert np.array_equal(np.sort(self.runtime.cache.tags), np.sort(tag))
         peratom[:, 0] = tag

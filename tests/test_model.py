@@ -249,3 +249,15 @@ def test_corrupt_model_files_raise_file_format_error(model, tmp_path):
     for case, path in cases.items():
         with pytest.raises(FileFormatError, match=str(path.name)):
             load_model(path)
+
+
+def test_rank_without_atoms_or_pairs(model):
+    # A LAMMPS rank may own no atoms, or atoms with no neighbours: zeros, not an autograd error.
+    empty = torch.zeros(0, dtype=torch.int64)
+    out = evaluate(model, torch.zeros(0, 3, dtype=torch.float64), empty, empty, empty, None, 0, virial=True)
+    assert out.atom_energy.shape == (0,) and out.latent.shape == (0, model.latent_dim)
+    assert out.forces.shape == (0, 3) and torch.equal(out.virial, torch.zeros(3, 3, dtype=torch.float64))
+    positions = torch.tensor([[0.0, 0, 0], [9.0, 0, 0], [3.0, 0, 0]], dtype=torch.float64)
+    out = evaluate(model, positions, torch.zeros(3, dtype=torch.int64), empty, empty, None, 2)
+    assert out.forces.shape == (3, 3) and not out.forces.any()
+    assert torch.allclose(out.atom_energy[0], out.atom_energy[1], rtol=0, atol=1e-12)

@@ -22,7 +22,7 @@ import torch
 from ltau_lmp.errors import LTAUError
 
 _PD, _PI, _PI64 = POINTER(c_double), POINTER(c_int), POINTER(c_int64)
-_MSG = ctypes.c_char_p  # writable char buffer owned by the plugin
+# message buffers are passed as c_void_p: writable memory owned by the plugin
 
 PAIR_COEFF = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_int, c_int, POINTER(c_char_p), _PD,
                               c_void_p, c_int)
@@ -33,7 +33,7 @@ DESTROY = ctypes.CFUNCTYPE(None, c_void_p)
 FIX_CREATE = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_int, c_char_p, c_int,
                               POINTER(c_char_p), c_void_p, c_int)
 FIX_STEP = ctypes.CFUNCTYPE(c_int, c_void_p, c_int64, c_int, _PD, _PI, _PI, c_int, _PD, _PD,
-                            c_void_p, c_int)
+                            _PD, _PI, c_void_p, c_int)
 
 _pairs: dict[int, "PairRuntime"] = {}
 _fixes: dict[int, object] = {}
@@ -132,6 +132,8 @@ class PairRuntime:
     def compute(self, step, nlocal, nghost, x, type_, tag, nedges, centers, neighbors,
                 eflag_global, eflag_atom, vflag_atom, cutghost, f, energy, eatom, vatom) -> None:
         """Energy, forces on local and ghost atoms, per-atom energy/virial for one step.
+
+        ``centers``/``neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim.
 
         The gradient is taken with respect to a zero offset added to every pair vector, which
         gives dE/dr_ij per pair in one backward pass: forces follow by scattering it onto both
@@ -253,12 +255,14 @@ def _fix_create(handle, pair_handle, fcomm, fix_id, narg, arg, msg, msglen):
         return 2
 
 
-def _fix_end_of_step(handle, step, nlocal, x, tag, mask, groupbit, peratom, global6, msg, msglen):
+def _fix_end_of_step(handle, step, nlocal, x, tag, mask, groupbit, peratom, global6, box9,
+                     periodic3, msg, msglen):
     try:
         return int(_fixes[handle].end_of_step(
             step, nlocal, _view(x, (nlocal, 3)), _view(tag, (nlocal,), np.int32),
             _view(mask, (nlocal,), np.int32), groupbit, _view(peratom, (nlocal, 4)),
-            _view(global6, (6,))))
+            _view(global6, (6,)), box=_view(box9, (9,)).copy(),
+            periodic=tuple(bool(periodic3[i]) for i in range(3))))
     except BaseException as exc:
         _fail(msg, msglen, exc)
         return 2

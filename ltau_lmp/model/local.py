@@ -187,8 +187,8 @@ class LocalForceField(nn.Module):
         slot, width = _neighbor_slots(centers, n_local)
         radial_pad = radial.new_zeros(len(radial), n_local * width).index_copy(1, slot, radial)
         angular_pad = angular.new_zeros(len(angular), n_local * width).index_copy(1, slot, angular)
-        moments = torch.bmm(radial_pad.view(-1, n_local, width).transpose(0, 1),
-                            angular_pad.view(-1, n_local, width).permute(1, 2, 0))
+        moments = torch.bmm(radial_pad.view(len(radial), n_local, width).transpose(0, 1),
+                            angular_pad.view(len(angular), n_local, width).permute(1, 2, 0))
 
         features = [moments[:, :, 0]]
         start = 1
@@ -259,7 +259,9 @@ def evaluate(model: nn.Module, positions: Tensor, species: Tensor, centers: Tens
             pos = positions @ deform
             shf = None if shifts is None else shifts @ deform
         atom_energy, latent = model(pos, species, centers, neighbors, shf, n_local)
-        grads = torch.autograd.grad(atom_energy.sum(), inputs, create_graph=create_graph)
+        # materialize_grads: a rank with no local atoms or no pairs still gets zero forces, not an error
+        grads = torch.autograd.grad(atom_energy.sum(), inputs, create_graph=create_graph,
+                                    allow_unused=True, materialize_grads=True)
     out = ModelOutput(atom_energy, -grads[0] if forces else None, latent, -grads[1] if virial else None)
     if not create_graph:
         out = ModelOutput(*(None if t is None else t.detach() for t in out))

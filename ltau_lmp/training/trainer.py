@@ -135,10 +135,9 @@ def initialize_model(model, dataset: AtomsDataset, batch_size: int = 8) -> None:
 
 
 def _split(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random (train, validation) structure indices; at least one of each when val_fraction > 0."""
     order = rng.permutation(n)
-    n_val = min(int(round(val_fraction * n)), n - 1) if val_fraction > 0 else 0
-    if val_fraction > 0 and n > 1:
-        n_val = max(n_val, 1)
+    n_val = min(max(int(round(val_fraction * n)), 1), n - 1) if val_fraction > 0 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -241,8 +240,10 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
         bar.set_postfix(loss=f"{loss:.3g}", f_rmse=f"{row['val_force_rmse'] or f_rmse:.3f}", lr=f"{lr:.1e}")
         if monitor < best_loss:
             best_loss, best_state, best_epoch = monitor, copy.deepcopy(model.state_dict()), epoch
-        if scheduler is not None:
-            scheduler.step(monitor) if cfg.schedule == "plateau" else scheduler.step()
+        if cfg.schedule == "plateau":
+            scheduler.step(monitor)
+        elif scheduler is not None:
+            scheduler.step()
         if cfg.early_stopping and epoch - best_epoch >= cfg.early_stopping:
             break
     bar.close()

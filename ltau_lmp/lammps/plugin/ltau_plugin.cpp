@@ -16,6 +16,7 @@
 
 #include "atom.h"
 #include "comm.h"
+#include "domain.h"
 #include "error.h"
 #include "fix.h"
 #include "force.h"
@@ -65,7 +66,8 @@ typedef int (*ltau_fix_create_fn)(void *fix, void *pair, int fcomm, const char *
                                   int narg, char **arg, char *msg, int msglen);
 typedef int (*ltau_fix_step_fn)(void *fix, int64_t step, int nlocal, const double *x,
                                 const int *tag, const int *mask, int groupbit, double *peratom,
-                                double *global6, char *msg, int msglen);
+                                double *global6, const double *box9, const int *periodic3,
+                                char *msg, int msglen);
 
 struct LtauCallbacks {
   ltau_pair_coeff_fn pair_coeff;
@@ -244,18 +246,24 @@ class PairLTAU : public Pair {
   void compute(int eflag, int vflag) override
   {
     ev_init(eflag, vflag);
+    // Flatten the full list into int64 pairs, keeping only r < cutoff: the list carries the
+    // neighbour skin too, and those pairs contribute exactly 0 but would cost the model time.
     int inum = list->inum;
     int *ilist = list->ilist, *numneigh = list->numneigh, **firstneigh = list->firstneigh;
+    double **x = atom->x, cutsq_model = cutoff * cutoff;
+    int64_t maxedges = 0;
+    for (int ii = 0; ii < inum; ii++) maxedges += numneigh[ilist[ii]];
+    centers.resize(maxedges > 0 ? maxedges : 1);
+    neighbors.resize(maxedges > 0 ? maxedges : 1);
     int64_t nedges = 0;
-    for (int ii = 0; ii < inum; ii++) nedges += numneigh[ilist[ii]];
-    centers.resize(nedges > 0 ? nedges : 1);
-    neighbors.resize(nedges > 0 ? nedges : 1);
-    int64_t e = 0;
     for (int ii = 0; ii < inum; ii++) {
       int i = ilist[ii], *jl = firstneigh[i];
-      for (int jj = 0; jj < numneigh[i]; jj++, e++) {
-        centers[e] = i;
-        neighbors[e] = jl[jj] & NEIGHMASK;
+      for (int jj = 0; jj < numneigh[i]; jj++) {
+        int j = jl[jj] & NEIGHMASK;
+        double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+        if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+        centers[nedges] = i;
+        neighbors[nedges++] = j;
       }
     }
     char msg[LTAU_MSGLEN] = "";
@@ -330,9 +338,15 @@ class FixLTAU : public Fix {
   void end_of_step() override
   {
     if (atom->nmax > nmax) grow(atom->nmax);
+    // box = xlo ylo zlo xhi yhi zhi xy xz yz, for the dump frames
+    double box[9] = {domain->boxlo[0], domain->boxlo[1], domain->boxlo[2],
+                     domain->boxhi[0], domain->boxhi[1], domain->boxhi[2],
+                     domain->xy, domain->xz, domain->yz};
+    int periodic[3] = {domain->xperiodic, domain->yperiodic, domain->zperiodic};
     char msg[LTAU_MSGLEN] = "";
     int status = cbs.fix_end_of_step(this, update->ntimestep, atom->nlocal, atom->x[0], atom->tag,
-                                     atom->mask, groupbit, values[0], global, msg, LTAU_MSGLEN);
+                                     atom->mask, groupbit, values[0], global, box, periodic, msg,
+                                     LTAU_MSGLEN);
     int any = reduce_status(lmp, world, status, msg, "Fix ltau", 2);
     if (any == 1) timer->force_timeout();    // soft halt, like fix halt ... error soft
   }
