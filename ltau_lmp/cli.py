@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "ltau_lmp.data.cli",
     "ltau_lmp.training.cli",
     "ltau_lmp.lammps.cli",
+    "ltau_lmp.evaluation.cli",
 ]
 
 

@@ -8,4 +8,4 @@ ltau-lmp train "$here/config.yaml"               # -> $here/run/{model.pt,error_
 # Optional: rebuild the estimator with another index from the saved log and descriptors.
 ltau-lmp build-estimator --error-log "$here/run/error_log.npz" --descriptors "$here/run/descriptors.npy" \
     --index hnsw -o "$here/run/estimator_hnsw" --model-hash "$(python -c "import json;print(json.load(open('$here/run/summary.json'))['model_hash'])")"
-python "$here/ltau_quality.py" "$here/run" "$here/data"   # Spearman and AUROC vs the true SW errors
+ltau-lmp evaluate --model "$here/run/model.pt" --estimator "$here/run/estimator" --data-dir "$here/data" -o "$here/run/evaluation"

@@ -34,7 +34,7 @@ def pdf_cdf_at(pdf: np.ndarray, bin_edges: np.ndarray, values) -> np.ndarray:
     cdf_lo = np.cumsum(pdf, axis=1, dtype=np.float64) - pdf
     rows = np.arange(pdf.shape[0])
     frac = (values - bin_edges[b]) / (bin_edges[b + 1] - bin_edges[b])
-    out = cdf_lo[rows, b] + pdf[rows, b] * np.clip(frac, 0.0, 1.0)
+    out = np.minimum(cdf_lo[rows, b] + pdf[rows, b] * np.clip(frac, 0.0, 1.0), 1.0)
     return np.where(values < bin_edges[0], 0.0, np.where(values >= bin_edges[-1], 1.0, out))
 
 

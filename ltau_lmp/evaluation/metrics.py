@@ -169,7 +169,7 @@ def pdf_cdf(pdf, bin_edges, x, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarr
         j = np.clip(np.searchsorted(edges, xc, side="right") - 1, 0, nb - 1)
         frac = np.clip((xc - edges[j]) / (edges[j + 1] - edges[j]), 0.0, 1.0)
         rows = np.arange(m.shape[0])[:, None]
-        c = cum[rows, j] + frac * m[rows, j]
+        c = np.minimum(cum[rows, j] + frac * m[rows, j], 1.0)  # cumsum round-off can pass 1
         c[xc < edges[0]] = 0.0
         c[xc >= edges[-1]] = 1.0
         out[s : s + chunk_rows] = c

@@ -1,0 +1,123 @@
+"""``ltau-lmp evaluate``: how good are the LTAU predictions on labelled data sets?
+
+For each labelled extxyz set the model predicts forces and latent features, the true
+per-atom force error ‖F_model − F_ref‖ is known from the labels, and the estimator predicts
+that error's distribution. Written: metrics.json, table.md and PNG figures (error scatter,
+calibration, P(err < tol) reliability, ROC of in-domain vs every other set).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ltau_lmp.errors import ConfigError
+
+
+@dataclass
+class SetPrediction:
+    """Per-atom truth and prediction for one data set."""
+
+    true_error: np.ndarray   # (n,) eV/Å
+    expected: np.ndarray     # (n,) eV/Å
+    pdf: np.ndarray          # (n, nbins)
+    distance: np.ndarray     # (n,)
+    latent: np.ndarray       # (n, d) float32
+
+
+def predict_frames(model, frames, batch_size: int = 8):
+    """Model forces and float32 latent features of labelled frames, batched; plus the labels."""
+    import torch
+
+    from ltau_lmp.data.datasets import AtomsDataset
+    from ltau_lmp.model import evaluate
+
+    dataset = AtomsDataset(frames, model.species, model.cutoff)
+    forces, reference, latent = [], [], []
+    for batch in dataset.batches(batch_size):
+        out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
+                       batch.shifts, batch.n_local)
+        forces.append(out.forces.detach().numpy())
+        reference.append(batch.forces.numpy())
+        latent.append(out.latent.detach().to(torch.float32).numpy())
+    return np.concatenate(forces), np.concatenate(reference), np.concatenate(latent)
+
+
+def predict_set(model, estimator, path) -> SetPrediction:
+    from ltau_lmp.data.datasets import read_frames
+
+    forces, reference, latent = predict_frames(model, read_frames(path))
+    res = estimator.query(latent)
+    return SetPrediction(np.linalg.norm(forces - reference, axis=1), res.expected, res.pdf,
+                         res.distance, latent)
+
+
+def discover_sets(data_dir: Path, exclude=("train",)) -> dict[str, Path]:
+    """Every ``<name>.xyz`` in a data directory except the training set."""
+    sets = {p.stem: p for p in sorted(Path(data_dir).glob("*.xyz")) if p.stem not in exclude}
+    if not sets:
+        raise ConfigError(f"{data_dir}: no labelled .xyz data sets found")
+    return sets
+
+
+def run_evaluation(model_path, estimator_path, sets: dict[str, Path], out_dir, in_domain: str = "test",
+                   tol: float = 0.1, progress: bool = True) -> dict:
+    """Score every set, write metrics.json / table.md / figures; returns the metrics dict."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.evaluation import metrics, plots
+    from ltau_lmp.model import load_model
+
+    if in_domain not in sets:
+        raise ConfigError(f"in-domain set {in_domain!r} is not among the data sets ({', '.join(sets)})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(model_path)
+    estimator = LTAUEstimator.load(estimator_path)
+    expected_hash = estimator.metadata.get("model_hash")
+    if expected_hash and expected_hash != model.model_hash:
+        raise ConfigError(f"estimator {estimator_path} was built for model {expected_hash[:12]}, "
+                          f"not {model_path} ({model.model_hash[:12]})")
+    preds = {name: predict_set(model, estimator, path)
+             for name, path in tqdm(sets.items(), desc="evaluating sets", disable=not progress)}
+    edges = estimator.bin_edges
+    ref = preds[in_domain]
+    report = {"in_domain": in_domain, "tol": tol, "sets": {}}
+    calibration = {}
+    for name, p in preds.items():
+        row = metrics.summarize(p.true_error, p.expected, p.pdf, edges, p.distance, tol=tol)
+        row["force_rmse_component"] = float(np.sqrt(np.mean(p.true_error ** 2) / 3))
+        if name != in_domain:
+            row["auroc_expected"] = metrics.auroc(ref.expected, p.expected)
+            row["auroc_distance"] = metrics.auroc(ref.distance, p.distance)
+        report["sets"][name] = row
+        calibration[name] = (metrics.DEFAULT_LEVELS, metrics.interval_coverage(p.pdf, edges, p.true_error))
+    figures = {
+        "error_scatter": plots.plot_error_scatter(ref.true_error, ref.expected, out_dir / "error_scatter.png",
+                                                  title=f"{in_domain}: predicted vs true force error"),
+        "error_scatter_all": plots.plot_error_scatter(
+            np.concatenate([p.true_error for p in preds.values()]),
+            np.concatenate([p.expected for p in preds.values()]), out_dir / "error_scatter_all.png",
+            title="all sets: predicted vs true force error"),
+        "calibration": plots.plot_calibration(calibration, out_dir / "calibration.png"),
+        "reliability": plots.plot_reliability(metrics.pdf_cdf(ref.pdf, edges, np.full(len(ref.true_error), tol)),
+                                              ref.true_error < tol, out_dir / "reliability.png", tol=tol),
+    }
+    others = [n for n in preds if n != in_domain]
+    if others:
+        figures["roc_expected"] = plots.plot_roc(
+            {n: (ref.expected, preds[n].expected) for n in others}, out_dir / "roc_expected.png",
+            title=f"Out-of-domain detection by expected error ({in_domain} = negatives)")
+        figures["roc_distance"] = plots.plot_roc(
+            {n: (ref.distance, preds[n].distance) for n in others}, out_dir / "roc_distance.png",
+            title=f"Out-of-domain detection by kNN distance ({in_domain} = negatives)")
+    report["figures"] = {k: str(v) for k, v in figures.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "table.md").write_text(metrics.summary_table(report["sets"]) + "\n")
+    return report

@@ -1,0 +1,93 @@
+"""``ltau-lmp select``: frames from ``fix ltau`` dumps worth labelling next (active learning).
+
+The most uncertain frames of one excursion are usually near-copies of each other. Selection
+therefore takes the frames with the highest predicted error as a pool and picks from it
+greedily by farthest-point sampling in latent space (frame fingerprint = mean latent vector
+of its most uncertain atoms), starting from the most uncertain frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ltau_lmp.errors import ConfigError, FileFormatError
+
+SCORE_ARRAY = "ltau_expected"
+
+
+def read_dumps(paths) -> list:
+    """All frames of ``fix ltau`` dump files, each tagged with its source and index."""
+    from ase.io import read
+
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileFormatError(f"{path}: dump file not found")
+        try:
+            part = read(path, index=":", format="extxyz")
+        except Exception as exc:
+            raise FileFormatError(f"{path}: not a readable extxyz file ({type(exc).__name__}: {exc})") from None
+        for i, atoms in enumerate(part):
+            if SCORE_ARRAY not in atoms.arrays:
+                raise FileFormatError(f"{path}: frame {i} has no per-atom {SCORE_ARRAY} (not a fix ltau dump?)")
+            atoms.info["source"] = f"{path}:{i}"
+            frames.append(atoms)
+    if not frames:
+        raise FileFormatError("the dump files hold no frames")
+    return frames
+
+
+def frame_fingerprints(model, frames, top_atoms: int = 16) -> np.ndarray:
+    """Mean latent vector of each frame's ``top_atoms`` most uncertain atoms."""
+    from ltau_lmp.calculator import LTAUCalculator
+
+    calc = LTAUCalculator(model)
+    prints = []
+    for atoms in frames:
+        calc.calculate(atoms, ["energy"])
+        latent = calc.results["latent"]
+        worst = np.argsort(atoms.arrays[SCORE_ARRAY])[::-1][:top_atoms]
+        prints.append(latent[worst].mean(axis=0))
+    return np.asarray(prints)
+
+
+def select_frames(scores: np.ndarray, fingerprints: np.ndarray, n: int, pool_factor: int = 4) -> list[int]:
+    """Farthest-point sampling among the ``n * pool_factor`` highest-scoring frames."""
+    if n < 1:
+        raise ConfigError(f"number of frames must be >= 1, got {n}")
+    pool = np.argsort(scores)[::-1][: max(n, n * pool_factor)]
+    chosen = [int(pool[0])]
+    gap = np.linalg.norm(fingerprints[pool] - fingerprints[pool[0]], axis=1)
+    while len(chosen) < min(n, len(pool)):
+        nxt = int(np.argmax(gap))
+        chosen.append(int(pool[nxt]))
+        gap = np.minimum(gap, np.linalg.norm(fingerprints[pool] - fingerprints[pool[nxt]], axis=1))
+    return chosen
+
+
+def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4) -> list:
+    """Select ``n`` frames and write them as unlabelled extxyz ready for reference calculations."""
+    from ase import Atoms
+    from ase.io import write
+
+    from ltau_lmp.model import load_model
+
+    frames = read_dumps(dump_paths)
+    model = load_model(model_path)
+    scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
+    picked = select_frames(scores, frame_fingerprints(model, frames), n, pool_factor)
+    out = []
+    for i in picked:
+        src = frames[i]
+        atoms = Atoms(symbols=src.get_chemical_symbols(), positions=src.positions, cell=src.cell, pbc=src.pbc)
+        for key in ("tag", SCORE_ARRAY, "ltau_ci_high", "ltau_knn_distance"):
+            if key in src.arrays:
+                atoms.arrays[key] = src.arrays[key]
+        atoms.info.update({"source": src.info["source"], "timestep": src.info.get("timestep", -1),
+                           "ltau_max": float(scores[i])})
+        out.append(atoms)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    write(out_path, out, format="extxyz")
+    return out

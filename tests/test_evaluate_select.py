@@ -1,0 +1,100 @@
+"""Smoke tests of `ltau-lmp evaluate` and `ltau-lmp select` on tiny real data."""
+
+import json
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+
+from ltau_lmp.cli import main
+from ltau_lmp.data.reference import reference_calculation
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+from ltau_lmp.evaluation.select import select_frames
+from ltau_lmp.lammps.events import FrameDump
+from ltau_lmp.model import LocalForceField, save_model
+from ltau_lmp.model.neighbors import neighbor_list
+
+
+def _labelled(n_frames, rattle, seed):
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n_frames):
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+        atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
+        energy, forces, stress = reference_calculation(atoms)
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A random model, an estimator over its latent features of 'training' atoms, and sets."""
+    from ltau_lmp.evaluation.evaluate import predict_frames
+
+    tmp = tmp_path_factory.mktemp("eval")
+    model = LocalForceField(["Si"], cutoff=4.0, seed=0)
+    save_model(model, tmp / "model.pt")
+    train = _labelled(6, 0.05, 0)
+    forces, reference, latent = predict_frames(model, train)
+    errors = np.linalg.norm(forces - reference, axis=1)
+    log = ErrorLog.log_spaced(len(errors), 1e-3, 100.0, 40)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        log.update(np.arange(len(errors)), errors * rng.lognormal(0, 0.3, len(errors)))
+        log.end_epoch()
+    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash}).save(tmp / "est")
+    write(tmp / "test.xyz", _labelled(3, 0.05, 2))
+    write(tmp / "hot.xyz", _labelled(3, 0.4, 3))
+    return tmp, model
+
+
+def test_evaluate_writes_metrics_and_figures(pipeline, capsys):
+    tmp, _ = pipeline
+    assert main(["evaluate", "--model", str(tmp / "model.pt"), "--estimator", str(tmp / "est"),
+                 "--set", f"test={tmp / 'test.xyz'}", "--set", f"hot={tmp / 'hot.xyz'}",
+                 "-o", str(tmp / "out")]) == 0
+    report = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert set(report["sets"]) == {"test", "hot"}
+    hot = report["sets"]["hot"]
+    assert hot["n_atoms"] == 24 and 0.0 <= hot["auroc_distance"] <= 1.0
+    assert hot["auroc_distance"] > 0.9  # strongly rattled atoms lie far from the training atoms
+    for png in report["figures"].values():
+        assert (tmp / "out" / png.split("/")[-1]).stat().st_size > 5000
+    assert "| hot |" in (tmp / "out" / "table.md").read_text()
+
+
+def test_evaluate_errors_are_one_line(pipeline, capsys):
+    tmp, _ = pipeline
+    assert main(["evaluate", "--model", str(tmp / "model.pt"), "--estimator", str(tmp / "est"),
+                 "--set", "oops", "-o", str(tmp / "o")]) == 2
+    assert "--set expects NAME=FILE" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp / "model.pt"), "--estimator", str(tmp / "est"),
+                 "--set", f"a={tmp / 'test.xyz'}", "-o", str(tmp / "o")]) == 2
+    assert "in-domain set 'test' is not among" in capsys.readouterr().err
+
+
+def test_select_prefers_uncertain_and_diverse_frames():
+    scores = np.array([0.9, 0.89, 0.88, 0.1, 0.5])
+    prints = np.array([[0.0], [0.01], [5.0], [9.0], [2.0]])
+    assert select_frames(scores, prints, 2, pool_factor=2) == [0, 2]   # 1 is a near-copy of 0
+    assert select_frames(scores, prints, 3, pool_factor=1) == [0, 2, 1]
+
+
+def test_select_cli_on_dumped_frames(pipeline, tmp_path, capsys):
+    tmp, model = pipeline
+    dump = FrameDump(tmp_path / "dump.xyz")
+    for step, atoms in enumerate(_labelled(4, 0.1, 5)):
+        atoms.calc = None
+        atoms.arrays["ltau_expected"] = np.full(len(atoms), 0.1 * (step + 1))
+        atoms.info["timestep"] = step * 10
+        dump.write(atoms, step * 10)
+    out = tmp_path / "selected.xyz"
+    assert main(["select", str(tmp_path / "dump.xyz"), "--model", str(tmp / "model.pt"), "-n", "2",
+                 "-o", str(out)]) == 0
+    picked = read(out, ":")
+    assert len(picked) == 2 and picked[0].info["timestep"] == 30
+    assert main(["select", str(tmp / "test.xyz"), "--model", str(tmp / "model.pt"), "-o", str(out)]) == 2
+    assert "no per-atom ltau_expected" in capsys.readouterr().err
