@@ -39,12 +39,12 @@ class FixOptions:
     @classmethod
     def parse(cls, args: list[str]) -> "FixOptions":
         if not args:
-            raise LTAUError("fix ltau: usage is fix ID group ltau ESTIMATOR_FILE keyword value ...")
+            raise LTAUError("usage is fix ID group ltau ESTIMATOR_FILE keyword value ...")
         opts, rest = cls(estimator=args[0]), list(args[1:])
 
         def take(keyword: str, what: str) -> str:
             if not rest:
-                raise LTAUError(f"fix ltau: keyword {keyword} needs {what}")
+                raise LTAUError(f"keyword {keyword} needs {what}")
             return rest.pop(0)
 
         while rest:
@@ -56,23 +56,23 @@ class FixOptions:
             elif keyword == "metric":
                 opts.metric = take(keyword, "expected|upper|distance")
                 if opts.metric not in METRICS:
-                    raise LTAUError(f"fix ltau: metric must be one of {', '.join(METRICS)}, got {opts.metric!r}")
+                    raise LTAUError(f"metric must be one of {', '.join(METRICS)}, got {opts.metric!r}")
             elif keyword == "ci":
                 lo, hi = _number(take(keyword, "LO HI"), "ci LO"), _number(take(keyword, "LO HI"), "ci HI")
                 if not 0.0 <= lo < hi <= 1.0:
-                    raise LTAUError(f"fix ltau: ci needs 0 <= LO < HI <= 1, got {lo} {hi}")
+                    raise LTAUError(f"ci needs 0 <= LO < HI <= 1, got {lo} {hi}")
                 opts.ci = (lo, hi)
             elif keyword == "quantile":
                 opts.quantile = _number(take(keyword, "Q"), "quantile")
                 if not 0.0 <= opts.quantile <= 1.0:
-                    raise LTAUError(f"fix ltau: quantile must lie in [0, 1], got {opts.quantile}")
+                    raise LTAUError(f"quantile must lie in [0, 1], got {opts.quantile}")
             elif keyword == "halt":
                 opts.halt = _threshold(take(keyword, "a threshold"), "halt")
                 if rest[:1] == ["error"]:
                     rest.pop(0)
                     opts.halt_mode = take("halt ... error", "hard|soft")
                     if opts.halt_mode not in ("hard", "soft"):
-                        raise LTAUError(f"fix ltau: halt ... error must be hard or soft, got {opts.halt_mode!r}")
+                        raise LTAUError(f"halt ... error must be hard or soft, got {opts.halt_mode!r}")
             elif keyword == "dump":
                 opts.dump_file = take(keyword, "FILE THRESH")
                 opts.dump_threshold = _threshold(take(keyword, "FILE THRESH"), "dump")
@@ -86,7 +86,7 @@ class FixOptions:
             elif keyword == "log":
                 opts.log_file = take(keyword, "FILE")
             else:
-                raise LTAUError(f"fix ltau: unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
+                raise LTAUError(f"unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
                                 "halt, dump, log)")
         return opts
 
@@ -95,16 +95,16 @@ def _number(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise LTAUError(f"fix ltau: {what} must be a number, got {text!r}") from None
+        raise LTAUError(f"{what} must be a number, got {text!r}") from None
     if not np.isfinite(value):
-        raise LTAUError(f"fix ltau: {what} must be finite, got {text!r}")
+        raise LTAUError(f"{what} must be finite, got {text!r}")
     return value
 
 
 def _threshold(text: str, what: str) -> float:
     value = _number(text, f"{what} threshold")
     if value < 0:
-        raise LTAUError(f"fix ltau: {what} threshold must be >= 0, got {value}")
+        raise LTAUError(f"{what} threshold must be >= 0, got {value}")
     return value
 
 
@@ -112,23 +112,54 @@ def _positive_int(text: str, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise LTAUError(f"fix ltau: {what} must be a positive integer, got {text!r}") from None
+        raise LTAUError(f"{what} must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise LTAUError(f"fix ltau: {what} must be a positive integer, got {value}")
+        raise LTAUError(f"{what} must be a positive integer, got {value}")
     return value
+
+
+class PeerFailed(Exception):
+    """Another rank failed in the same call: this rank stops quietly, that rank reports."""
+
+
+def agree(comm, work):
+    """Run rank-local ``work``, then make sure no rank enters a collective call alone.
+
+    The failing rank re-raises its own error; the others raise ``PeerFailed`` and return
+    status 0 to the plugin, which reduces the statuses and shows the failing rank's message.
+    """
+    from mpi4py import MPI
+
+    try:
+        result, failed = work(), 0
+    except Exception:
+        comm.allreduce(1, op=MPI.MAX)
+        raise
+    if comm.allreduce(failed, op=MPI.MAX):
+        raise PeerFailed()
+    return result
 
 
 class FixLtau:
     """Per-rank state of one ``fix ltau``: the estimator, the options, rank-0 output files."""
 
     def __init__(self, fix_id: str, args: list[str], comm, runtime):
-        from ltau_lmp.estimator import LTAUEstimator, gpu_available
-        from ltau_lmp.errors import FileFormatError
-
         self.fix_id = fix_id
         self.comm = comm
         self.rank = comm.Get_rank()
         self.runtime = runtime
+        self.log = self.dump = None
+        try:
+            agree(comm, lambda: self._setup(args))
+        except PeerFailed:
+            return
+        # Rank 0 knows the dump's earlier frames; every rank must skip the same steps.
+        self.dump_steps = comm.bcast(list(self.dump.steps) if self.dump else [], root=0)
+
+    def _setup(self, args: list[str]) -> None:
+        from ltau_lmp.errors import FileFormatError
+        from ltau_lmp.estimator import LTAUEstimator, gpu_available
+
         self.opts = FixOptions.parse(args)
         device = 0
         if gpu_available():
@@ -142,19 +173,18 @@ class FixLtau:
             self.estimator = LTAUEstimator.load(self.opts.estimator, mmap=True, verify=self.rank == 0,
                                                 gpu_device=device)
         except FileFormatError as exc:
-            raise LTAUError(f"fix ltau: cannot use estimator: {exc}") from None
-        model = runtime.model
+            raise LTAUError(f"cannot use estimator: {exc}") from None
+        model = self.runtime.model
         if self.estimator.dim != model.latent_dim:
-            raise LTAUError(f"fix ltau: estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
+            raise LTAUError(f"estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
                             f"descriptors but the model of pair_style ltau has latent_dim {model.latent_dim}: "
                             "it was built for another model")
         expected_hash = self.estimator.metadata.get("model_hash")
         if expected_hash and expected_hash != model.model_hash:
-            raise LTAUError(f"fix ltau: estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
+            raise LTAUError(f"estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
                             f"but pair_style ltau runs model {model.model_hash[:12]}")
         if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
-            raise LTAUError(f"fix ltau: k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
-        self.log = self.dump = None
+            raise LTAUError(f"k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
         if self.rank == 0:
             from ltau_lmp.lammps.events import FrameDump, StepLog
 
@@ -162,21 +192,25 @@ class FixLtau:
                 self.log = StepLog(self.opts.log_file, LOG_COLUMNS)
             if self.opts.dump_file:
                 self.dump = FrameDump(self.opts.dump_file)
-        # Rank 0 knows the files' last steps; everyone must skip the same steps.
-        self.dump_steps = comm.bcast(list(self.dump.steps) if self.dump else [], root=0)
 
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
                     box: np.ndarray | None = None, periodic=(True, True, True)) -> int:
         """Fill the per-atom array and global values; returns 1 to ask for a soft halt."""
-        from mpi4py import MPI
+        try:
+            in_group, metric = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
+        except PeerFailed:
+            return 0
+        return self._decide(step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic)
 
+    def _evaluate(self, step, nlocal, tag, mask, groupbit, peratom):
+        """Rank-local part: query the estimator for this rank's group atoms."""
         cache = self.runtime.cache
         if cache.step != step:
-            raise LTAUError(f"fix ltau: no features for step {step} (pair_style ltau last ran at step "
+            raise LTAUError(f"no features for step {step} (pair_style ltau last ran at step "
                             f"{cache.step}); fix ltau needs pair_style ltau to compute forces every step")
         if nlocal != len(cache.tags) or not np.array_equal(tag, cache.tags):
-            raise LTAUError(f"fix ltau: atoms changed between the force call and the end of step {step}")
+            raise LTAUError(f"atoms changed between the force call and the end of step {step}")
         in_group = (mask & groupbit) != 0
         peratom[:] = 0.0
         metric = np.zeros(nlocal)
@@ -186,6 +220,12 @@ class FixLtau:
             values = np.column_stack([res.expected, interval, res.distance])
             peratom[in_group] = values
             metric[in_group] = values[:, {"expected": 0, "upper": 2, "distance": 3}[self.opts.metric]]
+        return in_group, metric
+
+    def _decide(self, step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic) -> int:
+        """Collective part: global values, log, dump and halt, identical on every rank."""
+        from mpi4py import MPI
+
         o = self.opts
         local = np.array([
             metric[in_group].sum(), np.count_nonzero(in_group),
@@ -203,19 +243,30 @@ class FixLtau:
         global_out[:] = [vmax, vmax, total / n_group if n_group else 0.0, n_dump, n_halt, dmax]
 
         quantile = self._global_quantile(metric[in_group]) if o.log_file else None
-        if self.log is not None:
-            self.log.write(step, [vmax, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag])
-        if o.dump_threshold is not None and n_dump > 0:
-            self._maybe_dump(step, nlocal, x, tag, in_group, peratom, box, periodic, vmax)
+        frame = None
+        if o.dump_threshold is not None and n_dump > 0 and self._dump_allowed(step):
+            frame = self._gather_frame(step, nlocal, x, tag, in_group, peratom, box, periodic, vmax)
+            self.dump_steps.append(step)
+        log_values = [vmax, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag]
+        try:  # only rank 0 writes, but a failed write must stop every rank together
+            agree(self.comm, lambda: self._write_outputs(step, log_values, frame))
+        except PeerFailed:
+            return 0
         if o.halt is not None and n_halt > 0:
-            message = (f"fix ltau {self.fix_id}: step {step}: {o.metric} uncertainty {vmax:.6g} exceeds the "
+            message = (f"{self.fix_id}: step {step}: {o.metric} uncertainty {vmax:.6g} exceeds the "
                        f"halt threshold {o.halt:g} (atom tag {worst_tag}, {int(n_halt)} atoms over)")
             if o.halt_mode == "hard":
                 raise LTAUError(message)
             if self.rank == 0:
-                print(f"WARNING: {message}; stopping the run (soft halt)", flush=True)
+                print(f"WARNING: fix ltau {message}; stopping the run (soft halt)", flush=True)
             return 1
         return 0
+
+    def _write_outputs(self, step: int, log_values: list, frame) -> None:
+        if self.log is not None:
+            self.log.write(step, log_values)
+        if frame is not None:
+            self.dump.write(frame, step)
 
     def _worst_tag(self, metric, in_group, tag, vmax) -> int:
         """Smallest tag among the atoms holding the global max: the same on 1 and N ranks."""
@@ -235,17 +286,14 @@ class FixLtau:
         allv = np.concatenate(gathered)
         return float(np.quantile(allv, self.opts.quantile)) if allv.size else 0.0
 
-    def _maybe_dump(self, step, nlocal, x, tag, in_group, peratom, box, periodic, vmax) -> None:
-        """Gather the whole configuration to rank 0, sorted by tag, and append one frame."""
-        if not self._dump_allowed(step):
-            return
+    def _gather_frame(self, step, nlocal, x, tag, in_group, peratom, box, periodic, vmax):
+        """The whole configuration as ASE Atoms on rank 0 (None elsewhere), sorted by tag."""
         cache = self.runtime.cache
         symbols = np.asarray(cache.symbols)[cache.species] if nlocal else np.empty(0, dtype="<U2")
         part = (tag.copy(), symbols, x.copy(), np.array(cache.forces, copy=True), peratom.copy(), in_group.copy())
         parts = self.comm.gather(part, root=0)
-        self.dump_steps.append(step)
         if self.rank != 0:
-            return
+            return None
         from ase import Atoms
 
         tags, syms, pos, forces, values, group = (np.concatenate(a) for a in zip(*parts))
@@ -259,7 +307,7 @@ class FixLtau:
         atoms.arrays["in_group"] = group[order]
         atoms.info.update({"timestep": int(step), "ltau_metric": self.opts.metric, "ltau_max": float(vmax),
                            "ltau_dump_threshold": float(self.opts.dump_threshold), "fix_id": self.fix_id})
-        self.dump.write(atoms, step)
+        return atoms
 
     def _dump_allowed(self, step: int) -> bool:
         steps = self.dump_steps
@@ -273,7 +321,7 @@ class FixLtau:
 def _cell_from_box(box: np.ndarray | None):
     """LAMMPS box (xlo ylo zlo xhi yhi zhi xy xz yz) → ASE cell rows and the origin shift."""
     if box is None:
-        raise LTAUError("fix ltau: the plugin did not pass the simulation box (rebuild ltau_lmp)")
+        raise LTAUError("the plugin did not pass the simulation box (rebuild ltau_lmp)")
     lo, hi = np.asarray(box[:3]), np.asarray(box[3:6])
     xy, xz, yz = box[6:9]
     lx, ly, lz = hi - lo
