@@ -333,6 +333,12 @@ def auroc(scores_in, scores_out) -> float:
     return float(u / (s_in.size * s_out.size))
 
 
+def first_crossing(steps, values, threshold: float):
+    """First step whose value exceeds ``threshold`` (None if none does): when an alarm fires."""
+    above = np.flatnonzero(np.asarray(values) > threshold)
+    return np.asarray(steps)[above[0]].item() if above.size else None
+
+
 # --------------------------------------------------------------------------- reports
 
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from ltau_lmp.evaluation.metrics import (
     MetricInputError,
+    first_crossing,
     auroc,
     miscalibration_area,
     reliability,
@@ -157,11 +158,6 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path
     return _save(fig, path)
 
 
-def _first_crossing(steps: np.ndarray, values: np.ndarray, threshold: float):
-    above = np.flatnonzero(values > threshold)
-    return steps[above[0]] if above.size else None
-
-
 def plot_failure_timeline(steps, predicted_max, true_max, threshold: float, path,
                           halt_step: float | None = None,
                           title: str = "Maximum per-atom force error along the MD run") -> str:
@@ -183,7 +179,7 @@ def plot_failure_timeline(steps, predicted_max, true_max, threshold: float, path
     line_t, = ax.plot(s, tm, lw=1.2, label="true max error")
     ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g} {ERROR_UNIT}")
     for line, values, what in ((line_p, pm, "predicted"), (line_t, tm, "true")):
-        cross = _first_crossing(s, values, threshold)
+        cross = first_crossing(s, values, threshold)
         if cross is not None:
             ax.axvline(cross, color=line.get_color(), ls=":", lw=1.5,
                        label=f"{what} crosses at step {cross:g}")

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="YAML config file")
     p.add_argument("-o", "--out-dir", help="override the config's out_dir")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--seed", type=int, help="override the config's seed (e.g. for ensemble members)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -36,7 +37,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg.out_dir = os.path.abspath(args.out_dir)
     if args.epochs:
         cfg.epochs = args.epochs
-        cfg.validate("train")
+    if args.seed is not None:
+        cfg.seed = args.seed
+    cfg.validate("train")
     result = train(cfg, base, show_progress=not args.no_progress)
     s = result.summary
     print(json.dumps({"out_dir": str(result.out_dir), "epochs": s["epochs"],
