@@ -114,7 +114,9 @@ class FrameDump:
         from ase.io import write
 
         buffer = io.StringIO()
-        write(buffer, atoms, format="extxyz")
+        # parallel=False: ASE would otherwise treat the write as collective over mpi4py's world
+        # (only rank 0 calls this, so the other ranks would never join and rank 0 would hang).
+        write(buffer, atoms, format="extxyz", parallel=False)
         payload = buffer.getvalue().encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
