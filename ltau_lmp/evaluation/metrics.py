@@ -24,6 +24,8 @@ import numpy as np
 from scipy import integrate, stats
 
 from ltau_lmp.errors import LTAUError
+from ltau_lmp.estimator.estimator import pdf_cdf_at as cdf_at
+from ltau_lmp.estimator.estimator import pdf_quantile as quantile_of
 
 __all__ = [
     "MetricInputError",
@@ -99,8 +101,8 @@ def _pdf(pdf, edges: np.ndarray) -> np.ndarray:
     return p
 
 
-def _chunk_masses(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised masses and their cumulative sums (leading 0) for a block of rows.
+def _normalised(p: np.ndarray) -> np.ndarray:
+    """A block of rows as float64 masses that sum to exactly 1 per row.
 
     Rows are renormalised so that float32 round-off in stored PDFs cannot leave the CDF short
     of 1 at the last edge; a row that is not a distribution at all is an error, not a guess.
@@ -111,11 +113,7 @@ def _chunk_masses(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     total = m.sum(axis=1, keepdims=True)
     if np.any(total <= 0):
         raise MetricInputError("every pdf row needs positive total mass")
-    m = m / total
-    cum = np.zeros((m.shape[0], m.shape[1] + 1))
-    np.cumsum(m, axis=1, out=cum[:, 1:])
-    cum[:, -1] = 1.0
-    return m, cum
+    return m / total
 
 
 # --------------------------------------------------------------------------- ranking
@@ -162,17 +160,10 @@ def pdf_cdf(pdf, bin_edges, x, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarr
         raise MetricInputError("x contains NaN")
     x2 = xv.reshape(p.shape[0], -1)
     out = np.empty(x2.shape)
-    nb = edges.size - 1
     for s in range(0, p.shape[0], chunk_rows):
-        m, cum = _chunk_masses(p[s : s + chunk_rows])
-        xc = x2[s : s + chunk_rows]
-        j = np.clip(np.searchsorted(edges, xc, side="right") - 1, 0, nb - 1)
-        frac = np.clip((xc - edges[j]) / (edges[j + 1] - edges[j]), 0.0, 1.0)
-        rows = np.arange(m.shape[0])[:, None]
-        c = np.minimum(cum[rows, j] + frac * m[rows, j], 1.0)  # cumsum round-off can pass 1
-        c[xc < edges[0]] = 0.0
-        c[xc >= edges[-1]] = 1.0
-        out[s : s + chunk_rows] = c
+        m = _normalised(p[s : s + chunk_rows])
+        for col in range(x2.shape[1]):
+            out[s : s + chunk_rows, col] = cdf_at(m, edges, x2[s : s + chunk_rows, col])
     return out.reshape(xv.shape)
 
 
@@ -190,19 +181,10 @@ def pdf_quantile(pdf, bin_edges, q, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.
         raise MetricInputError("q must be a scalar or 1-D array of probabilities in [0, 1]")
     q1 = np.atleast_1d(qv)
     out = np.empty((p.shape[0], q1.size))
-    nb = edges.size - 1
     for s in range(0, p.shape[0], chunk_rows):
-        m, cum = _chunk_masses(p[s : s + chunk_rows])
-        # First bin whose right-edge cumulative mass reaches q (one q at a time: bounded memory);
-        # the 1e-12 slack keeps round-off in the cumsum from jumping across empty bins.
-        j = np.stack([(cum[:, 1:] < qk - 1e-12).sum(axis=1) for qk in q1], axis=1)
-        j = np.minimum(j, nb - 1)
-        rows = np.arange(m.shape[0])[:, None]
-        mass = m[rows, j]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(mass > 0, (q1[None, :] - cum[rows, j]) / mass, 0.0)
-        frac = np.clip(frac, 0.0, 1.0)
-        out[s : s + chunk_rows] = edges[j] + frac * (edges[j + 1] - edges[j])
+        m = _normalised(p[s : s + chunk_rows])
+        for col, qk in enumerate(q1):
+            out[s : s + chunk_rows, col] = quantile_of(m, edges, float(qk))
     return out[:, 0] if qv.ndim == 0 else out
 
 
