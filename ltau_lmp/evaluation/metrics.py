@@ -12,8 +12,8 @@ a LAMMPS trajectory dump or a synthetic check:
 A predicted distribution is a row of probability masses ``pdf`` over shared ``bin_edges``
 (``nbins + 1`` increasing values, log-spaced in practice).  The CDF is the cumulative mass up to
 an edge and linear *in error value* inside a bin; below the first edge it is 0, above the last 1.
-:func:`pdf_cdf` and :func:`pdf_quantile` implement exactly that and are kept self-contained so
-that the evaluation does not depend on the estimator package it is judging.
+:func:`pdf_cdf` and :func:`pdf_quantile` validate, renormalise and chunk, then use the
+estimator's own interpolation, so the evaluation scores exactly what ``fix ltau`` reports.
 """
 
 from __future__ import annotations
