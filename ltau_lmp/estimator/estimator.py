@@ -19,6 +19,7 @@ from ltau_lmp.estimator.index import SearchIndex, set_threads
 
 WEIGHTINGS = ("uniform", "distance")
 PROGRESS_MIN_POINTS = 500_000
+PDF_CHUNK = 4096  # points per block when mixing PDFs: the (block, k, nbins) gather stays ~16 MB
 
 
 def log_midpoints(bin_edges: np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ class LTAUResult:
     neighbors: np.ndarray      # (n, k) training-entry ids
     weights: np.ndarray        # (n, k) neighbour weights, rows sum to 1
     estimator: "LTAUEstimator"
-    chunk_size: int = 65_536
+    chunk_size: int = PDF_CHUNK
 
     def __len__(self) -> int:
         return self.expected.shape[0]
@@ -201,7 +202,7 @@ class LTAUEstimator:
                 weights[start:stop] = self._weights(dist)
                 bar.update(stop - start)
         expected = np.einsum("nk,nk->n", weights, self.entry_expected[neighbors])
-        return LTAUResult(expected, distance, neighbors, weights, self, chunk_size)
+        return LTAUResult(expected, distance, neighbors, weights, self)
 
     def _weights(self, dist: np.ndarray) -> np.ndarray:
         if self.weighting == "uniform":
