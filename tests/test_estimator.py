@@ -180,3 +180,11 @@ def test_index_options_are_validated():
 def test_auto_index_kind_follows_size():
     small = SearchIndex.build(np.zeros((10, 4), np.float32), "auto")
     assert small.kind == "flat"
+
+
+def test_ivf_backend_recall_on_real_nequip_descriptors():
+    data = np.load(DATA / "3bpa" / "descriptors.npy")
+    rng = np.random.default_rng(9)
+    held_out = rng.choice(len(data), 1000, replace=False)
+    keep = np.setdiff1d(np.arange(len(data)), held_out)
+    assert _recall_at_10(data[keep], data[held_out], "ivf", nprobe=8) >= 0.9

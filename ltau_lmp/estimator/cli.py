@@ -22,17 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--error-log", required=True, type=Path, help="error-log .npz")
     p.add_argument("--descriptors", required=True, type=Path, help="training-atom descriptors .npy (n_atoms x dim)")
     p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
-    p.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
-                   help="search backend: exact 'flat', graph 'hnsw', compressed 'ivfpq'; "
-                        "auto = flat below 200k entries, hnsw above")
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+                   help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "
+                        "'ivfpq'; auto = flat below 200k entries, hnsw above")
     p.add_argument("-k", "--neighbors", type=int, default=10, help="neighbours averaged per query")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "distance"],
                    help="average neighbour PDFs equally or by inverse distance")
     p.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
     p.add_argument("--ef-construction", type=int, help="HNSW build effort (default 40)")
     p.add_argument("--ef-search", type=int, help="HNSW search effort (default 16)")
-    p.add_argument("--nlist", type=int, help="IVF-PQ number of lists (default ~sqrt(n))")
-    p.add_argument("--nprobe", type=int, help="IVF-PQ lists probed per query (default 16)")
+    p.add_argument("--nlist", type=int, help="IVF / IVF-PQ number of lists (default ~sqrt(n))")
+    p.add_argument("--nprobe", type=int, help="IVF / IVF-PQ lists probed per query (default 8 / 16)")
     p.add_argument("--model-hash", help="hash of the model that produced the descriptors (checked by fix ltau)")
     p.add_argument("--threads", type=int, help="faiss threads")
     p.set_defaults(func=_build)

@@ -1,9 +1,11 @@
 """Nearest-neighbour search in latent space through faiss.
 
-Three backends, all L2 on float32 vectors, built through ``faiss.index_factory``:
-``flat`` (exact), ``hnsw`` (graph, fast and accurate for up to tens of millions of entries)
-and ``ivfpq`` (compressed, for very large sets). With faiss-gpu and a visible GPU, ``flat``
-and ``ivfpq`` are searched on the GPU; faiss has no GPU HNSW, so ``hnsw`` stays on the CPU.
+Four backends, all L2 on float32 vectors, built through ``faiss.index_factory``:
+``flat`` (exact), ``ivf`` (inverted lists of exact vectors: scans ``nprobe`` of ``nlist``
+clusters, several times faster than flat at recall ~0.99 on clustered latent spaces),
+``hnsw`` (graph, fast and accurate up to tens of millions of entries) and ``ivfpq``
+(compressed, for very large sets). With faiss-gpu and a visible GPU, ``flat``, ``ivf`` and
+``ivfpq`` are searched on the GPU; faiss has no GPU HNSW, so ``hnsw`` stays on the CPU.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import numpy as np
 
 from ltau_lmp.errors import ConfigError
 
-INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 AUTO_EXACT_LIMIT = 200_000
 _DEFAULTS = {
     "flat": {},
+    "ivf": {"nlist": None, "nprobe": 8},
     "hnsw": {"M": 32, "ef_construction": 40, "ef_search": 16},
     "ivfpq": {"nlist": None, "pq_m": None, "nbits": 8, "nprobe": 16},
 }
@@ -42,9 +45,9 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
         raise ConfigError(f"unknown option(s) for index {kind!r}: {', '.join(sorted(unknown))}; "
                           f"valid: {', '.join(_DEFAULTS[kind]) or 'none'}")
     resolved = {**_DEFAULTS[kind], **options}
+    if kind in ("ivf", "ivfpq") and resolved["nlist"] is None:
+        resolved["nlist"] = int(max(1, min(n_entries // 64, math.isqrt(n_entries))))
     if kind == "ivfpq":
-        if resolved["nlist"] is None:
-            resolved["nlist"] = int(max(1, min(n_entries // 64, math.isqrt(n_entries))))
         if resolved["pq_m"] is None:
             resolved["pq_m"] = next(m for m in (dim // 2, dim // 4, dim, 1) if m >= 1 and dim % m == 0)
         if dim % resolved["pq_m"]:
@@ -57,6 +60,8 @@ def factory_string(kind: str, opts: dict) -> str:
         return "Flat"
     if kind == "hnsw":
         return f"HNSW{int(opts['M'])},Flat"
+    if kind == "ivf":
+        return f"IVF{int(opts['nlist'])},Flat"
     return f"IVF{int(opts['nlist'])},PQ{int(opts['pq_m'])}x{int(opts['nbits'])}"
 
 
@@ -77,7 +82,7 @@ def apply_search_options(index, kind: str, opts: dict) -> None:
     """Search-time parameters are not all stored by ``write_index``; set them after every load."""
     if kind == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = int(opts["ef_search"])
-    elif kind == "ivfpq":
+    elif kind in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = int(opts["nprobe"])
 
 
@@ -101,9 +106,9 @@ class SearchIndex:
         index = faiss.index_factory(dim, factory_string(kind, opts), faiss.METRIC_L2)
         if kind == "hnsw":
             faiss.downcast_index(index).hnsw.efConstruction = int(opts["ef_construction"])
-        if kind == "ivfpq":
+        if kind in ("ivf", "ivfpq"):
             if n < opts["nlist"]:
-                raise ConfigError(f"ivfpq with nlist={opts['nlist']} needs at least that many entries, got {n}")
+                raise ConfigError(f"{kind} with nlist={opts['nlist']} needs at least that many entries, got {n}")
             index.train(vectors[_training_subset(n, opts["nlist"])])
         _add_in_chunks(index, vectors, progress)
         search_index = cls(kind, opts, index)

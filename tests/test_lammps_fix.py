@@ -1,0 +1,498 @@
+"""fix ltau inside LAMMPS: per-atom values, MPI agreement, halt, dump, log, restart, bad input.
+
+A small random model and an estimator built from its own latent features of rattled Si cells
+(training errors that differ between atoms) stand in for a trained one. One in-process
+1-rank run is the reference: its log gives the step at which the uncertainty first crosses a
+threshold, so the halt and dump tests know in advance where events must fire. The ``mpi``
+tests launch ``mpirun -np 2`` with a timeout, so a hang fails the test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.io import read
+
+from ltau_lmp.calculator import LTAUCalculator
+from ltau_lmp.estimator import LTAUEstimator
+from ltau_lmp.estimator.errorlog import ErrorLog
+from ltau_lmp.lammps.events import FrameDump
+from ltau_lmp.model import LocalForceField, save_model
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+INPUTS = Path(__file__).resolve().parents[1] / "lammps_inputs"
+EVERY, STEPS = 5, 60
+
+# 64 rattled Si atoms at 1500 K under the random model: the uncertainty drifts upwards.
+# displace_atoms random and velocity create (loop all) do not depend on the number of ranks.
+BASE = """\
+units           metal
+atom_style      atomic
+boundary        p p p
+lattice         diamond 5.431
+region          box block 0 2 0 2 0 2
+create_box      1 box
+create_atoms    1 box
+mass            1 28.0855
+displace_atoms  all random 0.05 0.05 0.05 1234
+pair_style      ltau
+pair_coeff      * * {model} Si
+velocity        all create 1500 4928459 mom yes rot yes dist gaussian
+timestep        0.001
+fix             md all nve
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: model, estimators (good, corrupt, other model), the 1-rank reference run
+# --------------------------------------------------------------------------------------------
+
+def _latent(model, n_cells: int, seed: int) -> np.ndarray:
+    calc = LTAUCalculator(model)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_cells):
+        atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2)
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        out.append(np.array(calc.results["latent"], dtype=np.float32))
+    return np.concatenate(out)
+
+
+def _estimator(model, path: Path, seed: int = 0) -> Path:
+    """Estimator from the model's features; every entry has its own error scale."""
+    latent = _latent(model, 4, seed)
+    rng = np.random.default_rng(seed)
+    log = ErrorLog.log_spaced(len(latent), lo=1e-3, hi=10.0, nbins=50)
+    scale = np.exp(rng.normal(-3.0, 0.7, len(latent)))
+    for _ in range(5):
+        log.update(np.arange(len(latent)), scale * rng.lognormal(0.0, 0.3, len(latent)))
+        log.end_epoch()
+    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash}).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fix")
+    model = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=16, seed=0)
+    save_model(model, root / "model.pt")
+    est = _estimator(model, root / "est")
+    corrupt = root / "est_corrupt"
+    shutil.copytree(est, corrupt)
+    pdfs = corrupt / "pdfs.npy"
+    pdfs.write_bytes(pdfs.read_bytes()[: pdfs.stat().st_size // 2])
+    wide = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=32, seed=1)
+    other = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=16, seed=1)
+    return {"root": root, "model": model, "model_file": str(root / "model.pt"), "est": str(est),
+            "est_corrupt": str(corrupt), "est_dim32": str(_estimator(wide, root / "est_dim32")),
+            "est_other": str(_estimator(other, root / "est_other"))}
+
+
+def _read_log(path: Path) -> np.ndarray:
+    lines = Path(path).read_text().splitlines()
+    assert lines[0] == "# step max mean quantile n_over_dump n_over_halt max_distance worst_tag"
+    return np.array([[float(v) for v in line.split()] for line in lines[1:]]).reshape(-1, 8)
+
+
+def _read_custom(path: Path) -> tuple[int, np.ndarray]:
+    """(timestep, rows sorted by id) of one `dump custom` snapshot."""
+    lines = Path(path).read_text().splitlines()
+    step = int(lines[lines.index("ITEM: TIMESTEP") + 1])
+    start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
+    rows = np.loadtxt(lines[start:], ndmin=2)
+    return step, rows[np.argsort(rows[:, 0])]
+
+
+def _custom_dumps(directory: Path, prefix: str) -> dict[int, np.ndarray]:
+    return dict(_read_custom(p) for p in directory.glob(prefix + ".*") if p.suffix[1:].isdigit())
+
+
+REF_SCRIPT = BASE + """\
+fix             u all ltau {est} every {every} metric distance log {dir}/ref.log
+dump            d all custom {every} {dir}/ref.* id f_u[1] f_u[2] f_u[3] f_u[4]
+dump_modify     d format float %.17g
+run             {steps}
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """In-process run on one rank; returns its log, per-atom dumps and final state."""
+    from lammps import LMP_STYLE_ATOM, LMP_TYPE_ARRAY
+
+    from ltau_lmp.lammps.driver import create_lammps
+
+    out = files["root"] / "ref"
+    out.mkdir()
+    lmp = create_lammps(log="none", screen=False)
+    try:
+        lmp.commands_string(REF_SCRIPT.format(model=files["model_file"], est=files["est"], dir=out,
+                                              every=EVERY, steps=STEPS))
+        n = lmp.extract_global("nlocal")
+        tags = lmp.numpy.extract_atom("id")[:n]
+        order = np.argsort(tags)
+        boxlo, boxhi, xy, yz, xz, periodic, _ = lmp.extract_box()
+        final = {
+            "step": lmp.extract_global("ntimestep"),
+            "tags": tags[order].copy(),
+            "x": lmp.numpy.extract_atom("x")[:n][order].copy(),
+            "peratom": lmp.numpy.extract_fix("u", LMP_STYLE_ATOM, LMP_TYPE_ARRAY)[:n][order].copy(),
+            "cell": np.array([[boxhi[0] - boxlo[0], 0, 0], [xy, boxhi[1] - boxlo[1], 0],
+                              [xz, yz, boxhi[2] - boxlo[2]]]),
+            "origin": np.array(boxlo),
+            "scalar": lmp.extract_fix("u", 0, 0),
+        }
+    finally:
+        lmp.close()
+    log = _read_log(out / "ref.log")
+    # The halt step: a new record of the max, >= 5 % above every earlier evaluation, in the
+    # second half of the run; the threshold sits halfway, far from both (ranks and reruns
+    # differ only in the last bits of the trajectory).
+    best = None
+    for i in range(len(log) // 2, len(log)):
+        before = log[:i, 1].max()
+        if log[i, 1] > 1.05 * before:
+            best = i
+            break
+    assert best is not None, f"uncertainty never jumps in the reference run:\n{log}"
+    return {"dir": out, "log": log, "final": final, "dumps": _custom_dumps(out, "ref"),
+            "halt_step": int(log[best, 0]), "halt_value": log[best, 1], "halt_tag": int(log[best, 7]),
+            "halt": 0.5 * (log[best, 1] + log[:best, 1].max())}
+
+
+def _mpirun(args: list[str], cwd: Path, np_: int = 2, timeout: float = 90) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "mpirun"), "-np", str(np_), *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_script(tmp_path: Path, script: str, launcher: str = "ltau-lmp", np_: int = 2,
+                timeout: float = 90) -> subprocess.CompletedProcess:
+    (tmp_path / "in.test").write_text(script)
+    args = ["ltau-lmp", "run", "in.test", "-log", "none"] if launcher == "ltau-lmp" else \
+        ["lmp", "-in", "in.test", "-log", "none"]
+    return _mpirun(args, tmp_path, np_, timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# values: fix ltau == LTAUEstimator.query; never silently zero; 1 rank == 2 ranks
+# --------------------------------------------------------------------------------------------
+
+def test_peratom_equals_estimator_query(files, reference):
+    final = reference["final"]
+    assert final["step"] == STEPS
+    atoms = Atoms("Si" * len(final["tags"]), positions=final["x"] - final["origin"], cell=final["cell"], pbc=True)
+    atoms.calc = LTAUCalculator(files["model"])
+    atoms.get_potential_energy()
+    est = LTAUEstimator.load(files["est"])
+    res = est.query(atoms.calc.results["latent"])
+    want = np.column_stack([res.expected, res.interval(0.05, 0.95), res.distance])
+    got = final["peratom"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # the same numbers reach the per-atom dump and the global scalar (metric distance)
+    np.testing.assert_allclose(reference["dumps"][STEPS][:, 1:], got, rtol=1e-12)
+    assert final["scalar"] == pytest.approx(got[:, 3].max())
+
+
+def test_uncertainty_is_never_silently_zero(reference):
+    """Regression guard: a known failure mode of similar tools is an all-zero uncertainty."""
+    for step, rows in reference["dumps"].items():
+        expected, lo, hi, dist = rows[:, 1:].T
+        assert np.all(expected > 0) and np.ptp(expected) > 0, step
+        assert np.all(hi > lo) and np.all(lo >= 0), step
+        assert np.all(dist > 0) and np.ptp(dist) > 0, step
+    log = reference["log"]
+    np.testing.assert_array_equal(log[:, 0], np.arange(0, STEPS + 1, EVERY))
+    assert sorted(reference["dumps"]) == list(range(0, STEPS + 1, EVERY))
+    assert np.all(log[:, 1] > 0) and np.all(log[:, 2] > 0) and np.all(log[:, 1] >= log[:, 3])
+    np.testing.assert_allclose(log[:, 1], [reference["dumps"][int(s)][:, 4].max() for s in log[:, 0]], rtol=1e-5)
+    assert log[-1, 1] > 2 * log[0, 1]  # the model drifts: events below really fire
+
+
+def _expected_dump_steps(log: np.ndarray, thresh: float, interval: int, max_frames: int) -> list[int]:
+    steps: list[int] = []
+    for row in log:
+        if row[1] > thresh and (not steps or row[0] - steps[-1] >= interval) and len(steps) < max_frames:
+            steps.append(int(row[0]))
+    return steps
+
+
+@pytest.mark.mpi
+def test_two_ranks_match_one_and_dump_follows_log(files, reference, tmp_path):
+    """1 vs 2 ranks: per-atom values by tag and the log agree; the frame dump holds exactly
+    the over-threshold evaluations (interval/max respected) and reads back with ASE."""
+    log1 = reference["log"]
+    dump_thresh = float(np.median(log1[:, 1]))      # about half of the evaluations are over
+    interval, max_frames = 10, 3
+    script = BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+        fix u all ltau {files['est']} every {EVERY} metric distance log two.log dump frames.xyz {dump_thresh} interval {interval} max {max_frames}
+        dump d all custom {EVERY} two.* id f_u[1] f_u[2] f_u[3] f_u[4]
+        dump_modify d format float %.17g
+        run {STEPS}
+        """)
+    res = _run_script(tmp_path, script)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+    two = _custom_dumps(tmp_path, "two")
+    assert sorted(two) == sorted(reference["dumps"])
+    for step, rows in two.items():
+        ref = reference["dumps"][step]
+        np.testing.assert_array_equal(rows[:, 0], ref[:, 0])
+        np.testing.assert_allclose(rows[:, 1:], ref[:, 1:], rtol=1e-6, atol=1e-9, err_msg=f"step {step}")
+    np.testing.assert_array_equal(two[0][:, 1:], reference["dumps"][0][:, 1:])  # before any dynamics
+
+    log2 = _read_log(tmp_path / "two.log")
+    np.testing.assert_array_equal(log2[:, 0], log1[:, 0])
+    np.testing.assert_array_equal(log2[:, 7], log1[:, 7])                # worst tag
+    np.testing.assert_allclose(log2[:, [1, 2, 3, 6]], log1[:, [1, 2, 3, 6]], rtol=1e-5)
+    assert np.all(log2[:, 4] == [np.count_nonzero(two[int(s)][:, 4] > dump_thresh) for s in log2[:, 0]])
+
+    want = _expected_dump_steps(log2, dump_thresh, interval, max_frames)
+    assert len(want) >= 2, log2
+    frames = read(tmp_path / "frames.xyz", ":")
+    assert [f.info["timestep"] for f in frames] == want
+    for frame in frames:
+        step = frame.info["timestep"]
+        custom = two[step]
+        assert len(frame) == 64 and set(frame.get_chemical_symbols()) == {"Si"}
+        np.testing.assert_array_equal(frame.arrays["tag"], np.arange(1, 65))
+        for col, name in enumerate(("ltau_expected", "ltau_ci_low", "ltau_ci_high", "ltau_knn_distance"), 1):
+            np.testing.assert_allclose(frame.arrays[name], custom[:, col], rtol=1e-6)
+        assert frame.info["ltau_max"] == pytest.approx(custom[:, 4].max(), rel=1e-6)
+        assert frame.info["ltau_max"] > dump_thresh and frame.info["ltau_metric"] == "distance"
+        assert frame.get_forces().shape == (64, 3) and np.abs(frame.get_forces()).max() > 0
+        assert np.all(frame.pbc) and frame.cell.volume == pytest.approx(10.862 ** 3, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# halt: hard (error on every rank at the known step), soft + restart, the fix halt idiom
+# --------------------------------------------------------------------------------------------
+
+PER_RANK = """
+import sys
+from mpi4py import MPI
+from ltau_lmp.lammps import driver
+
+rank = MPI.COMM_WORLD.Get_rank()
+with open(f"results.{rank}", "w") as out:   # one file per rank: mpirun may interleave stdout lines
+    for path in sys.argv[1:]:
+        lmp = driver.create_lammps(log="none", screen=False)
+        try:
+            lmp.file(path)
+            out.write(f"{path} OK\n")
+        except Exception as exc:
+            out.write(f"{path} ERROR " + " ".join(str(exc).split()) + "\n")
+        out.flush()
+        lmp.close()
+"""
+
+
+def _per_rank(tmp_path: Path, scripts: dict[str, str], timeout: float = 90) -> dict[str, list[str]]:
+    """Run each script on 2 ranks in one mpirun; returns {name: [rank 0 result, rank 1 result]}."""
+    for name, script in scripts.items():
+        (tmp_path / name).write_text(script)
+    (tmp_path / "per_rank.py").write_text(PER_RANK)
+    res = _mpirun([sys.executable, "per_rank.py", *scripts], tmp_path, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out: dict[str, list[str]] = {name: ["", ""] for name in scripts}
+    for rank in (0, 1):
+        for line in (tmp_path / f"results.{rank}").read_text().splitlines():
+            name, rest = line.split(" ", 1)
+            out[name][rank] = rest
+    return out
+
+
+@pytest.mark.mpi
+def test_hard_halt_at_first_step_over_threshold_on_all_ranks(files, reference, tmp_path):
+    r = reference
+    script = BASE.format(model=files["model_file"]) + (
+        f"fix u all ltau {files['est']} every {EVERY} metric distance halt {r['halt']} log halt.log\nrun {STEPS}\n")
+    got = _per_rank(tmp_path, {"in.halt": script})["in.halt"]
+    for rank, result in enumerate(got):
+        assert result.startswith("ERROR"), (rank, got)
+        assert f"step {r['halt_step']}:" in result and f"atom tag {r['halt_tag']}" in result, (rank, result)
+        assert f"{r['halt_value']:.6g}" in result and "exceeds the halt threshold" in result, (rank, result)
+    log = _read_log(tmp_path / "halt.log")
+    assert log[-1, 0] == r["halt_step"] and log[-1, 1] > r["halt"]
+    assert np.all(log[:-1, 1] <= r["halt"]) and log[-1, 5] >= 1
+
+    # the native lmp binary (embedded Python) exits non-zero with the message, no hang
+    res = _run_script(tmp_path, script, launcher="lmp")
+    assert res.returncode != 0
+    assert f"step {r['halt_step']}:" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+@pytest.mark.mpi
+def test_soft_halt_restart_continues_without_repeating_steps(files, reference, tmp_path):
+    r, model, est = reference, files["model_file"], files["est"]
+    fix = f"fix u all ltau {est} every {EVERY} metric distance halt {{halt}} error soft log r.log dump r.xyz {r['halt']}"
+    script = BASE.format(model=model) + textwrap.dedent(f"""\
+        {fix.format(halt=r['halt'])}
+        run {STEPS}
+        print "STOPPED_AT $(step)"
+        write_restart r.restart
+        clear
+        read_restart r.restart
+        pair_style ltau
+        pair_coeff * * {model} Si
+        fix md all nve
+        {fix.format(halt=100 * r['halt'])}
+        run 30
+        print "ENDED_AT $(step)"
+        """)
+    res = _run_script(tmp_path, script)
+    out = res.stdout
+    assert res.returncode == 0, out[-2000:] + res.stderr[-2000:]
+    s = r["halt_step"]
+    assert f"STOPPED_AT {s}\n" in out and f"ENDED_AT {s + 30}\n" in out, out[-3000:]
+    assert out.count("stopping the run (soft halt)") == 1
+    log = _read_log(tmp_path / "r.log")
+    np.testing.assert_array_equal(log[:, 0], np.arange(0, s + 31, EVERY))   # no step twice, no gap
+    assert np.all(log[log[:, 0] < s, 1] <= r["halt"]) and log[log[:, 0] == s, 1] > r["halt"]
+    steps = FrameDump(tmp_path / "r.xyz").steps
+    assert steps[0] == s and len(steps) == len(set(steps)) and steps == sorted(steps)
+    assert [f.info["timestep"] for f in read(tmp_path / "r.xyz", ":")] == steps
+
+
+def test_fix_halt_and_dump_modify_skip_idiom(files, reference, tmp_path):
+    """compute reduce max f_u[1] + variable + fix halt ... error soft + dump_modify skip."""
+    from ltau_lmp.lammps.driver import create_lammps
+
+    r = reference
+    lmp = create_lammps(log="none", screen=False)
+    try:
+        lmp.commands_string(BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+            fix u all ltau {files['est']} every {EVERY} metric distance
+            compute umax all reduce max f_u[1] f_u[4]
+            variable risky equal c_umax[2]>{r['halt']}
+            variable calm equal c_umax[2]<={r['halt']}
+            fix stop all halt {EVERY} v_risky > 0.5 error soft
+            thermo_style custom step temp c_umax[1] c_umax[2] f_u f_u[1] f_u[2] f_u[5]
+            thermo {EVERY}
+            dump d all custom {EVERY} {tmp_path}/risky.* id f_u[1] f_u[2] f_u[3] f_u[4]
+            dump_modify d skip v_calm
+            run {STEPS}
+            """))
+        assert lmp.extract_global("ntimestep") == r["halt_step"]
+        assert lmp.get_thermo("f_u") == pytest.approx(r["halt_value"], rel=1e-6)
+        assert lmp.extract_compute("umax", 0, 1)[1] == pytest.approx(r["halt_value"], rel=1e-6)
+        assert lmp.extract_fix("u", 0, 1, 4) == pytest.approx(r["halt_value"], rel=1e-6)   # f_u[5]
+    finally:
+        lmp.close()
+    dumps = _custom_dumps(tmp_path, "risky")
+    assert list(dumps) == [r["halt_step"]]
+    assert dumps[r["halt_step"]][:, 4].max() == pytest.approx(r["halt_value"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# dump under kill -9
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.mpi
+def test_kill_9_leaves_whole_frames(files, tmp_path):
+    script = BASE.format(model=files["model_file"]) + (
+        f"fix u all ltau {files['est']} every 1 dump frames.xyz 0.0 log k.log\nrun 1000000\n")
+    (tmp_path / "in.kill").write_text(script)
+    path = tmp_path / "frames.xyz"
+    proc = subprocess.Popen([str(BIN / "mpirun"), "-np", "2", "ltau-lmp", "run", "in.kill", "-log", "none"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and path.read_bytes().count(b"timestep=") >= 8:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the dumping run ended by itself"
+        assert path.exists() and path.read_bytes().count(b"timestep=") >= 8, "no frames after 90 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    size = path.stat().st_size
+    frames = read(path, ":")
+    assert len(frames) >= 8
+    assert all(len(f) == 64 and f.arrays["ltau_expected"].shape == (64,) for f in frames)
+    dump = FrameDump(path)                            # would cut a torn tail: there is none
+    assert path.stat().st_size == size
+    assert dump.steps == [f.info["timestep"] for f in frames] == list(range(len(frames)))
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: LAMMPS error naming the cause on both ranks, non-zero exit, no hang
+# --------------------------------------------------------------------------------------------
+
+BAD = {
+    "unknown_keyword": ("{est} every 5 colour red", "unknown keyword 'colour'"),
+    "missing_estimator": ("/nonexistent/estimator", "estimator directory not found"),
+    "corrupt_estimator": ("{est_corrupt}", "pdfs.npy"),
+    "feature_dim_mismatch": ("{est_dim32}", "32-dimensional descriptors but the model of pair_style ltau has latent_dim 16"),
+    "model_hash_mismatch": ("{est_other}", "was built for model"),
+    "negative_halt": ("{est} halt -0.1", "halt threshold must be >= 0"),
+    "negative_dump": ("{est} dump f.xyz -1", "dump threshold must be >= 0"),
+    "nonnumeric_halt": ("{est} halt high", "halt threshold must be a number, got 'high'"),
+    "nonnumeric_dump": ("{est} dump f.xyz 1e-2x", "dump threshold must be a number"),
+}
+NO_PAIR = BASE.replace("pair_style      ltau\npair_coeff      * * {model} Si\n",
+                       "pair_style      zero 4.0\npair_coeff      * *\n") + "fix u all ltau {est}\n"
+
+
+@pytest.mark.mpi
+def test_bad_input_stops_both_ranks_with_the_cause(files, tmp_path):
+    scripts = {f"in.{name}": BASE.format(model=files["model_file"]) + "fix u all ltau " + args.format(**files) + "\n"
+               for name, (args, _) in BAD.items()}
+    scripts["in.no_pair_style"] = NO_PAIR.format(est=files["est"])
+    expected = {f"in.{name}": message for name, (_, message) in BAD.items()}
+    expected["in.no_pair_style"] = "requires pair_style ltau"
+    got = _per_rank(tmp_path, scripts, timeout=120)
+    for name, message in expected.items():
+        for rank in (0, 1):
+            assert got[name][rank].startswith("ERROR") and message in got[name][rank], (name, rank, got[name])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case,launcher", [("corrupt_estimator", "ltau-lmp"), ("model_hash_mismatch", "lmp")])
+def test_bad_input_exit_code(case, launcher, files, tmp_path):
+    args, message = BAD[case]
+    res = _run_script(tmp_path, BASE.format(model=files["model_file"]) + "fix u all ltau " + args.format(**files) + "\n",
+                      launcher=launcher)
+    assert res.returncode != 0
+    assert message in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# the shipped input scripts run (tiny sizes)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.mpi
+def test_input_scripts_run(files, tmp_path):
+    common = ["-var", "model", files["model_file"], "-var", "estimator", files["est"], "-var", "cells", "2"]
+    runs = {
+        "in.si_ltau": ["-var", "steps", "40", "-var", "every", "2", "-var", "dump_thresh", "0"],
+        "in.si_heat": ["-var", "steps", "400", "-var", "every", "5", "-var", "halt", "0.0"],
+        "in.si_restart": ["-var", "steps1", "40", "-var", "steps2", "20", "-var", "every", "5",
+                          "-var", "halt", "0.0", "-var", "halt2", "1e9"],
+    }
+    for script, extra in runs.items():
+        res = _mpirun(["ltau-lmp", "run", str(INPUTS / script), "-log", "none", *common, *extra], tmp_path)
+        assert res.returncode == 0, (script, res.stdout[-2000:] + res.stderr[-2000:])
+    ltau = _read_log(tmp_path / "ltau.log")
+    np.testing.assert_array_equal(ltau[:, 0], np.arange(0, 41, 2))
+    assert [f.info["timestep"] for f in read(tmp_path / "ltau_frames.xyz", ":")] == [0]  # interval 100
+    heat = _read_log(tmp_path / "heat.log")                  # halt 0: stops at its first evaluation
+    assert heat[:, 0].tolist() == [0] and len(read(tmp_path / "heat_frames.xyz", ":")) == 1
+    assert (tmp_path / "heat_last.data").exists()
+    restart = _read_log(tmp_path / "restart.log")
+    np.testing.assert_array_equal(restart[:, 0], np.arange(0, 21, 5))    # halted at 0, then 20 more
