@@ -35,11 +35,11 @@ def stage(title: str) -> float:
     return time.perf_counter()
 
 
-def sh(*args, check: bool = True) -> subprocess.CompletedProcess:
+def sh(*args, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [str(a) for a in args]
-    print("$", shlex.join(cmd), flush=True)
+    print("$", f"(cd {cwd} &&)" if cwd else "", shlex.join(cmd), flush=True)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(cmd, env=env)
+    result = subprocess.run(cmd, env=env, cwd=cwd)
     if check and result.returncode != 0:
         sys.exit(f"demo: step failed with exit code {result.returncode}: {shlex.join(cmd)}")
     return result
@@ -63,8 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks for the LAMMPS runs")
-    parser.add_argument("--halt", type=float, default=0.5,
+    parser.add_argument("--halt", type=float, default=0.3,
                         help="fix ltau halt threshold on the max expected error (eV/Angstrom)")
+    parser.add_argument("--nvt-steps", type=int, default=2000, help="steps of the production NVT run")
+    parser.add_argument("--heat-steps", type=int, default=10000, help="steps of the 300 -> 3000 K ramp")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -83,17 +85,17 @@ def main() -> None:
     times["train"] = time.perf_counter() - t
 
     t = stage(f"3/5 production MD: pair_style ltau + fix ltau on {args.ranks} MPI ranks")
-    for old in ("nvt_ltau.log", "nvt_risky.xyz", "heat_ltau.log", "heat_frames.xyz"):
-        (md / old).unlink(missing_ok=True)
+    for old in md.iterdir():  # fix ltau appends to its log and dump: start the demo fresh
+        old.unlink()
     sh(*mpirun, ROOT / "lammps_inputs" / "in.si_ltau", "-var", "model", run / "model.pt",
-       "-var", "estimator", run / "estimator", "-var", "uqlog", md / "nvt_ltau.log",
-       "-var", "dumpfile", md / "nvt_risky.xyz", "-log", md / "log.nvt")
+       "-var", "estimator", run / "estimator", "-var", "out", "nvt", "-var", "steps", args.nvt_steps,
+       "-log", "log.nvt", cwd=md)
     times["md"] = time.perf_counter() - t
 
     t = stage("4/5 heating ramp until fix ltau halts; true errors of every evaluated frame")
     sh(*mpirun, ROOT / "lammps_inputs" / "in.si_heat", "-var", "model", run / "model.pt",
-       "-var", "estimator", run / "estimator", "-var", "halt", args.halt, "-var", "uqlog", md / "heat_ltau.log",
-       "-var", "dumpfile", md / "heat_frames.xyz", "-log", md / "log.heat")
+       "-var", "estimator", run / "estimator", "-var", "halt", args.halt, "-var", "out", "heat",
+       "-var", "steps", args.heat_steps, "-log", "log.heat", cwd=md)
     from ltau_lmp.evaluation.failure import failure_timeline, write_failure_report
 
     timeline = failure_timeline(md / "heat_frames.xyz", run / "model.pt", args.halt)

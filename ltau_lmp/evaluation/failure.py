@@ -3,8 +3,10 @@
 Input: the frames ``fix ltau`` dumped during a run (dump threshold 0 so that every evaluated
 step is kept). For each frame the model's forces are recomputed and compared with the reference
 potential's (the ground truth we have for silicon), giving the true max per-atom force error
-next to the predicted max. The lead time is the number of MD steps between the first step where
-the prediction crosses the threshold and the first step where the truth does.
+next to the predicted max. The alarm threshold applies to the prediction (the ``fix ltau halt``
+value), the failure threshold to the true error (what "the model failed" means; by default the
+same value). The lead time is the number of MD steps between the first step where the
+prediction crosses its threshold and the first step where the truth crosses the failure one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class FailureTimeline:
     steps: list[int]
     predicted_max: list[float]
     true_max: list[float]
-    threshold: float
+    alarm_threshold: float
+    failure_threshold: float
     predicted_cross: int | None
     true_cross: int | None
 
@@ -35,8 +38,9 @@ class FailureTimeline:
         return self.true_cross - self.predicted_cross
 
 
-def failure_timeline(dump_path, model_path, threshold: float, metric: str = "ltau_expected",
-                     potential: str = "Si.sw", pair_style: str = "sw", elements=("Si",)) -> FailureTimeline:
+def failure_timeline(dump_path, model_path, alarm_threshold: float, failure_threshold: float | None = None,
+                     metric: str = "ltau_expected", potential: str = "Si.sw", pair_style: str = "sw",
+                     elements=("Si",)) -> FailureTimeline:
     """Predicted vs true max per-atom force error for every dumped frame."""
     from ase.io import read
     from tqdm.auto import tqdm
@@ -53,8 +57,10 @@ def failure_timeline(dump_path, model_path, threshold: float, metric: str = "lta
         steps.append(int(atoms.info["timestep"]))
         predicted.append(float(atoms.arrays[metric].max()))
         true.append(float(np.linalg.norm(calc.results["forces"] - ref_forces, axis=1).max()))
-    return FailureTimeline(steps, predicted, true, float(threshold),
-                           first_crossing(steps, predicted, threshold), first_crossing(steps, true, threshold))
+    failure_threshold = alarm_threshold if failure_threshold is None else failure_threshold
+    return FailureTimeline(steps, predicted, true, float(alarm_threshold), float(failure_threshold),
+                           first_crossing(steps, predicted, alarm_threshold),
+                           first_crossing(steps, true, failure_threshold))
 
 
 def write_failure_report(timeline: FailureTimeline, out_dir, halt_step: int | None = None) -> dict:
@@ -65,7 +71,8 @@ def write_failure_report(timeline: FailureTimeline, out_dir, halt_step: int | No
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {**asdict(timeline), "lead_steps": timeline.lead_steps, "halt_step": halt_step}
     report["figure"] = str(plot_failure_timeline(timeline.steps, timeline.predicted_max, timeline.true_max,
-                                                 timeline.threshold, out_dir / "failure_timeline.png",
-                                                 halt_step=halt_step))
+                                                 timeline.alarm_threshold, out_dir / "failure_timeline.png",
+                                                 halt_step=halt_step,
+                                                 failure_threshold=timeline.failure_threshold))
     (out_dir / "failure.json").write_text(json.dumps(report, indent=2))
     return report

@@ -159,11 +159,12 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path
 
 
 def plot_failure_timeline(steps, predicted_max, true_max, threshold: float, path,
-                          halt_step: float | None = None,
+                          halt_step: float | None = None, failure_threshold: float | None = None,
                           title: str = "Maximum per-atom force error along the MD run") -> str:
-    """Predicted and true maximum per-atom error vs MD step, with the threshold and crossings.
+    """Predicted and true maximum per-atom error vs MD step, with the thresholds and crossings.
 
-    Shows whether the uncertainty alarm fires before (good) or after the real error blows up;
+    Shows whether the uncertainty alarm (``threshold``, on the prediction) fires before (good)
+    or after the real error crosses ``failure_threshold`` (default: the same value);
     ``halt_step`` marks where the run was actually stopped.
     """
     s = np.asarray(steps, dtype=float)
@@ -177,15 +178,19 @@ def plot_failure_timeline(steps, predicted_max, true_max, threshold: float, path
     ax = fig.add_subplot()
     line_p, = ax.plot(s, pm, lw=1.2, label="predicted max error")
     line_t, = ax.plot(s, tm, lw=1.2, label="true max error")
-    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g} {ERROR_UNIT}")
-    for line, values, what in ((line_p, pm, "predicted"), (line_t, tm, "true")):
-        cross = first_crossing(s, values, threshold)
+    failure = threshold if failure_threshold is None else failure_threshold
+    ax.axhline(threshold, color=line_p.get_color(), ls="--", lw=1, label=f"alarm threshold {threshold:g} {ERROR_UNIT}")
+    if failure != threshold:
+        ax.axhline(failure, color=line_t.get_color(), ls="--", lw=1, label=f"failure threshold {failure:g} {ERROR_UNIT}")
+    for line, values, what, level in ((line_p, pm, "predicted", threshold), (line_t, tm, "true", failure)):
+        cross = first_crossing(s, values, level)
         if cross is not None:
             ax.axvline(cross, color=line.get_color(), ls=":", lw=1.5,
                        label=f"{what} crosses at step {cross:g}")
     if halt_step is not None:
         ax.axvline(halt_step, color="red", lw=2, alpha=0.6, label=f"halted at step {halt_step:g}")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=min(threshold, failure) / 100)  # a perfect crystal's ~1e-13 would squash the plot
     ax.set_xlabel("MD step")
     ax.set_ylabel(f"max per-atom force error ({ERROR_UNIT})")
     ax.set_title(title)

@@ -1,0 +1,319 @@
+"""fix ltau cost, printed side by side in one run (4096 Si atoms, 1 rank, one thread).
+
+1. LAMMPS step time (loop time / steps, excluding run setup) without fix ltau and with
+   `fix ltau every 1` / `every 10`, for exact (flat) and HNSW estimators of 100k and 1M
+   entries. Configurations are measured in interleaved rounds and the fastest round counts,
+   so the load of a shared machine hits them alike. Overhead = t_fix / t_nofix - 1.
+2. LTAU cost per evaluated step (every 1: t_fix - t_nofix; also a bare `LTAUEstimator.query`
+   of the same 4096 latent vectors) against the extra cost of a 5-member ensemble: 4 more
+   model force calls per step, taken as 4 x the no-fix step time of the same run.
+3. `--memory`: RSS growth over a long run with fix ltau every 10 (VmRSS sampled in chunks),
+   and the total resident memory of 1 vs 2 ranks with a 1M-entry estimator loaded (RSS and
+   PSS summed over ranks; PSS splits shared pages, i.e. the memory-mapped estimator arrays).
+
+Estimators are synthetic: descriptors are the model's real latent features of rattled and
+heated Si, replicated with small noise; PDFs are random log-normal bumps. They are built once
+and cached under --cache (default /tmp/ltau_bench_fix).
+
+Usage: python benchmarks/lammps_fix.py [--model MODEL.pt] [--steps 20] [--rounds 2] [--memory]
+(the venv's bin must come first in PATH so that `mpirun` is MPICH's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # torch and faiss: one thread per rank
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "examples" / "si" / "run" / "model.pt"
+
+SCRIPT = """\
+units metal
+atom_style atomic
+boundary p p p
+lattice diamond 5.431
+region box block 0 {cells} 0 {cells} 0 {cells}
+create_box 1 box
+create_atoms 1 box
+mass 1 28.0855
+displace_atoms all random 0.05 0.05 0.05 1234
+pair_style ltau
+pair_coeff * * {model} Si
+velocity all create 600 4928459 loop geom
+timestep 0.001
+fix md all nve
+thermo_style custom step pe cpu
+thermo 0
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# model and synthetic estimators
+# --------------------------------------------------------------------------------------------
+
+def _model_file(arg: str | None, cache: Path) -> str:
+    if arg:
+        return arg
+    if DEFAULT_MODEL.is_file():
+        return str(DEFAULT_MODEL)
+    from ltau_lmp.model import LocalForceField, save_model
+
+    path = cache / "random_model.pt"
+    if not path.is_file():
+        save_model(LocalForceField(["Si"], cutoff=4.0, seed=0), path)
+    return str(path)
+
+
+def _latent_pool(model) -> "np.ndarray":
+    """Real latent features of 4096-atom Si cells, rattled and heated (0.02 - 0.25 A)."""
+    import numpy as np
+    from ase.build import bulk
+
+    from ltau_lmp.calculator import LTAUCalculator
+
+    calc = LTAUCalculator(model)
+    rng = np.random.default_rng(0)
+    pool = []
+    for amp in (0.02, 0.05, 0.1, 0.15, 0.25):
+        atoms = bulk("Si", "diamond", a=5.431 * (1 + amp / 20), cubic=True) * (8, 8, 8)
+        atoms.positions += rng.normal(0, amp, atoms.positions.shape)
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        pool.append(np.asarray(calc.results["latent"], np.float32))
+    return np.concatenate(pool)
+
+
+def _synthetic(model, n: int, kind: str, cache: Path) -> Path:
+    import numpy as np
+
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator.errorlog import log_spaced_edges
+
+    path = cache / f"est_{model.model_hash[:12]}_{n}_{kind}"
+    if (path / "meta.json").is_file():
+        return path
+    t0 = time.perf_counter()
+    pool = _latent_pool(model)
+    rng = np.random.default_rng(1)
+    noise = 0.02 * pool.std(axis=0, keepdims=True)
+    desc = pool[rng.integers(0, len(pool), n)] + rng.normal(size=(n, pool.shape[1])).astype(np.float32) * noise
+    edges = log_spaced_edges(1e-3, 10.0, 100)
+    logmid = 0.5 * (np.log(edges[1:]) + np.log(edges[:-1]))
+    pdfs = np.empty((n, 100), np.float32)
+    for s in range(0, n, 100_000):
+        e = min(n, s + 100_000)
+        mu = rng.normal(np.log(0.05), 0.7, (e - s, 1))
+        p = np.exp(-0.5 * ((logmid[None, :] - mu) / 0.5) ** 2)
+        pdfs[s:e] = p / p.sum(axis=1, keepdims=True)
+    est = LTAUEstimator.build(desc, pdfs, bin_edges=edges, index=kind, k=10,
+                              metadata={"model_hash": model.model_hash, "synthetic": True})
+    est.save(path)
+    print(f"# built {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# 1-2: step times
+# --------------------------------------------------------------------------------------------
+
+def _loop_time(lmp, steps: int) -> float:
+    """Seconds per step of the MD loop (thermo `cpu` = LAMMPS's loop timer, setup excluded)."""
+    lmp.command(f"run {steps} post no")
+    return lmp.last_thermo()["CPU"] / steps
+
+
+def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_seconds: float):
+    import numpy as np
+
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.lammps.driver import create_lammps
+    from ltau_lmp.model import load_model
+
+    lmp = create_lammps(log="none", screen=False)
+    lmp.commands_string(SCRIPT.format(cells=8, model=model_file))
+    natoms = lmp.get_natoms()
+    t_nofix = _loop_time(lmp, steps)                                         # warm-up
+    # bare queries of this configuration's latent features: the LTAU cost without LAMMPS
+    from ase.build import bulk
+
+    from ltau_lmp.calculator import LTAUCalculator
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (8, 8, 8)
+    atoms.positions += np.random.default_rng(2).normal(0, 0.05, atoms.positions.shape)
+    atoms.calc = LTAUCalculator(load_model(model_file))
+    atoms.get_potential_energy()
+    latent = np.asarray(atoms.calc.results["latent"], np.float32)
+    query = {}
+    for name, path in estimators.items():
+        est = LTAUEstimator.load(path)
+        est.query(latent[:64])
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            res = est.query(latent)
+            res.interval(0.05, 0.95)
+            best = min(best, time.perf_counter() - t0)
+        query[name] = best
+        del est
+
+    configs = [(name, every) for name in estimators for every in (1, 10)]
+    skipped = {c for c in configs if c[1] == 1 and query[c[0]] * steps > max_seconds}
+    best = {c: float("inf") for c in configs}
+    best[("nofix", 0)] = t_nofix
+    for _ in range(rounds):
+        best[("nofix", 0)] = min(best[("nofix", 0)], _loop_time(lmp, steps))
+        for name, every in configs:
+            if (name, every) in skipped:
+                continue
+            lmp.command(f"fix u all ltau {estimators[name]} every {every}")
+            best[(name, every)] = min(best[(name, every)], _loop_time(lmp, steps))
+            lmp.command("unfix u")
+            best[("nofix", 0)] = min(best[("nofix", 0)], _loop_time(lmp, steps))
+    lmp.close()
+    return natoms, best, query, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# 3: memory
+# --------------------------------------------------------------------------------------------
+
+def _proc_kb(path: str, key: str) -> int:
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_growth(model_file: str, estimator: Path, cells: int, steps: int, chunk: int):
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lmp = create_lammps(log="none", screen=False)
+    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file).replace("fix md all nve",
+                        "fix md all nvt temp 600 600 0.1"))
+    lmp.command(f"fix u all ltau {estimator} every 10 log /tmp/ltau_bench_fix_memory.log")
+    Path("/tmp/ltau_bench_fix_memory.log").unlink(missing_ok=True)
+    lmp.command(f"run {chunk}")                       # warm-up chunk: allocations settle
+    samples = [_proc_kb("/proc/self/status", "VmRSS")]
+    done = chunk
+    while done < steps:
+        lmp.command(f"run {chunk} pre no post no")
+        done += chunk
+        samples.append(_proc_kb("/proc/self/status", "VmRSS"))
+    natoms = lmp.get_natoms()
+    lmp.close()
+    return natoms, samples
+
+
+def memory_worker(model_file: str, estimator: str, cells: int) -> None:
+    """Under mpirun: load the fix, run a few steps, report RSS/PSS summed over ranks."""
+    from mpi4py import MPI
+
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lmp = create_lammps(log="none", screen=False)
+    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file))
+    lmp.command(f"fix u all ltau {estimator} every 1")
+    lmp.command("run 5")
+    comm = MPI.COMM_WORLD
+    mine = (_proc_kb("/proc/self/smaps_rollup", "Rss"), _proc_kb("/proc/self/smaps_rollup", "Pss"))
+    both = comm.gather(mine, root=0)
+    if comm.Get_rank() == 0:
+        print(f"MEMORY {sum(r for r, _ in both)} {sum(p for _, p in both)}", flush=True)
+    lmp.close()
+
+
+def _memory_ranks(nprocs: int, model_file: str, estimator: Path, cells: int) -> tuple[int, int]:
+    cmd = ["mpirun", "-np", str(nprocs), sys.executable, os.path.abspath(__file__), "--memory-worker",
+           "--model", model_file, "--estimator", str(estimator), "--memory-cells", str(cells)]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         check=True, timeout=900).stdout
+    line = next(l for l in out.splitlines() if l.startswith("MEMORY"))
+    return int(line.split()[1]), int(line.split()[2])
+
+
+# --------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help=f"model file (default {DEFAULT_MODEL} if present, else a random model)")
+    parser.add_argument("--cache", default="/tmp/ltau_bench_fix", help="where the synthetic estimators are kept")
+    parser.add_argument("--sizes", default="100000,1000000", help="estimator sizes (entries)")
+    parser.add_argument("--steps", type=int, default=20, help="MD steps per measurement (multiple of 10)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest counts")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="skip an every-1 configuration whose measurement would take longer")
+    parser.add_argument("--memory", action="store_true", help="also the RSS-growth and 1-vs-2-rank memory runs")
+    parser.add_argument("--memory-steps", type=int, default=10_000)
+    parser.add_argument("--memory-cells", type=int, default=4, help="diamond cells per edge (4: 512 atoms)")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--estimator", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        memory_worker(args.model, args.estimator, args.memory_cells)
+        return
+
+    import faiss
+    import torch
+
+    from ltau_lmp.model import load_model
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    model_file = _model_file(args.model, cache)
+    model = load_model(model_file)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    estimators = {f"{kind} {n // 1000}k": _synthetic(model, n, kind, cache) for n in sizes for kind in ("flat", "hnsw")}
+
+    natoms, best, query, skipped = step_times(model_file, estimators, args.steps, args.rounds, args.max_seconds)
+    t0 = best[("nofix", 0)]
+    ensemble = 4 * t0
+    print(f"\nfix ltau cost: {natoms} atoms, 1 rank, torch {torch.__version__}, faiss {faiss.__version__}, "
+          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {os.cpu_count()} cores (shared), "
+          f"model {Path(model_file).name} (latent_dim {model.latent_dim}), k=10")
+    print(f"fastest of {args.rounds} interleaved rounds of {args.steps} steps; HNSW M=32 efSearch=16")
+    print(f"step time without fix ltau: {t0 * 1e3:.1f} ms "
+          f"(= one model force call; 5-member ensemble extra = 4 x = {ensemble * 1e3:.0f} ms/step)\n")
+    head = (f"{'estimator':<12}{'bare query':>12}{'every 1':>11}{'overhead':>10}{'every 10':>11}{'overhead':>10}"
+            f"{'LTAU/eval':>11}{'LTAU/ens.':>11}")
+    print(head)
+    print(f"{'':<12}{'ms':>12}{'ms/step':>11}{'%':>10}{'ms/step':>11}{'%':>10}{'ms':>11}{'ratio':>11}")
+    print("-" * len(head))
+    for name in estimators:
+        t1, t10 = best[(name, 1)], best[(name, 10)]
+        if (name, 1) in skipped:
+            cost = query[name]            # projected from the bare query
+            e1 = f"{'skipped':>11}{f'~{cost / t0 * 100:.0f}*':>10}"
+        else:
+            cost = max(t1 - t0, 0.0)
+            e1 = f"{t1 * 1e3:>11.1f}{(t1 / t0 - 1) * 100:>10.1f}"
+        print(f"{name:<12}{query[name] * 1e3:>12.1f}{e1}{t10 * 1e3:>11.1f}{(t10 / t0 - 1) * 100:>10.1f}"
+              f"{cost * 1e3:>11.2f}{f'1/{ensemble / cost:.0f}' if cost > 0 else 'n/a':>11}")
+    print("\nLTAU/eval = t(every 1) - t(no fix) per step (* = projected from the bare query: the every-1 run "
+          "was skipped as too slow); LTAU/ens. = LTAU/eval / (4 x no-fix step).")
+    print("targets: every 1 with 1M HNSW <= 10 %, every 10 <= 2 %, LTAU <= 1/50 of the ensemble's extra cost")
+
+    if args.memory:
+        hnsw_1m = estimators.get("hnsw 1000k") or list(estimators.values())[-1]
+        chunk = max(10, args.memory_steps // 10)
+        n_mem, samples = rss_growth(model_file, hnsw_1m, args.memory_cells, args.memory_steps, chunk)
+        growth = (samples[-1] / samples[0] - 1) * 100
+        print(f"\nRSS over {args.memory_steps} steps, {n_mem} atoms, fix ltau every 10 ({Path(hnsw_1m).name}): "
+              f"{samples[0] / 1024:.0f} MiB after the first {chunk} steps -> {samples[-1] / 1024:.0f} MiB "
+              f"({growth:+.2f} %; target < 2 %)")
+        print("  samples (MiB): " + " ".join(f"{s / 1024:.0f}" for s in samples))
+        for name in [n for n in estimators if n.endswith("1000k")] or list(estimators)[-1:]:
+            r1, p1 = _memory_ranks(1, model_file, estimators[name], args.memory_cells)
+            r2, p2 = _memory_ranks(2, model_file, estimators[name], args.memory_cells)
+            print(f"memory with {name}, {n_mem} atoms: 1 rank RSS {r1 / 1024:.0f} MiB PSS {p1 / 1024:.0f} MiB; "
+                  f"2 ranks RSS sum {r2 / 1024:.0f} MiB ({r2 / r1:.2f}x), PSS sum {p2 / 1024:.0f} MiB "
+                  f"({p2 / p1:.2f}x; target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
