@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks for the LAMMPS runs")
     parser.add_argument("--halt", type=float, default=0.3,
                         help="fix ltau halt threshold on the max expected error (eV/Angstrom)")
+    parser.add_argument("--failure", type=float, default=1.0,
+                        help="true max force error (eV/Angstrom) that counts as the model failing")
     parser.add_argument("--nvt-steps", type=int, default=2000, help="steps of the production NVT run")
     parser.add_argument("--heat-steps", type=int, default=10000, help="steps of the 300 -> 3000 K ramp")
     args = parser.parse_args()
@@ -98,8 +100,8 @@ def main() -> None:
        "-var", "steps", args.heat_steps, "-log", "log.heat", cwd=md)
     from ltau_lmp.evaluation.failure import failure_timeline, write_failure_report
 
-    timeline = failure_timeline(md / "heat_frames.xyz", run / "model.pt", args.halt)
-    failure = write_failure_report(timeline, out / "failure", halt_step=timeline.steps[-1])
+    timeline = failure_timeline(md / "heat_frames.xyz", run / "model.pt", args.halt, args.failure)
+    failure = write_failure_report(timeline, out / "failure", halt_step=timeline.predicted_cross)
     times["heat"] = time.perf_counter() - t
 
     t = stage("5/5 evaluate LTAU on the labelled sets")
@@ -121,8 +123,8 @@ def main() -> None:
     if "liquid" in metrics:
         print(f"  out-of-domain (liquid) AUROC: expected error {metrics['liquid']['auroc_expected']:.3f}, "
               f"kNN distance {metrics['liquid']['auroc_distance']:.3f}")
-    print(f"  heating run: halted at step {timeline.steps[-1]}; predicted max error crossed "
-          f"{args.halt} eV/A at step {timeline.predicted_cross}, true max error at step {timeline.true_cross}"
+    print(f"  heating run: fix ltau halted at step {timeline.predicted_cross} (max expected error > {args.halt} "
+          f"eV/A); the true max error passed {args.failure} eV/A at step {timeline.true_cross}"
           + (f" -> {lead} steps of warning" if lead is not None else ""))
     print("outputs:")
     for label, path in [("data", out / "data"), ("model + estimator", run), ("MD logs and dumps", md),
