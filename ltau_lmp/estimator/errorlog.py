@@ -70,6 +70,10 @@ class ErrorLog:
         self.n_clamped_low = 0
         self.n_clamped_high = 0
         self._stamp = np.full(self.n_samples, -1, dtype=np.int64)
+        log_edges = np.log(self.bin_edges)
+        steps = np.diff(log_edges)
+        # Log-spaced edges (the usual case): a bin is one log and a floor away, no binary search.
+        self._inv_log_step = 1.0 / steps[0] if np.allclose(steps, steps[0], rtol=1e-9, atol=0) else None
 
     @classmethod
     def log_spaced(cls, n_samples: int, lo: float = 1e-3, hi: float = 10.0, nbins: int = 100,
@@ -87,9 +91,20 @@ class ErrorLog:
         return self.epoch >= self.skip_epochs and (self.stop_epoch is None or self.epoch < self.stop_epoch)
 
     def bin_index(self, errors: np.ndarray) -> np.ndarray:
-        """Bin of each error; out-of-range errors go to the end bins (not counted as clamped here)."""
-        idx = np.searchsorted(self.bin_edges, errors, side="right") - 1
+        """Bin of each error; out-of-range errors go to the end bins (not counted as clamped here).
+
+        Exactly ``searchsorted(edges, e, "right") - 1``: for log-spaced edges the floor of the
+        scaled log is corrected by one against the stored edges where rounding put it astray.
+        """
+        if self._inv_log_step is None:
+            idx = np.searchsorted(self.bin_edges, errors, side="right") - 1
+            return np.clip(idx, 0, self.nbins - 1, out=idx)
+        with np.errstate(divide="ignore"):
+            scaled = np.log(errors / self.bin_edges[0]) * self._inv_log_step
+        idx = np.clip(scaled, -1.0, self.nbins).astype(np.int64)
         np.clip(idx, 0, self.nbins - 1, out=idx)
+        idx -= (errors < self.bin_edges[idx]) & (idx > 0)
+        idx += (errors >= self.bin_edges[idx + 1]) & (idx < self.nbins - 1)
         return idx
 
     def update(self, sample_ids, errors) -> None:
@@ -108,11 +123,11 @@ class ErrorLog:
             raise ValueError(f"{np.count_nonzero(~np.isfinite(errors))} errors are NaN or infinite")
         self.n_clamped_low += int(np.count_nonzero(errors < self.bin_edges[0]))
         self.n_clamped_high += int(np.count_nonzero(errors > self.bin_edges[-1]))
-        bins = self.bin_index(errors)
+        flat = ids.astype(np.int64) * self.nbins + self.bin_index(errors)
         if self._ids_unique(ids):
-            self.counts[ids, bins] += 1
+            self.counts.reshape(-1)[flat] += 1
         else:
-            flat, n = np.unique(ids.astype(np.int64) * self.nbins + bins, return_counts=True)
+            flat, n = np.unique(flat, return_counts=True)
             self.counts.reshape(-1)[flat] += n.astype(self.counts.dtype)
         self.n_counted += ids.size
 
