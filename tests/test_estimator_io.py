@@ -135,3 +135,14 @@ def test_inconsistent_shapes_and_dtypes(saved, tmp_path):
     np.save(bad / "bin_edges.npy", np.load(bad / "bin_edges.npy")[::-1].copy())
     with pytest.raises(FileFormatError, match="strictly increasing"):
         LTAUEstimator.load(bad, verify=False)
+
+
+@pytest.mark.parametrize("kind,options", [("ivf", {"nlist": 8}), ("ivfpq", {"nlist": 4, "pq_m": 4, "nbits": 4})])
+def test_inverted_list_indexes_round_trip_memory_mapped(tmp_path, kind, options):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    est = LTAUEstimator.build(x, np.full((600, 2), 0.5, np.float32), [1.0, 2.0, 3.0], index=kind,
+                              index_options=options)
+    back = LTAUEstimator.load(est.save(tmp_path / "e"), mmap=True)
+    assert back.index.options == est.index.options
+    np.testing.assert_array_equal(back.query(x[:50]).neighbors, est.query(x[:50]).neighbors)

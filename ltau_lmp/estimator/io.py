@@ -119,7 +119,8 @@ def load_estimator(path, mmap: bool = True, verify: bool = True, use_gpu: bool |
     if edges.dtype != np.float64 or edges.shape != (nbins + 1,):
         raise FileFormatError(f"{files['bin_edges']}: expected float64 ({nbins + 1},), got {edges.dtype} {edges.shape}")
     try:
-        flags = faiss.IO_FLAG_MMAP if mmap and meta["index"]["kind"] == "flat" else 0
+        # In-place mmap (flat and HNSW vectors and graph): ranks of one node share the pages.
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
         index = faiss.read_index(str(files["index"]), flags)
     except RuntimeError as exc:
         raise FileFormatError(f"{files['index']}: not a readable faiss index ({str(exc).splitlines()[0]})") from None
