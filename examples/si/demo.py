@@ -6,8 +6,9 @@
    amorphous, defects, compression as out-of-domain sets)
 2. training with per-atom force-error logging every epoch -> model + LTAU estimator
 3. LAMMPS MD with pair_style ltau + fix ltau on N MPI ranks: production NVT (dump + log)
-4. LAMMPS heating ramp until fix ltau's halt fires (failure prediction), then the true errors
-   of every logged frame from the reference potential: did the alarm come before the failure?
+4. LAMMPS heating ramp until fix ltau's halt fires (failure prediction); the ramp then goes on
+   without the halt, for validation only, and the true errors of every logged frame come from
+   the reference potential: did the alarm come before the model really failed?
 5. evaluation on the labelled sets: calibration, correlation, out-of-domain ROC, plots
 Each stage is the `ltau-lmp` command a user would type; the commands are printed.
 """
@@ -97,7 +98,7 @@ def main() -> None:
     t = stage("4/5 heating ramp until fix ltau halts; true errors of every evaluated frame")
     sh(*mpirun, ROOT / "lammps_inputs" / "in.si_heat", "-var", "model", run / "model.pt",
        "-var", "estimator", run / "estimator", "-var", "halt", args.halt, "-var", "out", "heat",
-       "-var", "steps", args.heat_steps, "-log", "log.heat", cwd=md)
+       "-var", "steps", args.heat_steps, "-var", "observe", 1, "-log", "log.heat", cwd=md)
     from ltau_lmp.evaluation.failure import failure_timeline, write_failure_report
 
     timeline = failure_timeline(md / "heat_frames.xyz", run / "model.pt", args.halt, args.failure)

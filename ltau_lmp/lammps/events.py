@@ -1,9 +1,10 @@
 """Files written by ``fix ltau`` on rank 0: the evaluation log and the over-threshold frame dump.
 
 Both survive restarts: they append, remember the last step they hold, and never write a step
-twice (a run continued from a restart re-evaluates its first step in ``setup``). A frame is
-written with one ``write`` call on an ``O_APPEND`` descriptor and fsynced, so a killed run leaves
-whole frames only; a torn tail from a power loss is cut off when the file is next opened.
+twice (a run continued from a restart re-evaluates its first step in ``setup``). A dump frame is
+committed atomically: the file is copied with the new frame appended into ``FILE.tmp``, fsynced
+and renamed over ``FILE``, so a reader (or a run killed at any instant) sees whole frames only.
+That copy costs O(file size) per frame; dumps are rate-limited (``interval``, ``max``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,9 @@ class FrameDump:
             raise LTAUError(f"fix ltau dump {self.path}: {exc.strerror}") from None
 
     def _recover(self) -> list[int]:
-        """Steps of the complete frames in the file; a torn last frame is truncated away."""
+        """Steps of the complete frames in the file; a torn last frame (from another writer or a
+        crashed disk) is truncated away, a stale ``FILE.tmp`` of a killed run removed."""
+        self._tmp.unlink(missing_ok=True)
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -109,21 +113,26 @@ class FrameDump:
                 fh.truncate(good_end)
         return steps
 
+    @property
+    def _tmp(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
     def write(self, atoms, step: int) -> None:
-        """Append one frame atomically (one write on an O_APPEND descriptor, then fsync)."""
+        """Append one frame atomically: copy + new frame into FILE.tmp, fsync, rename."""
         from ase.io import write
 
         buffer = io.StringIO()
         # parallel=False: ASE would otherwise treat the write as collective over mpi4py's world
         # (only rank 0 calls this, so the other ranks would never join and rank 0 would hang).
         write(buffer, atoms, format="extxyz", parallel=False)
-        payload = buffer.getvalue().encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            written = os.write(fd, payload)
-            if written != len(payload):
-                raise LTAUError(f"fix ltau dump {self.path}: short write ({written} of {len(payload)} bytes)")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if self.path.exists():
+                shutil.copyfile(self.path, self._tmp)
+            with open(self._tmp, "ab") as fh:
+                fh.write(buffer.getvalue().encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise LTAUError(f"fix ltau dump {self.path}: {exc.strerror}") from None
         self.steps.append(step)
