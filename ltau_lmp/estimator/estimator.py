@@ -236,13 +236,18 @@ class LTAUEstimator:
 
 
 def check_pdfs(pdfs: np.ndarray, rows: np.ndarray | None = None, where: str = "PDF array") -> None:
-    """Rows must be non-negative and sum to 1 (checked on ``rows`` only when given, to stay cheap)."""
+    """Rows must be non-negative and sum to 1 (checked on ``rows`` only when given, to stay cheap).
+
+    Checked in blocks: temporaries of a whole 1M x 100 array would add ~200 MB to the peak.
+    """
     if pdfs.ndim != 2:
         raise ConfigError(f"{where} must be 2-D (n, nbins), got shape {pdfs.shape}")
-    sample = pdfs if rows is None else pdfs[rows]
-    if not np.all(np.isfinite(sample)) or np.any(sample < 0):
-        raise ConfigError(f"{where} has negative, NaN or infinite probabilities")
-    sums = sample.sum(axis=1, dtype=np.float64)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-3)
-    if bad.size:
-        raise ConfigError(f"{where}: {bad.size} rows do not sum to 1 (e.g. {sums[bad[0]]:.6g})")
+    rows = np.arange(pdfs.shape[0]) if rows is None else rows
+    for start in range(0, len(rows), 65_536):
+        sample = pdfs[rows[start:start + 65_536]]
+        if not np.all(np.isfinite(sample)) or np.any(sample < 0):
+            raise ConfigError(f"{where} has negative, NaN or infinite probabilities")
+        sums = sample.sum(axis=1, dtype=np.float64)
+        bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-3)
+        if bad.size:
+            raise ConfigError(f"{where}: rows do not sum to 1 (e.g. {sums[bad[0]]:.6g})")
