@@ -77,7 +77,8 @@ def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4
     frames = read_dumps(dump_paths)
     model = load_model(model_path)
     scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
-    picked = select_frames(scores, frame_fingerprints(model, frames), n, pool_factor)
+    pool = np.argsort(scores)[::-1][: max(n, n * pool_factor)]  # only these need the model
+    picked = pool[select_frames(scores[pool], frame_fingerprints(model, [frames[i] for i in pool]), n, pool_factor)]
     out = []
     for i in picked:
         src = frames[i]
