@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks for the LAMMPS runs")
-    parser.add_argument("--halt", type=float, default=0.3,
+    parser.add_argument("--halt", type=float, default=0.2,
                         help="fix ltau halt threshold on the max expected error (eV/Angstrom)")
     parser.add_argument("--failure", type=float, default=1.0,
                         help="true max force error (eV/Angstrom) that counts as the model failing")
