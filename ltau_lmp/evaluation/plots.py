@@ -78,6 +78,17 @@ def plot_error_scatter(true_error, predicted, path, title: str | None = None) ->
     return _save(fig, path)
 
 
+def _finish_unit_square(ax, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """Square [0, 1] x [0, 1] axes with labels, title and legend (calibration and ROC plots)."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, fontsize="small")
+
+
 def plot_calibration(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path,
                      title: str = "Calibration of predicted error intervals") -> str:
     """Observed vs nominal coverage for several data sets on one axes, area in the legend.
@@ -96,13 +107,7 @@ def plot_calibration(curves: Mapping[str, tuple[Sequence[float], Sequence[float]
         order = np.argsort(lv)
         ax.plot(np.r_[0, lv[order], 1], np.r_[0, ob[order], 1], "o-", ms=3,
                 label=f"{name} (area {area:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_aspect("equal")
-    ax.set_xlabel("nominal coverage (fraction)")
-    ax.set_ylabel("observed coverage (fraction)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize="small")
+    _finish_unit_square(ax, "nominal coverage (fraction)", "observed coverage (fraction)", title, "upper left")
     return _save(fig, path)
 
 
@@ -148,13 +153,8 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path
     for name, (s_in, s_out) in curves.items():
         fpr, tpr, _ = roc_curve(s_in, s_out)
         ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(s_in, s_out):.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_aspect("equal")
-    ax.set_xlabel("false positive rate (in-domain flagged)")
-    ax.set_ylabel("true positive rate (out-of-domain flagged)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
+    _finish_unit_square(ax, "false positive rate (in-domain flagged)",
+                        "true positive rate (out-of-domain flagged)", title, "lower right")
     return _save(fig, path)
 
 
