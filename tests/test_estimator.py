@@ -188,3 +188,19 @@ def test_ivf_backend_recall_on_real_nequip_descriptors():
     held_out = rng.choice(len(data), 1000, replace=False)
     keep = np.setdiff1d(np.arange(len(data)), held_out)
     assert _recall_at_10(data[keep], data[held_out], "ivf", nprobe=8) >= 0.9
+
+
+def test_search_options_change_without_rebuilding():
+    rng = np.random.default_rng(10)
+    index = SearchIndex.build(rng.normal(size=(500, 4)).astype(np.float32), "hnsw")
+    index.set_search_options(ef_search=64)
+    assert index.options["ef_search"] == 64
+    assert _faiss_ef_search(index) == 64
+    with pytest.raises(ConfigError, match="unknown option"):
+        index.set_search_options(nprobe=3)
+
+
+def _faiss_ef_search(index):
+    import faiss
+
+    return faiss.downcast_index(index.cpu_index).hnsw.efSearch

@@ -33,16 +33,15 @@ def predict_frames(model, frames, batch_size: int = 8):
     import torch
 
     from ltau_lmp.data.datasets import AtomsDataset
-    from ltau_lmp.model import evaluate
+    from ltau_lmp.training.trainer import predict_batch
 
     dataset = AtomsDataset(frames, model.species, model.cutoff)
     forces, reference, latent = [], [], []
     for batch in dataset.batches(batch_size):
-        out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
-                       batch.shifts, batch.n_local)
-        forces.append(out.forces.detach().numpy())
+        _, batch_forces, batch_latent = predict_batch(model, batch)
+        forces.append(batch_forces.numpy())
         reference.append(batch.forces.numpy())
-        latent.append(out.latent.detach().to(torch.float32).numpy())
+        latent.append(batch_latent.to(torch.float32).numpy())
     return np.concatenate(forces), np.concatenate(reference), np.concatenate(latent)
 
 

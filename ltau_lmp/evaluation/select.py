@@ -53,18 +53,28 @@ def frame_fingerprints(model, frames, top_atoms: int = 16) -> np.ndarray:
     return np.asarray(prints)
 
 
-def select_frames(scores: np.ndarray, fingerprints: np.ndarray, n: int, pool_factor: int = 4) -> list[int]:
-    """Farthest-point sampling among the ``n * pool_factor`` highest-scoring frames."""
+def candidate_pool(scores: np.ndarray, n: int, pool_factor: int = 4) -> np.ndarray:
+    """Indices of the ``n * pool_factor`` highest-scoring frames, most uncertain first."""
     if n < 1:
         raise ConfigError(f"number of frames must be >= 1, got {n}")
-    pool = np.argsort(scores)[::-1][: max(n, n * pool_factor)]
-    chosen = [int(pool[0])]
-    gap = np.linalg.norm(fingerprints[pool] - fingerprints[pool[0]], axis=1)
-    while len(chosen) < min(n, len(pool)):
+    return np.argsort(scores)[::-1][: max(n, n * pool_factor)]
+
+
+def farthest_point_order(fingerprints: np.ndarray, n: int) -> list[int]:
+    """Greedy farthest-point sampling of ``n`` rows, starting from row 0."""
+    chosen = [0]
+    gap = np.linalg.norm(fingerprints - fingerprints[0], axis=1)
+    while len(chosen) < min(n, len(fingerprints)):
         nxt = int(np.argmax(gap))
-        chosen.append(int(pool[nxt]))
-        gap = np.minimum(gap, np.linalg.norm(fingerprints[pool] - fingerprints[pool[nxt]], axis=1))
+        chosen.append(nxt)
+        gap = np.minimum(gap, np.linalg.norm(fingerprints - fingerprints[nxt], axis=1))
     return chosen
+
+
+def select_frames(scores: np.ndarray, fingerprints: np.ndarray, n: int, pool_factor: int = 4) -> list[int]:
+    """Farthest-point sampling among the ``n * pool_factor`` highest-scoring frames."""
+    pool = candidate_pool(scores, n, pool_factor)
+    return [int(pool[i]) for i in farthest_point_order(fingerprints[pool], n)]
 
 
 def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4) -> list:
@@ -77,8 +87,8 @@ def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4
     frames = read_dumps(dump_paths)
     model = load_model(model_path)
     scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
-    pool = np.argsort(scores)[::-1][: max(n, n * pool_factor)]  # only these need the model
-    picked = pool[select_frames(scores[pool], frame_fingerprints(model, [frames[i] for i in pool]), n, pool_factor)]
+    pool = candidate_pool(scores, n, pool_factor)  # only these frames need the model
+    picked = pool[farthest_point_order(frame_fingerprints(model, [frames[i] for i in pool]), n)]
     out = []
     for i in picked:
         src = frames[i]

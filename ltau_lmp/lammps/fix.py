@@ -195,7 +195,7 @@ class FixLtau:
 
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
-                    box: np.ndarray | None = None, periodic=(True, True, True)) -> int:
+                    box: np.ndarray, periodic: tuple[bool, bool, bool]) -> int:
         """Fill the per-atom array and global values; returns 1 to ask for a soft halt."""
         try:
             in_group, metric = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
@@ -318,10 +318,8 @@ class FixLtau:
         return self.opts.dump_max is None or len(steps) < self.opts.dump_max
 
 
-def _cell_from_box(box: np.ndarray | None):
+def _cell_from_box(box: np.ndarray):
     """LAMMPS box (xlo ylo zlo xhi yhi zhi xy xz yz) → ASE cell rows and the origin shift."""
-    if box is None:
-        raise LTAUError("the plugin did not pass the simulation box (rebuild ltau_lmp)")
     lo, hi = np.asarray(box[:3]), np.asarray(box[3:6])
     xy, xz, yz = box[6:9]
     lx, ly, lz = hi - lo

@@ -82,7 +82,8 @@ class _Sums:
         return math.sqrt(self.e2 / max(self.n_struct, 1)), math.sqrt(self.f2 / max(self.n_comp, 1))
 
 
-def _predict(model, batch: Batch, create_graph: bool):
+def predict_batch(model, batch: Batch, create_graph: bool = False):
+    """Per-structure energies, forces and latent features of one batch (training and evaluation)."""
     from ltau_lmp.model import evaluate
 
     out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
@@ -95,7 +96,7 @@ def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int) -> dict:
     """Energy RMSE (eV/atom), force-component RMSE (eV/Angstrom) and per-atom errors of a set."""
     sums, atom_errors = _Sums(), []
     for batch in dataset.batches(batch_size):
-        energy, forces, _ = _predict(model, batch, create_graph=False)
+        energy, forces, _ = predict_batch(model, batch)
         sums.add((energy - batch.energy) / batch.n_atoms, forces - batch.forces)
         atom_errors.append(torch.linalg.vector_norm(forces - batch.forces, dim=1).numpy())
     e_rmse, f_rmse = sums.rmse()
@@ -171,7 +172,7 @@ def train_epoch(model, optimizer, dataset: AtomsDataset, order, cfg: TrainConfig
     model.train()
     sums, loss_sum, n_batches = _Sums(), 0.0, 0
     for batch in dataset.batches(cfg.batch_size, order):
-        energy, forces, _ = _predict(model, batch, create_graph=True)
+        energy, forces, _ = predict_batch(model, batch, create_graph=True)
         energy_err = (energy - batch.energy) / batch.n_atoms
         force_err = forces - batch.forces
         loss = cfg.energy_weight * (energy_err**2).mean() + cfg.force_weight * (force_err**2).mean()
