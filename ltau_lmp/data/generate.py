@@ -22,6 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ltau_lmp.data.config import from_dict, load_section, resolve
 from ltau_lmp.data.reference import PotentialSpec, new_lammps, read_labels, setup_system
 from ltau_lmp.errors import ConfigError
+from ltau_lmp.lammps.box import lammps_box_to_cell
 
 KINDS = ("crystal", "vacancy", "surface", "liquid", "amorphous")
 
@@ -126,10 +127,8 @@ def _snapshot(lmp, elements: list[str]) -> Atoms:
     """Current LAMMPS configuration (box frame) with its true labels."""
     n = lmp.get_natoms()
     boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
-    lo = np.array(boxlo)
-    lx, ly, lz = np.array(boxhi) - lo
-    cell = np.array([[lx, 0, 0], [xy, ly, 0], [xz, yz, lz]])
-    x = np.ctypeslib.as_array(lmp.gather_atoms("x", 1, 3)).reshape(n, 3) - lo
+    cell, origin = lammps_box_to_cell([*boxlo, *boxhi, xy, xz, yz])
+    x = np.ctypeslib.as_array(lmp.gather_atoms("x", 1, 3)).reshape(n, 3) - origin
     types = np.ctypeslib.as_array(lmp.gather_atoms("type", 0, 1))
     energy, forces, stress = read_labels(lmp, np.eye(3))
     atoms = Atoms([elements[t - 1] for t in types], positions=x, cell=cell, pbc=True)

@@ -15,14 +15,10 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_masses, atomic_numbers
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from ltau_lmp.errors import ConfigError, LTAUError
-
-# 1 bar in eV/Angstrom^3 (LAMMPS metal pressure unit -> ASE stress unit).
-BAR_TO_EV_A3 = 1.0e5 / 1.602176634e11
-
-# ASE Voigt order xx yy zz yz xz xy; LAMMPS pressure vector order xx yy zz xy xz yz.
-_LMP_TO_VOIGT = (0, 1, 2, 5, 4, 3)
+from ltau_lmp.lammps.box import cell_to_lammps, lammps_tensor_to_3x3
 
 
 def potentials_dir() -> Path:
@@ -53,20 +49,6 @@ def new_lammps():
     return lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"], comm=MPI.COMM_SELF)
 
 
-def lammps_frame(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation ``q`` with ``cell @ q`` lower triangular (the LAMMPS box) and that box.
-
-    LAMMPS boxes have ``a`` along x and ``b`` in the xy plane; any right-handed ASE cell maps to one
-    by a rotation.  Positions and forces rotate as ``v @ q``, stress as ``q.T @ s @ q``.
-    """
-    cell = np.asarray(cell, dtype=float)
-    if np.linalg.det(cell) <= 0:
-        raise LTAUError("the cell must be right-handed with a positive volume for LAMMPS")
-    box = np.linalg.cholesky(cell @ cell.T)
-    q = np.linalg.solve(cell, box)
-    return q, box
-
-
 @dataclass
 class PotentialSpec:
     """A classical potential: file, LAMMPS pair style and element order of its pair_coeff."""
@@ -93,9 +75,9 @@ def setup_system(lmp, atoms: Atoms, spec: PotentialSpec) -> np.ndarray:
     unknown = sorted(set(atoms.get_chemical_symbols()) - set(spec.elements))
     if unknown:
         raise LTAUError(f"elements {unknown} are not in the potential's element list {spec.elements}")
-    q, box = lammps_frame(atoms.cell.array)
+    prism, q = cell_to_lammps(atoms.cell.array)
+    xhi, yhi, zhi, xy, xz, yz = prism.tolist()
     boundary = " ".join("p" if p else "s" for p in atoms.pbc)
-    (xhi, _, _), (xy, yhi, _), (xz, yz, zhi) = box.tolist()
     lmp.commands_list(
         [
             "clear",
@@ -124,15 +106,17 @@ def setup_system(lmp, atoms: Atoms, spec: PotentialSpec) -> np.ndarray:
 
 
 def read_labels(lmp, q: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Current energy, forces (ordered by atom id) and Voigt stress of ``lmp``, in the ASE frame."""
+    """Current energy, forces (ordered by atom id) and Voigt stress of ``lmp``, in the ASE frame.
+
+    The virial pressure (bar) goes back to eV/Angstrom^3 through LAMMPS's own factor ``nktv2p``,
+    the exact inverse of the conversion LAMMPS applied (CODATA constants differ in the 8th digit).
+    """
     n = lmp.get_natoms()
     energy = float(lmp.get_thermo("pe"))
     forces = np.ctypeslib.as_array(lmp.gather_atoms("f", 1, 3)).reshape(n, 3) @ q.T
-    p = np.array(lmp.numpy.extract_compute("ltau_virial", 0, 1), dtype=float)
-    p_tensor = np.array([[p[0], p[3], p[4]], [p[3], p[1], p[5]], [p[4], p[5], p[2]]])
-    stress = -BAR_TO_EV_A3 * (q @ p_tensor @ q.T)
-    voigt = np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])
-    return energy, forces, voigt
+    pressure = lammps_tensor_to_3x3(np.array(lmp.numpy.extract_compute("ltau_virial", 0, 1), dtype=float))
+    stress = -(q @ pressure @ q.T) / lmp.extract_global("nktv2p")
+    return energy, forces, full_3x3_to_voigt_6_stress(stress)
 
 
 def reference_calculation(
