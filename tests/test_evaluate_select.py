@@ -79,8 +79,15 @@ def test_evaluate_errors_are_one_line(pipeline, capsys):
 def test_select_prefers_uncertain_and_diverse_frames():
     scores = np.array([0.9, 0.89, 0.88, 0.1, 0.5])
     prints = np.array([[0.0], [0.01], [5.0], [9.0], [2.0]])
-    assert select_frames(scores, prints, 2, pool_factor=2) == [0, 2]   # 1 is a near-copy of 0
-    assert select_frames(scores, prints, 3, pool_factor=1) == [0, 2, 1]
+    asked = []
+
+    def fingerprints_of(pool):
+        asked.append(sorted(pool.tolist()))
+        return prints[pool]
+
+    assert select_frames(scores, fingerprints_of, 2, pool_factor=2) == [0, 2]   # 1 is a near-copy of 0
+    assert select_frames(scores, fingerprints_of, 3, pool_factor=1) == [0, 2, 1]
+    assert asked == [[0, 1, 2, 4], [0, 1, 2]]   # only the candidate pool is fingerprinted
 
 
 def test_select_cli_on_dumped_frames(pipeline, tmp_path, capsys):
@@ -98,3 +105,13 @@ def test_select_cli_on_dumped_frames(pipeline, tmp_path, capsys):
     assert len(picked) == 2 and picked[0].info["timestep"] == 30
     assert main(["select", str(tmp / "test.xyz"), "--model", str(tmp / "model.pt"), "-o", str(out)]) == 2
     assert "no per-atom ltau_expected" in capsys.readouterr().err
+
+
+def test_evaluation_does_not_import_the_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, ltau_lmp.evaluation.evaluate, ltau_lmp.evaluation.select, ltau_lmp.evaluation.ensemble, "
+            "ltau_lmp.prediction; print([m for m in sys.modules if m.startswith('ltau_lmp.training')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

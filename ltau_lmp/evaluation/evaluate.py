@@ -33,7 +33,7 @@ def predict_frames(model, frames, batch_size: int = 8):
     import torch
 
     from ltau_lmp.data.datasets import AtomsDataset
-    from ltau_lmp.training.trainer import predict_batch
+    from ltau_lmp.prediction import predict_batch
 
     dataset = AtomsDataset(frames, model.species, model.cutoff)
     forces, reference, latent = [], [], []
@@ -76,7 +76,6 @@ def run_evaluation(model_path, estimator_path, sets: dict[str, Path], out_dir, i
         raise ConfigError(f"in-domain set {in_domain!r} is not among the data sets ({', '.join(sets)})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(model_path)
     estimator = LTAUEstimator.load(estimator_path)
     expected_hash = estimator.metadata.get("model_hash")

@@ -71,10 +71,14 @@ def farthest_point_order(fingerprints: np.ndarray, n: int) -> list[int]:
     return chosen
 
 
-def select_frames(scores: np.ndarray, fingerprints: np.ndarray, n: int, pool_factor: int = 4) -> list[int]:
-    """Farthest-point sampling among the ``n * pool_factor`` highest-scoring frames."""
+def select_frames(scores: np.ndarray, fingerprints_of, n: int, pool_factor: int = 4) -> list[int]:
+    """Farthest-point sampling among the ``n * pool_factor`` highest-scoring frames.
+
+    ``fingerprints_of(pool)`` gives the fingerprints of the frames ``pool`` only: they cost a model
+    call per frame, so the frames outside the pool are never fingerprinted.
+    """
     pool = candidate_pool(scores, n, pool_factor)
-    return [int(pool[i]) for i in farthest_point_order(fingerprints[pool], n)]
+    return [int(pool[i]) for i in farthest_point_order(fingerprints_of(pool), n)]
 
 
 def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4) -> list:
@@ -87,8 +91,8 @@ def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4
     frames = read_dumps(dump_paths)
     model = load_model(model_path)
     scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
-    pool = candidate_pool(scores, n, pool_factor)  # only these frames need the model
-    picked = pool[farthest_point_order(frame_fingerprints(model, [frames[i] for i in pool]), n)]
+    picked = select_frames(scores, lambda pool: frame_fingerprints(model, [frames[i] for i in pool]), n,
+                           pool_factor)
     out = []
     for i in picked:
         src = frames[i]

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltau_lmp.data.datasets import AtomsDataset, Batch, read_frames
+from ltau_lmp.data.datasets import AtomsDataset, read_frames
 from ltau_lmp.errors import ConfigError, LTAUError
+from ltau_lmp.prediction import latent_features, predict_batch
 from ltau_lmp.training.config import TrainConfig, resolve
 
 METRIC_FIELDS = [
@@ -82,38 +83,13 @@ class _Sums:
         return math.sqrt(self.e2 / max(self.n_struct, 1)), math.sqrt(self.f2 / max(self.n_comp, 1))
 
 
-def predict_batch(model, batch: Batch, create_graph: bool = False):
-    """Per-structure energies, forces and latent features of one batch (training and evaluation)."""
-    from ltau_lmp.model import evaluate
-
-    out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
-                   batch.shifts, batch.n_local, create_graph=create_graph)
-    energy = batch.structure_energy(out.atom_energy)
-    return energy, out.forces, out.latent
-
-
-def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int) -> dict:
-    """Energy RMSE (eV/atom), force-component RMSE (eV/Angstrom) and per-atom errors of a set."""
-    sums, atom_errors = _Sums(), []
+def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int) -> tuple[float, float]:
+    """Energy RMSE (eV/atom) and force-component RMSE (eV/Angstrom) of a labelled set."""
+    sums = _Sums()
     for batch in dataset.batches(batch_size):
         energy, forces, _ = predict_batch(model, batch)
         sums.add((energy - batch.energy) / batch.n_atoms, forces - batch.forces)
-        atom_errors.append(torch.linalg.vector_norm(forces - batch.forces, dim=1).numpy())
-    e_rmse, f_rmse = sums.rmse()
-    return {"energy_rmse": e_rmse, "force_rmse": f_rmse, "atom_errors": np.concatenate(atom_errors)}
-
-
-@torch.no_grad()
-def latent_features(model, dataset: AtomsDataset, batch_size: int = 8) -> np.ndarray:
-    """Latent vectors (float32) of every atom of ``dataset``, row = global atom id."""
-    from ltau_lmp.model import evaluate
-
-    rows = []
-    for batch in dataset.batches(batch_size):
-        out = evaluate(model, batch.positions, batch.species, batch.centers, batch.neighbors,
-                       batch.shifts, batch.n_local, forces=False)
-        rows.append(out.latent.numpy().astype(np.float32))
-    return np.concatenate(rows)
+    return sums.rmse()
 
 
 @torch.no_grad()
@@ -187,34 +163,65 @@ def train_epoch(model, optimizer, dataset: AtomsDataset, order, cfg: TrainConfig
     return (loss_sum / n_batches, *sums.rmse())
 
 
-def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True) -> TrainResult:
-    """The whole ``ltau-lmp train`` pipeline; writes its outputs into ``cfg.out_dir``."""
+@dataclass
+class TrainingData:
+    """The training file and its seeded split into training and validation structures."""
+
+    path: Path
+    frames: list
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+    def datasets(self, model) -> tuple[AtomsDataset, AtomsDataset | None]:
+        """Training and validation sets with the model's species, cutoff and dtype (validation may be None)."""
+        def subset(idx):
+            return AtomsDataset([self.frames[i] for i in idx], model.species, model.cutoff, model.dtype)
+
+        return subset(self.train_idx), subset(self.val_idx) if len(self.val_idx) else None
+
+
+@dataclass
+class FitResult:
+    """What the epoch loop leaves behind (the model itself is updated in place to its best state)."""
+
+    error_log: object
+    metrics: list[dict]
+    best_epoch: int
+    seconds: float
+
+
+def load_data(cfg: TrainConfig, base_dir: Path, rng: np.random.Generator) -> TrainingData:
+    """Read the training file and split it (the split is the first use of ``rng``)."""
+    path = resolve(cfg.data.train, base_dir)
+    frames = read_frames(path)
+    train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
+    return TrainingData(path, frames, train_idx, val_idx)
+
+
+def setup_model(cfg: TrainConfig, data: TrainingData):
+    """A fresh model initialised on the training atoms, with its training and validation sets."""
+    model = build_model(cfg, data.frames)
+    train_set, val_set = data.datasets(model)
+    initialize_model(model, train_set)
+    return model, train_set, val_set
+
+
+def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset | None,
+        rng: np.random.Generator, metrics_path: Path, show_progress: bool = True) -> FitResult:
+    """The epoch loop: per-atom error logging, validation, LR schedule, early stopping.
+
+    ``metrics_path`` (CSV) is rewritten after every epoch so a long run can be watched. The model
+    ends in the state of its best epoch (lowest validation loss, or training loss without validation).
+    """
     from tqdm import tqdm
 
-    from ltau_lmp.estimator import ErrorLog, LTAUEstimator
-    from ltau_lmp.model import save_model
-
-    base_dir = Path(base_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    train_path = resolve(cfg.data.train, base_dir)
-    frames = read_frames(train_path)
-    train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
-    model = build_model(cfg, frames)
-    dtype = model.dtype
-    train_set = AtomsDataset([frames[i] for i in train_idx], model.species, model.cutoff, dtype)
-    val_set = AtomsDataset([frames[i] for i in val_idx], model.species, model.cutoff, dtype) if len(val_idx) else None
-    initialize_model(model, train_set)
+    from ltau_lmp.estimator import ErrorLog
 
     error_log = ErrorLog.log_spaced(train_set.total_atoms, lo=cfg.error_log.lo, hi=cfg.error_log.hi,
                                     nbins=cfg.error_log.nbins, skip_epochs=cfg.error_log.skip_epochs)
     logger = ErrorLogger(error_log)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = _scheduler(cfg, optimizer)
-    out_dir = resolve(cfg.out_dir, base_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     metrics, best_loss, best_state, best_epoch = [], math.inf, None, 0
     start = time.perf_counter()
@@ -231,13 +238,13 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
         monitor = loss
         if val_set is not None:
             model.eval()
-            val = evaluate_dataset(model, val_set, cfg.batch_size)
-            monitor = cfg.energy_weight * val["energy_rmse"] ** 2 + cfg.force_weight * val["force_rmse"] ** 2
-            row.update(val_loss=monitor, val_energy_rmse=val["energy_rmse"], val_force_rmse=val["force_rmse"])
+            val_e, val_f = evaluate_dataset(model, val_set, cfg.batch_size)
+            monitor = cfg.energy_weight * val_e ** 2 + cfg.force_weight * val_f ** 2
+            row.update(val_loss=monitor, val_energy_rmse=val_e, val_force_rmse=val_f)
         row.update(train_seconds=train_end - epoch_start, val_seconds=time.perf_counter() - train_end,
                    log_seconds=logger.seconds - log_before)
         metrics.append(row)
-        _write_metrics(out_dir / "metrics.csv", metrics)
+        _write_metrics(metrics_path, metrics)
         bar.set_postfix(loss=f"{loss:.3g}", f_rmse=f"{row['val_force_rmse'] or f_rmse:.3f}", lr=f"{lr:.1e}")
         if monitor < best_loss:
             best_loss, best_state, best_epoch = monitor, copy.deepcopy(model.state_dict()), epoch
@@ -248,13 +255,22 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
         if cfg.early_stopping and epoch - best_epoch >= cfg.early_stopping:
             break
     bar.close()
-    train_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
     model.eval()
-
     if error_log.n_counted == 0:
         raise LTAUError(f"training stopped after {len(metrics)} epochs, before error_log.skip_epochs="
                         f"{cfg.error_log.skip_epochs}: no errors were logged")
+    return FitResult(error_log, metrics, best_epoch, seconds)
+
+
+def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset, fitted: FitResult,
+           out_dir: Path, base_dir: Path) -> TrainResult:
+    """Write model.pt, error_log.npz, descriptors.npy, estimator/ and summary.json (with test scores)."""
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.model import save_model
+
+    error_log, metrics = fitted.error_log, fitted.metrics
     features = latent_features(model, train_set, cfg.batch_size)
     model_hash = save_model(model, out_dir / "model.pt")
     error_log.save(out_dir / "error_log.npz")
@@ -262,25 +278,39 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
     estimator = LTAUEstimator.build(
         features, error_log, index=cfg.estimator.index, k=cfg.estimator.k,
         metadata={"model_hash": model_hash, "units": "eV/Angstrom", "error": "per-atom force error norm",
-                  "train_file": str(train_path), "train_structures": train_idx.tolist(),
+                  "train_file": str(data.path), "train_structures": data.train_idx.tolist(),
                   "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs})
     estimator.save(out_dir / "estimator")
 
     summary = {
-        "model_hash": model_hash, "epochs": len(metrics), "best_epoch": best_epoch,
-        "train_seconds": train_seconds, "n_train_structures": len(train_idx),
-        "n_val_structures": len(val_idx), "n_train_atoms": train_set.total_atoms,
-        "train_structures": train_idx.tolist(), "val_structures": val_idx.tolist(),
+        "model_hash": model_hash, "epochs": len(metrics), "best_epoch": fitted.best_epoch,
+        "train_seconds": fitted.seconds, "n_train_structures": len(data.train_idx),
+        "n_val_structures": len(data.val_idx), "n_train_atoms": train_set.total_atoms,
+        "train_structures": data.train_idx.tolist(), "val_structures": data.val_idx.tolist(),
         "log_overhead_fraction": sum(r["log_seconds"] for r in metrics) / sum(r["train_seconds"] for r in metrics),
         "error_log": error_log.summary(), "test": {},
     }
     for name, path in cfg.data.test.items():
-        test_set = AtomsDataset(read_frames(resolve(path, base_dir)), model.species, model.cutoff, dtype)
-        scores = evaluate_dataset(model, test_set, cfg.batch_size)
-        summary["test"][name] = {"energy_rmse": scores["energy_rmse"], "force_rmse": scores["force_rmse"],
-                                 "n_atoms": test_set.total_atoms}
+        test_set = AtomsDataset(read_frames(resolve(path, base_dir)), model.species, model.cutoff, model.dtype)
+        e_rmse, f_rmse = evaluate_dataset(model, test_set, cfg.batch_size)
+        summary["test"][name] = {"energy_rmse": e_rmse, "force_rmse": f_rmse, "n_atoms": test_set.total_atoms}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return TrainResult(model, error_log, estimator, metrics, summary, out_dir)
+
+
+def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True) -> TrainResult:
+    """The whole ``ltau-lmp train`` pipeline (data, model set-up, fit, export) into ``cfg.out_dir``."""
+    base_dir = Path(base_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data = load_data(cfg, base_dir, rng)
+    model, train_set, val_set = setup_model(cfg, data)
+    out_dir = resolve(cfg.out_dir, base_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fitted = fit(cfg, model, train_set, val_set, rng, out_dir / "metrics.csv", show_progress)
+    return export(cfg, model, data, train_set, fitted, out_dir, base_dir)
 
 
 def _write_metrics(path: Path, metrics: list[dict]) -> None:
