@@ -1,16 +1,21 @@
-"""The strictly local torch force field, its file format and neighbour lists.
+"""Force fields behind one contract: the built-in local model, the MACE adapter, files, neighbour lists.
 
 Contract (see doc/architecture.md)::
 
     atom_energy, latent = model(positions, species, centers, neighbors, shifts, n_local)
+    model.card   # ModelCard: family, species, cutoff, receptive field, latent, dtype, units, hash
 
 ``evaluate`` adds forces (all atoms, ghosts included) and the virial; the ASE calculator, the
-trainer and the LAMMPS runtime all go through it.
+trainer and the LAMMPS runtime all go through it. ``load_model`` reads any supported family
+(``MACEForceField`` imports mace-torch only when a MACE model is wrapped).
 """
 
-from ltau_lmp.model.io import load_model, save_model
+from ltau_lmp.model.card import ModelCard
+from ltau_lmp.model.io import FAMILIES, PickleRefusedError, detect_family, load_model, save_model
 from ltau_lmp.model.local import LocalForceField, ModelOutput, evaluate
+from ltau_lmp.model.mace import MACEForceField
 from ltau_lmp.model.neighbors import neighbor_list, species_indices
 
-__all__ = ["LocalForceField", "ModelOutput", "evaluate", "load_model", "save_model",
+__all__ = ["FAMILIES", "LocalForceField", "MACEForceField", "ModelCard", "ModelOutput",
+           "PickleRefusedError", "detect_family", "evaluate", "load_model", "save_model",
            "neighbor_list", "species_indices"]

@@ -1,17 +1,35 @@
-"""Model file: one ``torch.save`` of a plain dict (no pickled classes), loaded with weights_only."""
+"""Model files: which family a file holds, and loading it.
+
+* ``ltau_local`` (the built-in model): one ``torch.save`` of a plain dict (``"format"`` key, no
+  pickled classes), read with ``weights_only=True``.
+* ``mace``: a MACE ``.model`` file, ``torch.save`` of the whole module. Unpickling it imports and
+  runs code named in the file, so it is loaded only with ``allow_pickle=True``.
+
+The family is read from the pickle's opcode stream without executing it (the classes a pickle
+names are visible as strings), so a refused file is never unpickled.
+"""
 
 from __future__ import annotations
 
 import os
+import pickletools
+import zipfile
 
 import torch
 
-from ltau_lmp.errors import ConfigError, FileFormatError
+from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
 from ltau_lmp.model.local import LocalForceField
 
 FORMAT = "ltau_lmp.model.local"
 VERSION = 1
 _KEYS = ("format", "version", "config", "state_dict", "model_hash")
+FAMILIES = ("ltau_local", "mace")
+TRUST_OPTIONS = ("allow_pickle=True (Python), `pair_style ltau trust_pickle yes` (LAMMPS) "
+                 "or --allow-pickle (ltau-lmp commands)")
+
+
+class PickleRefusedError(LTAUError):
+    """A model file would execute code when loaded and the caller did not allow it."""
 
 
 def save_model(model: LocalForceField, path: str | os.PathLike) -> str:
@@ -33,11 +51,80 @@ def save_model(model: LocalForceField, path: str | os.PathLike) -> str:
     return model_hash
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LocalForceField:
-    """Read a model written by ``save_model``; every defect raises ``FileFormatError`` naming the file."""
+def detect_family(path: str | os.PathLike) -> str:
+    """Model family of a file, from the class names its pickle mentions; nothing is unpickled."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileFormatError(f"model file {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # every torch file is a zip archive or starts with a pickle
+                raise FileFormatError(f"model file {path}: not a torch model file")
+        return "ltau_local"  # a legacy (non-zip) torch file: the weights_only load checks it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if any("/code/" in name for name in names):
+                raise FileFormatError(
+                    f"model file {path} is a TorchScript archive (e.g. MACE's *_compiled.model), "
+                    f"which ltau_lmp does not run; give the torch.save'd model (e.g. MACE's NAME.model)")
+            pickles = [name for name in names if name.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise FileFormatError(f"model file {path}: a zip archive but not a torch file")
+            stream = archive.read(pickles[0])
+        strings = [arg for _, arg, _ in pickletools.genops(stream) if isinstance(arg, str)]
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise FileFormatError(f"model file {path}: unreadable torch archive ({exc})") from exc
+    # GLOBAL opcodes carry "module name"; STACK_GLOBAL takes its module from a preceding string.
+    return "mace" if any(text.startswith("mace.") for text in strings) else "ltau_local"
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", family: str | None = None,
+               allow_pickle: bool = False) -> torch.nn.Module:
+    """Load a force field of any supported family; the result honours the forward contract and has ``.card``.
+
+    ``family`` (one of ``FAMILIES``) skips the detection. A MACE file is unpickled only with
+    ``allow_pickle=True``; otherwise ``PickleRefusedError`` names the option. Every other defect
+    raises ``FileFormatError`` naming the file.
+    """
+    path = os.fspath(path)
+    if family is None:
+        family = detect_family(path)
+    elif family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+    elif not os.path.isfile(path):
+        raise FileFormatError(f"model file {path}: no such file")
+    if family == "mace":
+        return _load_mace(path, map_location, allow_pickle)
+    return _load_local(path, map_location)
+
+
+def _load_mace(path: str, map_location, allow_pickle: bool) -> torch.nn.Module:
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"model file {path} is a MACE model, a pickled Python module: loading it runs code stored "
+            f"in the file. Load it only if you trust its source, with {TRUST_OPTIONS}")
+    from ltau_lmp.model.mace import MACEForceField
+
+    try:
+        import mace.modules  # noqa: F401  (the classes the pickle names)
+    except ImportError as exc:
+        raise LTAUError(f"model file {path} is a MACE model but mace-torch is not installed "
+                        f"(pip install 'ltau-lmp[mace]'): {exc}") from exc
+    try:
+        module = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # arbitrary code ran: report whatever it raised
+        raise FileFormatError(f"model file {path}: unpickling the MACE model failed "
+                              f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise FileFormatError(f"model file {path}: expected a pickled MACE module, found {type(module).__name__}")
+    try:
+        return MACEForceField(module)
+    except ConfigError as exc:
+        raise FileFormatError(f"model file {path}: {exc}") from exc
+
+
+def _load_local(path: str, map_location) -> LocalForceField:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
@@ -45,6 +132,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(payload, dict):
         raise FileFormatError(f"model file {path}: expected a dict, found {type(payload).__name__}")
+    if {"model", "optimizer"} <= payload.keys() and "format" not in payload:
+        raise FileFormatError(f"model file {path} is a training checkpoint (weights without the "
+                              f"architecture); give the model file (e.g. MACE's NAME.model)")
     missing = [k for k in _KEYS if k not in payload]
     if missing:
         raise FileFormatError(f"model file {path}: missing key(s) {', '.join(missing)}")

@@ -28,6 +28,7 @@ from ase.data import atomic_numbers
 from torch import Tensor, nn
 
 from ltau_lmp.errors import ConfigError
+from ltau_lmp.model.card import ModelCard, hash_state
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -137,14 +138,19 @@ class LocalForceField(nn.Module):
         return self.readout.weight.dtype
 
     @property
+    def card(self) -> ModelCard:
+        """The declared contract. Built on access (the hash reads every weight): read it once per setup."""
+        return ModelCard(
+            family="ltau_local", species=tuple(self.species), cutoff=self.cutoff, num_layers=1,
+            receptive_field=self.cutoff, latent_dim=self.latent_dim,
+            latent=(f"last hidden MLP layer ({self.latent_dim} wide) over the normalised radial and "
+                    f"3-body invariants (l <= {self.config['max_l']}) and the species one-hot"),
+            dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash)
+
+    @property
     def model_hash(self) -> str:
         """sha256 over the config and every state tensor: identifies the exact weights."""
-        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
-        for key, value in sorted(self.state_dict().items()):
-            value = value.detach().cpu().contiguous()
-            h.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
-            h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-        return h.hexdigest()
+        return hash_state(hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()), self.state_dict())
 
     def descriptors(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
                     shifts: Tensor | None, n_local: int) -> Tensor:

@@ -1,0 +1,179 @@
+"""A MACE model (mace-torch 0.3.16) behind ltau_lmp's model contract.
+
+``MACEForceField`` wraps a loaded MACE module so that it is called exactly like the built-in
+model::
+
+    atom_energy, latent = model(positions, species, centers, neighbors, shifts, n_local)
+
+and ``ltau_lmp.model.evaluate``, the trainer's helpers, the ASE calculator and the LAMMPS runtime
+work with it unchanged. Differences from the strictly local model, all consequences of message
+passing:
+
+* ``centers`` may include ghost atoms (``i >= n_local``). MACE runs on all ``n_all`` nodes of the
+  graph; the energies and latents of the first ``n_local`` nodes are returned. With ghost atoms
+  out to ``card.receptive_field`` and the pairs of local *and* ghost atoms, the local energies are
+  exact (the "thick ghost shell" of ``../shared/external-models.md``).
+* Node ``i`` gathers its messages over the pairs it centres (``i -> j``, its own neighbour list).
+  For a symmetric list (every ``i -> j`` also listed as ``j -> i``) this is MACE's own graph; for a
+  LAMMPS list over a finite ghost region it means an atom's environment is its own list.
+* ``atom_energy`` is MACE's ``node_energy``: the atomic reference energy E0 plus the scaled
+  interaction energy of the node, so it sums to MACE's total ``energy`` (for
+  ``ScaleShiftMACE`` MACE returns it in float64 whatever the model dtype).
+* ``latent`` is the invariant (``0e``) part of the node features of the selected interaction
+  layers, all of them by default: the LTAU-FF reference convention, the same numbers as
+  ``MACECalculator.get_descriptors(invariants_only=True, num_layers=-1)``.
+
+Edge vectors are formed inside MACE's differentiable graph as ``x[j] - x[i] + shift_ij`` (MACE's
+``get_edge_vectors_and_lengths`` from ``positions``, ``edge_index`` and ``shifts``), so the energy
+differentiates with respect to ``positions`` and ``shifts``: forces and the runtime's per-pair
+offsets both work.
+
+``mace`` itself is imported only when a model is wrapped, so importing ``ltau_lmp.model`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import torch
+from ase.data import chemical_symbols
+from torch import Tensor, nn
+
+from ltau_lmp.errors import ConfigError
+from ltau_lmp.model.card import ModelCard, hash_state
+
+
+def invariant_columns(irreps_per_layer: Sequence, layers: Sequence[int]) -> list[int]:
+    """Columns of MACE's concatenated ``node_feats`` that hold the ``0e`` channels of ``layers``.
+
+    ``irreps_per_layer[k]`` are the e3nn irreps of layer k's output (``products[k].linear.irreps_out``);
+    ``node_feats`` is their concatenation in layer order.
+    """
+    starts, offset = [], 0
+    for irreps in irreps_per_layer:
+        starts.append(offset)
+        offset += irreps.dim
+    columns = []
+    for layer in layers:
+        position = starts[layer]
+        for mul, ir in irreps_per_layer[layer]:
+            if ir.l == 0 and ir.p == 1:
+                columns.extend(range(position, position + mul))
+            position += mul * ir.dim
+    return columns
+
+
+class MACEForceField(nn.Module):
+    """A MACE energy model honouring the forward contract of ``ltau_lmp.model`` (module docstring).
+
+    ``layers``: interaction layers (0-based, negative counts from the end) whose invariant node
+    features form the latent, in this order; ``None`` = all layers (the LTAU-FF convention),
+    ``[-1]`` = the last layer only. ``head``: which readout head of a multi-head model; by default
+    the only head, else the one named "Default" (as ``MACECalculator``).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, head: str | None = None):
+        super().__init__()
+        from e3nn import o3
+        from mace.modules.models import MACE
+
+        if not isinstance(model, MACE):
+            raise ConfigError(f"expected a MACE energy model (mace.modules.models.MACE or ScaleShiftMACE), "
+                              f"got {type(model).__module__}.{type(model).__qualname__}")
+        if hasattr(model, "joint_embedding"):
+            raise ConfigError("this MACE model embeds per-structure inputs (embedding_specs: charge, spin, ...) "
+                              "that the ltau_lmp model contract does not carry")
+        heads = list(model.heads)
+        if head is None:  # as MACECalculator: the only head, else the one called "default"
+            defaults = [h for h in heads if len(heads) == 1 or h.lower() == "default"]
+            if not defaults:
+                raise ConfigError(f"the MACE model has several heads {heads} and none is 'Default': "
+                                  f"choose one with head=...")
+            head = defaults[0]
+        if head not in heads:
+            raise ConfigError(f"head {head!r} is not one of the MACE model's heads {heads}")
+        num_layers = int(model.num_interactions)
+        chosen = list(range(num_layers)) if layers is None else [int(k) for k in layers]
+        if not chosen or any(not -num_layers <= k < num_layers for k in chosen):
+            raise ConfigError(f"latent layers must be a non-empty list of layer indices in "
+                              f"[-{num_layers}, {num_layers}), got {layers}")
+        chosen = [k % num_layers for k in chosen]
+        if len(set(chosen)) != len(chosen):
+            raise ConfigError(f"latent layers repeat a layer: {layers}")
+        irreps = [o3.Irreps(str(product.linear.irreps_out)) for product in model.products]
+        columns = invariant_columns(irreps, chosen)
+        if not columns:
+            raise ConfigError(f"MACE layers {chosen} have no invariant (0e) node features")
+
+        self.mace = model
+        self.head = head
+        self.layers = tuple(chosen)
+        self.species = tuple(chemical_symbols[int(z)] for z in model.atomic_numbers)
+        self.cutoff = float(model.r_max)
+        self.num_layers = num_layers
+        self.register_buffer("head_index", torch.tensor([heads.index(head)]), persistent=False)
+        self.register_buffer("latent_columns", torch.tensor(columns), persistent=False)
+        per_layer = " + ".join(str(len(invariant_columns(irreps, [k]))) for k in chosen)
+        self._latent = (f"MACE invariant (0e) node features of interaction layer(s) "
+                        f"{', '.join(str(k + 1) for k in chosen)} of {num_layers} ({per_layer} channels)")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mace.r_max.dtype
+
+    @property
+    def latent_dim(self) -> int:
+        return len(self.latent_columns)
+
+    @property
+    def model_hash(self) -> str:
+        """sha256 over the architecture (class, module tree, heads, latent choice) and every weight."""
+        architecture = {
+            "family": "mace", "class": f"{type(self.mace).__module__}.{type(self.mace).__qualname__}",
+            "modules": repr(self.mace), "heads": list(self.mace.heads), "head": self.head,
+            "latent_layers": list(self.layers),
+        }
+        return hash_state(hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()),
+                          self.mace.state_dict())
+
+    @property
+    def card(self) -> ModelCard:
+        """The declared contract. Built on access (the hash reads every weight): read it once per setup."""
+        return ModelCard(
+            family="mace", species=self.species, cutoff=self.cutoff, num_layers=self.num_layers,
+            receptive_field=self.cutoff * self.num_layers, latent_dim=self.latent_dim,
+            latent=self._latent, dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash)
+
+    def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
+                shifts: Tensor | None, n_local: int) -> tuple[Tensor, Tensor]:
+        """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
+        dtype = self.dtype
+        positions = positions.to(dtype)
+        if not positions.requires_grad:
+            # MACE calls requires_grad_() on its input: give it a fresh leaf, not the caller's tensor.
+            positions = positions.detach()
+        if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
+            return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
+        n_all = positions.shape[0]
+        # MACE sums messages at edge_index[1] with vector x[edge_index[1]] - x[edge_index[0]] + shift,
+        # so pair i -> j enters as edge j -> i with shift -s_ij: node i gathers over its own list.
+        edge_index = torch.stack([neighbors, centers])
+        if shifts is None:
+            edge_shifts = positions.new_zeros(len(centers), 3)
+        else:
+            edge_shifts = -shifts.to(dtype)
+        data = {
+            "positions": positions,
+            "node_attrs": nn.functional.one_hot(species, len(self.species)).to(dtype),
+            "edge_index": edge_index,
+            "shifts": edge_shifts,
+            "batch": torch.zeros(n_all, dtype=torch.int64, device=positions.device),
+            "ptr": torch.tensor([0, n_all], device=positions.device),
+            "cell": positions.new_zeros(3, 3),
+            "head": self.head_index,
+        }
+        out = self.mace(data, training=False, compute_force=False)
+        latent = out["node_feats"][:n_local].index_select(1, self.latent_columns)
+        return out["node_energy"][:n_local], latent
