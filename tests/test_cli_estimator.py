@@ -83,3 +83,18 @@ def test_bad_files_give_one_line_errors(inputs, capsys):
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "ltau_lmp.cli", "--help"], capture_output=True, text=True, check=True)
     assert "build-estimator" in out.stdout and "predict" in out.stdout
+
+
+def test_build_defaults_come_from_the_index_module(inputs, capsys):
+    """Choices and defaults of the CLI are those declared in estimator/index.py, not copies."""
+    from ltau_lmp.estimator.index import KIND_CHOICES, OPTION_DEFAULTS
+
+    tmp, log_path = inputs
+    with pytest.raises(SystemExit):
+        main(["build-estimator", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(KIND_CHOICES) + "}" in help_text
+    assert f"HNSW search effort (default {OPTION_DEFAULTS['hnsw']['ef_search']})" in help_text
+    assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
+                 "-o", str(tmp / "est"), "--index", "hnsw"]) == 0
+    assert LTAUEstimator.load(tmp / "est").index.options == OPTION_DEFAULTS["hnsw"]

@@ -132,6 +132,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         config_from_dict({"model": {"width": 3}})
     with pytest.raises(ConfigError, match="expected an integer"):
         config_from_dict({"epochs": 2.5})
+    with pytest.raises(ConfigError, match=r"train.estimator.index: 'kdtree' is not one of \['auto', 'flat'"):
+        config_from_dict({"estimator": {"index": "kdtree"}})
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 2\n  optimizer: sgd\n")
     with pytest.raises(ConfigError, match="optimizer"):

@@ -10,6 +10,10 @@ from ltau_lmp.errors import ConfigError, FileFormatError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ltau_lmp.estimator.estimator import DEFAULT_K, WEIGHTINGS
+    from ltau_lmp.estimator.index import AUTO_EXACT_LIMIT, DEFAULT_KIND, KIND_CHOICES, OPTION_DEFAULTS
+
+    hnsw, ivf, ivfpq = OPTION_DEFAULTS["hnsw"], OPTION_DEFAULTS["ivf"], OPTION_DEFAULTS["ivfpq"]
     p = sub.add_parser(
         "build-estimator",
         help="build an LTAU estimator from a training-error log and latent descriptors",
@@ -22,17 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--error-log", required=True, type=Path, help="error-log .npz")
     p.add_argument("--descriptors", required=True, type=Path, help="training-atom descriptors .npy (n_atoms x dim)")
     p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
-    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+    p.add_argument("--index", default=DEFAULT_KIND, choices=KIND_CHOICES,
                    help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "
-                        "'ivfpq'; auto = flat below 200k entries, hnsw above")
-    p.add_argument("-k", "--neighbors", type=int, default=10, help="neighbours averaged per query")
-    p.add_argument("--weighting", default="uniform", choices=["uniform", "distance"],
+                        f"'ivfpq'; auto = flat below {AUTO_EXACT_LIMIT:,} entries, hnsw above")
+    p.add_argument("-k", "--neighbors", type=int, default=DEFAULT_K, help="neighbours averaged per query")
+    p.add_argument("--weighting", default=WEIGHTINGS[0], choices=WEIGHTINGS,
                    help="average neighbour PDFs equally or by inverse distance")
-    p.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
-    p.add_argument("--ef-construction", type=int, help="HNSW build effort (default 40)")
-    p.add_argument("--ef-search", type=int, help="HNSW search effort (default 16)")
-    p.add_argument("--nlist", type=int, help="IVF / IVF-PQ number of lists (default ~sqrt(n))")
-    p.add_argument("--nprobe", type=int, help="IVF / IVF-PQ lists probed per query (default 8 / 16)")
+    unset = argparse.SUPPRESS  # index options left out take the kind's own default
+    p.add_argument("--hnsw-m", type=int, default=unset, help=f"HNSW graph degree M (default {hnsw['M']})")
+    p.add_argument("--ef-construction", type=int, default=unset,
+                   help=f"HNSW build effort (default {hnsw['ef_construction']})")
+    p.add_argument("--ef-search", type=int, default=unset, help=f"HNSW search effort (default {hnsw['ef_search']})")
+    p.add_argument("--nlist", type=int, default=unset, help="IVF / IVF-PQ number of lists (default ~sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=unset,
+                   help=f"IVF / IVF-PQ lists probed per query (default {ivf['nprobe']} / {ivfpq['nprobe']})")
     p.add_argument("--model-hash", help="hash of the model that produced the descriptors (checked by fix ltau)")
     p.add_argument("--threads", type=int, help="faiss threads")
     p.set_defaults(func=_build)
@@ -82,7 +89,7 @@ def _build(args) -> int:
     descriptors = _load_npy(args.descriptors, "descriptors")
     names = {"hnsw_m": "M", "ef_construction": "ef_construction", "ef_search": "ef_search",
              "nlist": "nlist", "nprobe": "nprobe"}
-    options = {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg) is not None}
+    options = {key: getattr(args, arg) for arg, key in names.items() if hasattr(args, arg)}
     metadata = {"units": "eV/Angstrom", "source_error_log": str(args.error_log)}
     if args.model_hash:
         metadata["model_hash"] = args.model_hash

@@ -15,9 +15,10 @@ import numpy as np
 
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator.errorlog import ErrorLog, validate_bin_edges
-from ltau_lmp.estimator.index import SearchIndex, set_threads
+from ltau_lmp.estimator.index import CHUNK_ROWS, DEFAULT_KIND, SearchIndex, set_threads
 
 WEIGHTINGS = ("uniform", "distance")
+DEFAULT_K = 10
 PROGRESS_MIN_POINTS = 500_000
 PDF_CHUNK = 4096  # points per block when mixing PDFs: the (block, k, nbins) gather stays ~16 MB
 
@@ -110,7 +111,7 @@ class LTAUResult:
 class LTAUEstimator:
     """kNN over training-atom descriptors + their training-error distributions."""
 
-    def __init__(self, index: SearchIndex, pdfs: np.ndarray, bin_edges: np.ndarray, k: int = 10,
+    def __init__(self, index: SearchIndex, pdfs: np.ndarray, bin_edges: np.ndarray, k: int = DEFAULT_K,
                  weighting: str = "uniform", metadata: dict | None = None):
         self.index = index
         self.pdfs = pdfs
@@ -127,7 +128,7 @@ class LTAUEstimator:
         self.entry_expected = np.asarray(pdfs @ log_midpoints(self.bin_edges).astype(np.float32), np.float64)
 
     @classmethod
-    def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, index: str = "auto", k: int = 10,
+    def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, index: str = DEFAULT_KIND, k: int = DEFAULT_K,
               weighting: str = "uniform", metadata: dict | None = None, index_options: dict | None = None,
               use_gpu: bool | str = "auto", gpu_device: int = 0, threads: int | None = None,
               progress: bool | None = None) -> "LTAUEstimator":
@@ -176,7 +177,7 @@ class LTAUEstimator:
         """Weighted mean of the neighbours' PDFs: (n, k) ids and weights → (n, nbins)."""
         return np.einsum("nk,nkb->nb", weights.astype(np.float32), self.pdfs[neighbors], optimize=True)
 
-    def query(self, descriptors, k: int | None = None, chunk_size: int = 65_536,
+    def query(self, descriptors, k: int | None = None, chunk_size: int = CHUNK_ROWS,
               progress: bool | None = None) -> LTAUResult:
         """Uncertainty of new points from their latent descriptors (n, d)."""
         from tqdm.auto import tqdm
@@ -243,8 +244,8 @@ def check_pdfs(pdfs: np.ndarray, rows: np.ndarray | None = None, where: str = "P
     if pdfs.ndim != 2:
         raise ConfigError(f"{where} must be 2-D (n, nbins), got shape {pdfs.shape}")
     rows = np.arange(pdfs.shape[0]) if rows is None else rows
-    for start in range(0, len(rows), 65_536):
-        sample = pdfs[rows[start:start + 65_536]]
+    for start in range(0, len(rows), CHUNK_ROWS):
+        sample = pdfs[rows[start:start + CHUNK_ROWS]]
         if not np.all(np.isfinite(sample)) or np.any(sample < 0):
             raise ConfigError(f"{where} has negative, NaN or infinite probabilities")
         sums = sample.sum(axis=1, dtype=np.float64)

@@ -18,12 +18,13 @@ import os
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.estimator.estimator import LTAUEstimator, check_pdfs
-from ltau_lmp.estimator.index import INDEX_KINDS, SearchIndex
+from ltau_lmp.estimator.index import INDEX_KINDS, SearchIndex, require_faiss
+
+faiss = require_faiss()  # estimator files hold a faiss index: nothing here works without it
 
 ESTIMATOR_FORMAT = "ltau-estimator"
 ESTIMATOR_VERSION = 1

@@ -5,7 +5,6 @@ live in :mod:`ltau_lmp.evaluation.plots` and import matplotlib only when that mo
 """
 
 from ltau_lmp.evaluation.metrics import (
-    DEFAULT_CHUNK_ROWS,
     DEFAULT_LEVELS,
     MetricInputError,
     Reliability,
@@ -33,7 +32,6 @@ _PLOTS = (
 )
 
 __all__ = [
-    "DEFAULT_CHUNK_ROWS",
     "DEFAULT_LEVELS",
     "MetricInputError",
     "Reliability",

@@ -26,11 +26,11 @@ from scipy import integrate, stats
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.estimator.estimator import pdf_cdf_at as cdf_at
 from ltau_lmp.estimator.estimator import pdf_quantile as quantile_of
+from ltau_lmp.estimator.index import CHUNK_ROWS
 
 __all__ = [
     "MetricInputError",
     "DEFAULT_LEVELS",
-    "DEFAULT_CHUNK_ROWS",
     "spearman",
     "pearson_log",
     "pdf_cdf",
@@ -49,9 +49,6 @@ __all__ = [
 
 #: Nominal central-interval levels used when none are given (0.1, 0.2, ..., 0.9).
 DEFAULT_LEVELS = np.round(np.arange(0.1, 1.0, 0.1), 10)
-
-#: Rows of ``pdf`` processed at once, so that cumulative sums of millions of atoms fit in memory.
-DEFAULT_CHUNK_ROWS = 65536
 
 
 class MetricInputError(LTAUError, ValueError):
@@ -145,7 +142,7 @@ def pearson_log(pred, true) -> float:
 # --------------------------------------------------------------------------- CDF / quantiles
 
 
-def pdf_cdf(pdf, bin_edges, x, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+def pdf_cdf(pdf, bin_edges, x, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """CDF of each row's predicted distribution at ``x`` (shape ``(n,)`` or ``(n, k)``).
 
     Row ``i`` of ``pdf`` is evaluated at row ``i`` of ``x``.  Linear inside a bin in error
@@ -167,7 +164,7 @@ def pdf_cdf(pdf, bin_edges, x, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarr
     return out.reshape(xv.shape)
 
 
-def pdf_quantile(pdf, bin_edges, q, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+def pdf_quantile(pdf, bin_edges, q, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Quantile(s) ``q`` of every row's predicted distribution: the inverse of :func:`pdf_cdf`.
 
     ``q`` is a scalar (result ``(n,)``) or a 1-D array of probabilities (result ``(n, k)``).
@@ -199,7 +196,7 @@ def _levels(levels) -> np.ndarray:
 
 
 def interval_coverage(pdf, bin_edges, true_error, levels=DEFAULT_LEVELS,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+                      chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Observed fraction of true errors inside each central predicted interval.
 
     For nominal level ``c`` the interval is ``[q((1-c)/2), q((1+c)/2)]`` of every atom's own
@@ -214,7 +211,7 @@ def interval_coverage(pdf, bin_edges, true_error, levels=DEFAULT_LEVELS,
     return inside.mean(axis=0)
 
 
-def pit_values(pdf, bin_edges, true_error, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+def pit_values(pdf, bin_edges, true_error, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Probability integral transform CDF_i(true_error_i): uniform on [0, 1] when calibrated."""
     e = _vector(true_error, "true_error")
     return pdf_cdf(pdf, bin_edges, e, chunk_rows)
@@ -325,7 +322,7 @@ def first_crossing(steps, values, threshold: float):
 
 
 def summarize(true_error, predicted, pdf, bin_edges, distance, tol: float = 0.1,
-              levels=DEFAULT_LEVELS, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, float]:
+              levels=DEFAULT_LEVELS, chunk_rows: int = CHUNK_ROWS) -> dict[str, float]:
     """All scalar metrics for one data set, as plain floats ready for ``json.dump``.
 
     ``tol`` (eV/Å) is the error tolerance whose predicted probability P(error < tol) is

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ltau_lmp.data.config import from_dict, load_section, resolve
 from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator.estimator import DEFAULT_K
+from ltau_lmp.estimator.index import DEFAULT_KIND, KIND_CHOICES
 
 SCHEDULES = ("plateau", "cosine", "none")
 
@@ -49,8 +51,15 @@ class ErrorLogOptions:
 
 @dataclass
 class EstimatorOptions:
-    index: str = "flat"  # faiss index kind (flat = exact; see ltau_lmp.estimator.INDEX_KINDS)
-    k: int = 10  # nearest neighbours averaged per query
+    index: str = DEFAULT_KIND  # faiss index kind: auto | flat (exact) | ivf | hnsw | ivfpq (ltau_lmp.estimator.index)
+    k: int = DEFAULT_K  # nearest neighbours averaged per query
+
+    def validate(self, where: str) -> None:
+        """Checked before training: a bad index kind must not surface only after the last epoch."""
+        if self.index not in KIND_CHOICES:
+            raise ConfigError(f"{where}.index: {self.index!r} is not one of {list(KIND_CHOICES)}")
+        if self.k < 1:
+            raise ConfigError(f"{where}.k must be >= 1, got {self.k}")
 
 
 @dataclass
