@@ -1,0 +1,220 @@
+"""MACE behind the model contract: equal to MACE's own calculator, exact with ghost atoms, files, card."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+
+from ltau_lmp.errors import ConfigError, FileFormatError
+from ltau_lmp.model import (MACEForceField, PickleRefusedError, detect_family, evaluate, load_model,
+                            neighbor_list, species_indices)
+
+pytest.importorskip("mace")
+from e3nn import o3  # noqa: E402
+from mace import modules  # noqa: E402
+from mace.calculators import MACECalculator  # noqa: E402
+
+
+def tiny_mace(seed=0, heads=None):
+    """A randomly initialised two-species ScaleShiftMACE (8 channels, L = 1, r_max 4, 2 layers), float64."""
+    torch.manual_seed(seed)
+    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    model = modules.ScaleShiftMACE(
+        r_max=4.0, num_bessel=6, num_polynomial_cutoff=5, max_ell=2, interaction_cls=block,
+        interaction_cls_first=block, num_interactions=2, num_elements=2,
+        hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("8x0e"),
+        atomic_energies=np.array([[-7.5, -4.0]] * len(heads or ["Default"])),
+        avg_num_neighbors=14.0, atomic_numbers=[6, 14], correlation=2,
+        gate=torch.nn.functional.silu, radial_MLP=[16], heads=heads,
+        atomic_inter_scale=2.0, atomic_inter_shift=0.1)
+    return model.double()
+
+
+def si_c_cell(repeat=(1, 1, 1), rattle=0.1, seed=0, cubic=True):
+    atoms = bulk("Si", "diamond", a=5.43, cubic=cubic).repeat(repeat)
+    rng = np.random.default_rng(seed)
+    atoms.symbols[::5] = "C"
+    atoms.set_cell(atoms.cell @ (np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))), scale_atoms=True)
+    atoms.positions += rng.normal(0.0, rattle, atoms.positions.shape)
+    return atoms
+
+
+def inputs(model, atoms):
+    c, n, s = neighbor_list(atoms, model.card.cutoff)
+    return (torch.tensor(atoms.positions), torch.from_numpy(species_indices(atoms, list(model.card.species))),
+            torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms))
+
+
+@pytest.fixture(scope="module")
+def mace_model():
+    return tiny_mace()
+
+
+@pytest.fixture(scope="module")
+def adapter(mace_model):
+    return MACEForceField(mace_model)
+
+
+@pytest.mark.parametrize("atoms", [
+    si_c_cell((2, 1, 1), seed=1),           # 16 atoms, 10.9 x 5.4 x 5.4 A: several images along y, z
+    si_c_cell(seed=2),                      # 8 atoms, cell < 2 x r_max in every direction
+    si_c_cell(cubic=False, seed=3),         # 2 atoms (Si + C): every atom sees many of its own images
+], ids=["16 atoms", "8 atoms", "2 atoms"])
+def test_equals_mace_calculator(adapter, mace_model, atoms):
+    calc = MACECalculator(models=mace_model, device="cpu", default_dtype="float64")
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    stress = atoms.get_stress(voigt=False)
+    descriptors = calc.get_descriptors(atoms, invariants_only=True, num_layers=-1)
+
+    out = evaluate(adapter, *inputs(adapter, atoms), virial=True)
+    assert abs(float(out.atom_energy.sum()) - energy) <= 1e-10 * abs(energy)
+    assert np.abs(out.forces.numpy() - forces).max() <= 1e-8 * np.abs(forces).max()
+    assert np.abs(-out.virial.numpy() / atoms.get_volume() - stress).max() <= 1e-8 * np.abs(stress).max()
+    assert out.latent.shape == descriptors.shape == (len(atoms), 16)
+    np.testing.assert_allclose(out.latent.numpy(), descriptors, rtol=0, atol=1e-12)
+
+
+def test_atom_energy_includes_e0(adapter, mace_model):
+    """Per-atom energies sum to the total: MACE's node_energy with E0 (the calculator's "energies";
+    its "node_energy" result has E0 subtracted)."""
+    atoms = si_c_cell(seed=4)
+    calc = MACECalculator(models=mace_model, device="cpu", default_dtype="float64")
+    calc.calculate(atoms)
+    atom_energy = evaluate(adapter, *inputs(adapter, atoms), forces=False).atom_energy.numpy()
+    np.testing.assert_allclose(atom_energy, calc.results["energies"], rtol=0, atol=1e-12)
+    e0 = np.where(atoms.numbers == 6, -7.5, -4.0)
+    np.testing.assert_allclose(atom_energy - e0, calc.results["node_energy"], rtol=0, atol=1e-12)
+
+
+def test_shift_gradient_gives_pair_forces(adapter):
+    """The LAMMPS runtime differentiates w.r.t. a zero offset added through ``shifts``."""
+    atoms = si_c_cell(seed=5)
+    positions, species, c, n, s, n_local = inputs(adapter, atoms)
+    offset = torch.zeros_like(s, requires_grad=True)
+    atom_energy, _ = adapter(positions, species, c, n, s + offset, n_local)
+    (pair_grad,) = torch.autograd.grad(atom_energy.sum(), offset)
+    forces = torch.zeros(len(atoms), 3, dtype=torch.float64)
+    forces.index_add_(0, c, pair_grad).index_add_(0, n, -pair_grad)  # r_ij = x_j - x_i + s_ij
+    expected = evaluate(adapter, positions, species, c, n, s, n_local).forces
+    assert torch.abs(forces - expected).max() <= 1e-12 * torch.abs(expected).max()
+
+
+def explicit_images(atoms, reach):
+    """Local atoms then every periodic image within ``reach`` of one of them (no shifts needed)."""
+    heights = atoms.get_volume() / np.linalg.norm(np.cross(atoms.cell[[1, 2, 0]], atoms.cell[[2, 0, 1]]), axis=1)
+    m = np.ceil(reach / heights).astype(int) + 1
+    grid = np.stack(np.meshgrid(*(np.arange(-k, k + 1) for k in m), indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.argsort(np.abs(grid).sum(1), kind="stable")]  # (0, 0, 0) first: the local atoms
+    images = (grid @ atoms.cell.array)[:, None, :] + atoms.positions[None]  # (n_images, n, 3)
+    distance = np.linalg.norm(images.reshape(-1, 1, 3) - atoms.positions[None], axis=2).min(1)
+    keep = np.flatnonzero(distance < reach)
+    positions = images.reshape(-1, 3)[keep]
+    owners = keep % len(atoms)
+    assert np.array_equal(owners[:len(atoms)], np.arange(len(atoms)))
+    return Atoms(numbers=atoms.numbers[owners], positions=positions, pbc=False), owners
+
+
+@pytest.mark.parametrize("shell, exact", [(2, True), (1, False)])
+def test_ghost_atoms_out_to_receptive_field_are_exact(adapter, shell, exact):
+    atoms = si_c_cell(seed=6)
+    periodic = evaluate(adapter, *inputs(adapter, atoms))
+    cluster, owners = explicit_images(atoms, shell * adapter.card.cutoff + 0.5)
+    positions, species, c, n, s, _ = inputs(adapter, cluster)
+    assert s is not None and not s.any() and (c >= len(atoms)).any()  # ghost-centred pairs, no shifts
+    out = evaluate(adapter, positions, species, c, n, None, len(atoms))
+    folded = np.zeros((len(atoms), 3))
+    np.add.at(folded, owners, out.forces.numpy())
+    force_error = np.abs(folded - periodic.forces.numpy()).max()
+    energy_error = np.abs(out.atom_energy.numpy() - periodic.atom_energy.numpy()).max()
+    if exact:
+        assert force_error <= 1e-10 and energy_error <= 1e-10
+        np.testing.assert_allclose(out.latent.numpy(), periodic.latent.numpy(), rtol=0, atol=1e-10)
+    else:  # one cutoff of ghosts is not enough for two message-passing layers
+        assert force_error > 1e-7
+
+
+def test_card(adapter, mace_model):
+    card = adapter.card
+    assert (card.family, card.species, card.cutoff, card.num_layers, card.receptive_field) == \
+        ("mace", ("C", "Si"), 4.0, 2, 8.0)
+    assert (card.latent_dim, card.dtype) == (16, "float64") and "layer(s) 1, 2" in card.latent
+    assert card.model_hash == MACEForceField(mace_model).card.model_hash
+    assert MACEForceField(tiny_mace(seed=1)).card.model_hash != card.model_hash
+    last = MACEForceField(mace_model, layers=[-1])
+    assert last.card.latent_dim == 8 and last.card.model_hash != card.model_hash
+    atoms = si_c_cell(seed=7)
+    full = evaluate(adapter, *inputs(adapter, atoms), forces=False).latent
+    assert torch.equal(evaluate(last, *inputs(last, atoms), forces=False).latent, full[:, 8:])
+
+
+def test_float32_model(mace_model):
+    import copy
+
+    single = MACEForceField(copy.deepcopy(mace_model).float())
+    assert single.card.dtype == "float32"
+    atoms = si_c_cell(seed=8)
+    double = evaluate(MACEForceField(mace_model), *inputs(single, atoms)).forces
+    out = evaluate(single, *inputs(single, atoms))
+    assert out.forces.dtype == torch.float32
+    assert torch.abs(out.forces.double() - double).max() <= 1e-4 * torch.abs(double).max()
+
+
+def test_no_local_atoms(adapter):
+    atoms = si_c_cell(seed=9)
+    positions, species, c, n, s, _ = inputs(adapter, atoms)
+    out = evaluate(adapter, positions, species, c, n, s, 0)
+    assert out.atom_energy.shape == (0,) and out.latent.shape == (0, 16)
+    assert not out.forces.any()
+
+
+def test_options_and_refusals(mace_model):
+    with pytest.raises(ConfigError, match="latent layers"):
+        MACEForceField(mace_model, layers=[2])
+    with pytest.raises(ConfigError, match="repeat"):
+        MACEForceField(mace_model, layers=[1, -1])
+    with pytest.raises(ConfigError, match="expected a MACE energy model"):
+        MACEForceField(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="head 'x'"):
+        MACEForceField(mace_model, head="x")
+    two_heads = tiny_mace(heads=["pt_head", "Default"])
+    assert MACEForceField(two_heads).head == "Default"
+    with pytest.raises(ConfigError, match="none is 'Default'"):
+        MACEForceField(tiny_mace(heads=["a", "b"]))
+
+
+def test_model_file_needs_explicit_trust(tmp_path, adapter, mace_model):
+    path = tmp_path / "tiny.model"
+    torch.save(mace_model, path)
+    assert detect_family(path) == "mace"
+    for family in (None, "mace"):
+        with pytest.raises(PickleRefusedError, match=r"allow_pickle=True .*trust_pickle yes.*--allow-pickle"):
+            load_model(path, family=family)
+    loaded = load_model(path, allow_pickle=True)
+    assert isinstance(loaded, MACEForceField) and loaded.card == adapter.card
+    with pytest.raises(FileFormatError, match="not a readable torch file"):
+        load_model(path, family="ltau_local")  # weights_only refuses the module
+
+
+class _Touch:
+    """Unpickling this object creates a file: the marker shows whether a refused file ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_refused_file_runs_no_code(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "evil.model"
+    torch.save({"mace.modules.models": _Touch(str(marker))}, path)
+    with pytest.raises(PickleRefusedError):
+        load_model(path)
+    assert not marker.exists()
+    with pytest.raises(FileFormatError):
+        load_model(path, family="ltau_local")
+    assert not marker.exists()
