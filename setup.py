@@ -47,7 +47,7 @@ setup(
     ext_modules=[Extension(
         PLUGIN,
         sources=[os.path.join(plugin_dir, "ltau_plugin.cpp")],
-        depends=[os.path.join(plugin_dir, "lammpsplugin.h")],
+        depends=[os.path.join(plugin_dir, h) for h in ("lammpsplugin.h", "ltau_abi.h")],
         include_dirs=[plugin_dir, lmp_inc, mpi_inc],
         define_macros=[("LAMMPS_SMALLBIG", None),
                        ("LTAU_LIBPYTHON", f'"{_libpython()}"'),

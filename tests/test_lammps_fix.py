@@ -319,12 +319,14 @@ def _per_rank(tmp_path: Path, scripts: dict[str, str], timeout: float = 90) -> d
 def test_hard_halt_at_first_step_over_threshold_on_all_ranks(files, reference, tmp_path):
     r = reference
     script = BASE.format(model=files["model_file"]) + (
-        f"fix u all ltau {files['est']} every {EVERY} metric distance halt {r['halt']} log halt.log\nrun {STEPS}\n")
+        f"fix u all ltau {files['est']} every {EVERY} metric distance halt {r['halt']} error hard log halt.log\n"
+        f"run {STEPS}\n")
     got = _per_rank(tmp_path, {"in.halt": script})["in.halt"]
     for rank, result in enumerate(got):
         assert result.startswith("ERROR"), (rank, got)
-        assert f"step {r['halt_step']}:" in result and f"atom tag {r['halt_tag']}" in result, (rank, result)
-        assert f"{r['halt_value']:.6g}" in result and "exceeds the halt threshold" in result, (rank, result)
+        assert f"Fix ltau u condition met on step {r['halt_step']} with value {r['halt_value']:.6g}" in result, \
+            (rank, result)
+        assert f"atom tag {r['halt_tag']}" in result and "exceeds the halt threshold" in result, (rank, result)
     log = _read_log(tmp_path / "halt.log")
     assert log[-1, 0] == r["halt_step"] and log[-1, 1] > r["halt"]
     assert np.all(log[:-1, 1] <= r["halt"]) and log[-1, 5] >= 1
@@ -332,7 +334,8 @@ def test_hard_halt_at_first_step_over_threshold_on_all_ranks(files, reference, t
     # the native lmp binary (embedded Python) exits non-zero with the message, no hang
     res = _run_script(tmp_path, script, launcher="lmp")
     assert res.returncode != 0
-    assert f"step {r['halt_step']}:" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"condition met on step {r['halt_step']} " in res.stdout + res.stderr, \
+        res.stdout[-2000:] + res.stderr[-2000:]
 
 
 @pytest.mark.mpi
@@ -358,7 +361,7 @@ def test_soft_halt_restart_continues_without_repeating_steps(files, reference, t
     assert res.returncode == 0, out[-2000:] + res.stderr[-2000:]
     s = r["halt_step"]
     assert f"STOPPED_AT {s}\n" in out and f"ENDED_AT {s + 30}\n" in out, out[-3000:]
-    assert out.count("stopping the run (soft halt)") == 1
+    assert out.count(f"Fix ltau u condition met on step {s} ") == 1
     log = _read_log(tmp_path / "r.log")
     np.testing.assert_array_equal(log[:, 0], np.arange(0, s + 31, EVERY))   # no step twice, no gap
     assert np.all(log[log[:, 0] < s, 1] <= r["halt"]) and log[log[:, 0] == s, 1] > r["halt"]
@@ -491,8 +494,8 @@ def test_input_scripts_run(files, tmp_path):
     ltau = _read_log(tmp_path / "ltau.log")
     np.testing.assert_array_equal(ltau[:, 0], np.arange(0, 41, 2))
     assert [f.info["timestep"] for f in read(tmp_path / "ltau_frames.xyz", ":")] == [0]  # interval 100
-    heat = _read_log(tmp_path / "heat.log")                  # halt 0: stops at its first evaluation
-    assert heat[:, 0].tolist() == [0] and len(read(tmp_path / "heat_frames.xyz", ":")) == 1
+    heat = _read_log(tmp_path / "heat.log")          # halt 0: stops at the first end-of-step check
+    assert heat[:, 0].tolist() == [0, 5] and len(read(tmp_path / "heat_frames.xyz", ":")) == 2
     assert (tmp_path / "heat_last.data").exists()
     restart = _read_log(tmp_path / "restart.log")
-    np.testing.assert_array_equal(restart[:, 0], np.arange(0, 21, 5))    # halted at 0, then 20 more
+    np.testing.assert_array_equal(restart[:, 0], np.arange(0, 26, 5))    # halted at 5, then 20 more

@@ -272,14 +272,19 @@ def test_exception_on_one_rank_stops_all(model_file, data_file, tmp_path):
 
 
 FIX_STANDIN = '''
-import sys, types
 import numpy as np
 from mpi4py import MPI
+from ltau_lmp.lammps import driver, runtime
+from ltau_lmp.lammps.fix import FixOptions, HaltCondition
 
-class FixLtau:
-    """Stand-in with the lead's interface: column 1 = tag, soft halt once at 25, error at 45."""
-    def __init__(self, fix_id, args, comm, runtime):
-        self.comm, self.runtime, self.args, self.halted = comm, runtime, args, False
+class StandIn:
+    """Stand-in for FixLtau (no estimator): column 1 = tag, halt once at 25, error at 45."""
+    n_peratom, n_vector = 4, 5
+    def __init__(self, fix_id, args, comm, pair_runtime):
+        self.comm, self.runtime, self.args, self.halted = comm, pair_runtime, args, False
+        self.opts = FixOptions.parse(args)
+    def bind(self, pair_runtime, minimize):
+        self.runtime = pair_runtime
     def end_of_step(self, step, nlocal, x, tag, mask, groupbit, peratom, global_out, box, periodic):
         assert np.allclose(box, [0, 0, 0, 16.293, 16.293, 16.293, 0, 0, 0]) and periodic == (True,) * 3
         assert self.runtime.cache.step == step and self.runtime.cache.latent.shape == (nlocal, 16)
@@ -292,11 +297,9 @@ class FixLtau:
             raise ValueError("estimator exploded at step 45")
         if step == 25 and not self.halted:
             self.halted = True
-            return 1
-        return 0
+            raise HaltCondition("stand-in halt at step 25")
 
-sys.modules["ltau_lmp.lammps.fix"] = types.SimpleNamespace(FixLtau=FixLtau)
-from ltau_lmp.lammps import driver
+runtime.FixLtau = StandIn
 lmp = driver.create_lammps(log="none")
 try:
     lmp.file("in.fix")
@@ -311,7 +314,7 @@ def test_fix_shim(model_file, data_file, tmp_path):
     (tmp_path / "in.fix").write_text(HEADER.format(data=data_file) + textwrap.dedent(f"""\
         pair_style ltau
         pair_coeff * * {model_file} Si C
-        fix u all ltau est.npz every 5 dump out.xyz 1.0
+        fix u all ltau est.npz every 5 dump out.xyz 1.0 halt 1e9 error continue
         compute c all reduce max f_u[1]
         velocity all create 300 1 loop geom
         fix md all nve
@@ -325,10 +328,11 @@ def test_fix_shim(model_file, data_file, tmp_path):
     (tmp_path / "fix.py").write_text(FIX_STANDIN)
     res = _mpirun([sys.executable, "fix.py"], tmp_path, timeout=90)
     out = res.stdout
-    assert "AFTER_RUN1 25" in out, out + res.stderr[-2000:]          # soft halt at 25 of 40
+    assert "AFTER_RUN1 25" in out, out + res.stderr[-2000:]          # halt at 25 of 40
+    assert "Fix ltau stand-in halt at step 25" in out                # error continue: run 2 goes on
     assert "rank 0 stopped" in out and "rank 1 stopped" in out
     assert "estimator exploded at step 45" in out
     rows = [line.split() for line in out.splitlines() if line.strip().split()[:1] == ["25"]]
-    assert [float(v) for v in rows[0][1:]] == [216, 216, 25, 6, 216]
+    assert [float(v) for v in rows[0][1:]] == [216, 216, 25, 10, 216]
     d = _read_dump(tmp_path / "d.20")
     np.testing.assert_array_equal(d[:, 0], d[:, 1])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ltau_lmp.errors import LTAUError
+from ltau_lmp.lammps import abi
 
 METRICS = ("expected", "upper", "distance")
 LOG_COLUMNS = ["step", "max", "mean", "quantile", "n_over_dump", "n_over_halt", "max_distance", "worst_tag"]
@@ -29,7 +30,8 @@ class FixOptions:
     ci: tuple[float, float] = (0.05, 0.95)
     quantile: float = 0.99
     halt: float | None = None
-    halt_mode: str = "hard"
+    halt_mode: str = "soft"         # fix halt's default
+    halt_message: bool = True
     dump_file: str | None = None
     dump_threshold: float | None = None
     dump_interval: int = 1
@@ -41,6 +43,7 @@ class FixOptions:
         if not args:
             raise LTAUError("usage is fix ID group ltau ESTIMATOR_FILE keyword value ...")
         opts, rest = cls(estimator=args[0]), list(args[1:])
+        given: set[str] = set()
 
         def take(keyword: str, what: str) -> str:
             if not rest:
@@ -68,11 +71,12 @@ class FixOptions:
                     raise LTAUError(f"quantile must lie in [0, 1], got {opts.quantile}")
             elif keyword == "halt":
                 opts.halt = _threshold(take(keyword, "a threshold"), "halt")
-                if rest[:1] == ["error"]:
-                    rest.pop(0)
-                    opts.halt_mode = take("halt ... error", "hard|soft")
-                    if opts.halt_mode not in ("hard", "soft"):
-                        raise LTAUError(f"halt ... error must be hard or soft, got {opts.halt_mode!r}")
+            elif keyword == "error":
+                opts.halt_mode = _choice(take(keyword, "hard|soft|continue"), "error", tuple(abi.HALT_MODES))
+                given.add(keyword)
+            elif keyword == "message":
+                opts.halt_message = _choice(take(keyword, "yes|no"), "message", ("yes", "no")) == "yes"
+                given.add(keyword)
             elif keyword == "dump":
                 opts.dump_file = take(keyword, "FILE THRESH")
                 opts.dump_threshold = _threshold(take(keyword, "FILE THRESH"), "dump")
@@ -87,8 +91,15 @@ class FixOptions:
                 opts.log_file = take(keyword, "FILE")
             else:
                 raise LTAUError(f"unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
-                                "halt, dump, log)")
+                                "halt, error, message, dump, log)")
+        if given and opts.halt is None:
+            raise LTAUError(f"keyword {' and '.join(sorted(given))} needs halt THRESH")
         return opts
+
+    @property
+    def halt_mode_code(self) -> int:
+        """The plugin's ``ltau_halt_mode``."""
+        return abi.HALT_NONE if self.halt is None else abi.HALT_MODES[self.halt_mode]
 
 
 def _number(text: str, what: str) -> float:
@@ -99,6 +110,12 @@ def _number(text: str, what: str) -> float:
     if not np.isfinite(value):
         raise LTAUError(f"{what} must be finite, got {text!r}")
     return value
+
+
+def _choice(text: str, what: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise LTAUError(f"{what} must be {' or '.join(choices)}, got {text!r}")
+    return text
 
 
 def _threshold(text: str, what: str) -> float:
@@ -122,11 +139,16 @@ class PeerFailed(Exception):
     """Another rank failed in the same call: this rank stops quietly, that rank reports."""
 
 
+class HaltCondition(Exception):
+    """The halt threshold is crossed (same step, same message on every rank); the plugin
+    applies fix halt's mode: error hard, soft or continue."""
+
+
 def agree(comm, work):
     """Run rank-local ``work``, then make sure no rank enters a collective call alone.
 
-    The failing rank re-raises its own error; the others raise ``PeerFailed`` and return
-    status 0 to the plugin, which reduces the statuses and shows the failing rank's message.
+    The failing rank re-raises its own error; the others raise ``PeerFailed``, which the runtime
+    turns into status OK: the plugin reduces the statuses and shows the failing rank's message.
     """
     from mpi4py import MPI
 
@@ -143,46 +165,34 @@ def agree(comm, work):
 class FixLtau:
     """Per-rank state of one ``fix ltau``: the estimator, the options, rank-0 output files."""
 
+    n_peratom = 4   # f_ID[1..4]: expected, CI low, CI high, kNN distance
+    n_vector = 5    # f_ID[1..5]: max, mean, n over dump, n over halt, max distance
+
     def __init__(self, fix_id: str, args: list[str], comm, runtime):
         self.fix_id = fix_id
         self.comm = comm
         self.rank = comm.Get_rank()
         self.runtime = runtime
+        self.minimize = False
         self.log = self.dump = None
-        try:
-            agree(comm, lambda: self._setup(args))
-        except PeerFailed:
-            return
+        self.opts = FixOptions.parse(args)   # identical words on every rank: fails on all or none
+        agree(comm, self._setup)
         # Rank 0 knows the dump's earlier frames; every rank must skip the same steps.
         self.dump_steps = comm.bcast(list(self.dump.steps) if self.dump else [], root=0)
 
-    def _setup(self, args: list[str]) -> None:
+    def _setup(self) -> None:
         from ltau_lmp.errors import FileFormatError
-        from ltau_lmp.estimator import LTAUEstimator, gpu_available
+        from ltau_lmp.estimator import LTAUEstimator
+        from ltau_lmp.lammps.devices import faiss_gpu_device
 
-        self.opts = FixOptions.parse(args)
-        device = 0
-        if gpu_available():
-            import faiss
-
-            from ltau_lmp.lammps.runtime import _local_rank
-
-            device = _local_rank()[0] % faiss.get_num_gpus()
+        device = faiss_gpu_device()
         try:
             # Checksums are verified once (rank 0); every rank memory-maps the same pages.
             self.estimator = LTAUEstimator.load(self.opts.estimator, mmap=True, verify=self.rank == 0,
-                                                gpu_device=device)
+                                                gpu_device=device or 0)
         except FileFormatError as exc:
             raise LTAUError(f"cannot use estimator: {exc}") from None
-        model = self.runtime.model
-        if self.estimator.dim != model.latent_dim:
-            raise LTAUError(f"estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
-                            f"descriptors but the model of pair_style ltau has latent_dim {model.latent_dim}: "
-                            "it was built for another model")
-        expected_hash = self.estimator.metadata.get("model_hash")
-        if expected_hash and expected_hash != model.model_hash:
-            raise LTAUError(f"estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
-                            f"but pair_style ltau runs model {model.model_hash[:12]}")
+        self._check_model(self.runtime.model)
         if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
             raise LTAUError(f"k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
         if self.rank == 0:
@@ -193,15 +203,32 @@ class FixLtau:
             if self.opts.dump_file:
                 self.dump = FrameDump(self.opts.dump_file)
 
+    def _check_model(self, model) -> None:
+        """The estimator must have been built from this model's latent features."""
+        if self.estimator.dim != model.latent_dim:
+            raise LTAUError(f"estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
+                            f"descriptors but the model of pair_style ltau has latent_dim {model.latent_dim}: "
+                            "it was built for another model")
+        expected_hash = self.estimator.metadata.get("model_hash")
+        if expected_hash and expected_hash != model.model_hash:
+            raise LTAUError(f"estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
+                            f"but pair_style ltau runs model {model.model_hash[:12]}")
+
+    def bind(self, runtime, minimize: bool) -> None:
+        """Called at every ``init``: follow a redefined ``pair_style ltau`` (a new model between
+        runs) or stop now, before any step, when the estimator does not belong to its model."""
+        if runtime is not self.runtime:
+            self._check_model(runtime.model)
+            self.runtime = runtime
+        self.minimize = minimize
+
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
                     box: np.ndarray, periodic: tuple[bool, bool, bool]) -> int:
-        """Fill the per-atom array and global values; returns 1 to ask for a soft halt."""
-        try:
-            in_group, metric = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
-        except PeerFailed:
-            return 0
-        return self._decide(step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic)
+        """Fill the per-atom array and global values; raises ``HaltCondition`` on every rank
+        together when the halt threshold is crossed."""
+        in_group, metric = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
+        self._decide(step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic)
 
     def _evaluate(self, step, nlocal, tag, mask, groupbit, peratom):
         """Rank-local part: query the estimator for this rank's group atoms."""
@@ -222,7 +249,7 @@ class FixLtau:
             metric[in_group] = values[:, {"expected": 0, "upper": 2, "distance": 3}[self.opts.metric]]
         return in_group, metric
 
-    def _decide(self, step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic) -> int:
+    def _decide(self, step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic) -> None:
         """Collective part: global values, log, dump and halt, identical on every rank."""
         from mpi4py import MPI
 
@@ -248,19 +275,13 @@ class FixLtau:
             frame = self._gather_frame(step, nlocal, x, tag, in_group, peratom, box, periodic, vmax)
             self.dump_steps.append(step)
         log_values = [vmax, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag]
-        try:  # only rank 0 writes, but a failed write must stop every rank together
-            agree(self.comm, lambda: self._write_outputs(step, log_values, frame))
-        except PeerFailed:
-            return 0
+        # only rank 0 writes, but a failed write must stop every rank together
+        agree(self.comm, lambda: self._write_outputs(step, log_values, frame))
         if o.halt is not None and n_halt > 0:
-            message = (f"{self.fix_id}: step {step}: {o.metric} uncertainty {vmax:.6g} exceeds the "
-                       f"halt threshold {o.halt:g} (atom tag {worst_tag}, {int(n_halt)} atoms over)")
-            if o.halt_mode == "hard":
-                raise LTAUError(message)
-            if self.rank == 0:
-                print(f"WARNING: fix ltau {message}; stopping the run (soft halt)", flush=True)
-            return 1
-        return 0
+            raise HaltCondition(
+                f"{self.fix_id} condition met on step {step} with value {vmax:.6g}: {o.metric} "
+                f"uncertainty exceeds the halt threshold {o.halt:g} (atom tag {worst_tag}, "
+                f"{int(n_halt)} atoms over)")
 
     def _write_outputs(self, step: int, log_values: list, frame) -> None:
         if self.log is not None:

@@ -1,9 +1,10 @@
 """Per-rank Python runtime behind ``pair_style ltau`` and ``fix ltau``.
 
 The C++ plugin (``plugin/ltau_plugin.cpp``) calls the functions registered here by
-:func:`bootstrap` through ctypes. Every call gets zero-copy views of LAMMPS's arrays; results are
-written in place. Each callback returns a status and writes a message instead of raising: the
-plugin reduces the status over all ranks and stops every rank with the message, so an
+:func:`bootstrap` through ctypes; each gets one argument struct of ``plugin/ltau_abi.h``
+(mirrored in :mod:`ltau_lmp.lammps.abi`) holding zero-copy views of LAMMPS's arrays, and writes
+its results in place. Each callback returns a status and writes a message instead of raising:
+the plugin reduces the status over all ranks and stops every rank with the message, so an
 exception on one rank never hangs the others. Contract: doc/architecture.md, "LAMMPS runtime".
 """
 
@@ -13,31 +14,19 @@ import ctypes
 import os
 import sys
 import traceback
-from ctypes import POINTER, c_char_p, c_double, c_int, c_int64, c_void_p
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ltau_lmp.errors import LTAUError
-
-_PD, _PI, _PI64 = POINTER(c_double), POINTER(c_int), POINTER(c_int64)
-# message buffers are passed as c_void_p: writable memory owned by the plugin
-
-PAIR_COEFF = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_int, c_int, POINTER(c_char_p), _PD,
-                              c_void_p, c_int)
-PAIR_COMPUTE = ctypes.CFUNCTYPE(c_int, c_void_p, c_int64, c_int, c_int, _PD, _PI, _PI,
-                                c_int64, _PI64, _PI64, c_int, c_int, c_int, c_double,
-                                _PD, _PD, _PD, _PD, c_void_p, c_int)
-DESTROY = ctypes.CFUNCTYPE(None, c_void_p)
-FIX_CREATE = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_int, c_char_p, c_int,
-                              POINTER(c_char_p), c_void_p, c_int)
-FIX_STEP = ctypes.CFUNCTYPE(c_int, c_void_p, c_int64, c_int, _PD, _PI, _PI, c_int, _PD, _PD,
-                            _PD, _PI, c_void_p, c_int)
+from ltau_lmp.lammps import abi
+from ltau_lmp.lammps.devices import select_device
+from ltau_lmp.lammps.fix import FixLtau, HaltCondition, PeerFailed
 
 _pairs: dict[int, "PairRuntime"] = {}
-_fixes: dict[int, object] = {}
-_registered: dict[str, tuple] = {}   # plugin path -> (CDLL, callbacks): kept alive for the process
+_fixes: dict[int, FixLtau] = {}
+_registered: dict[str, tuple] = {}   # plugin path -> (CDLL, callback table): kept alive for the process
 
 
 def _view(ptr, shape, dtype=None) -> np.ndarray:
@@ -45,31 +34,6 @@ def _view(ptr, shape, dtype=None) -> np.ndarray:
     if int(np.prod(shape)) == 0:
         return np.empty(shape, dtype=dtype or np.float64)
     return np.ctypeslib.as_array(ptr, shape=shape)
-
-
-def _local_rank() -> tuple[int, int]:
-    """(rank, size) among the ranks of this node, from the launcher's environment."""
-    for rank_var, size_var in (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-                               ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-                               ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
-        if rank_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1").split("(")[0])
-    return 0, 1
-
-
-def select_device() -> torch.device:
-    """One GPU per rank (by local rank) when CUDA is available, else the CPU.
-
-    On the CPU the cores are shared out between the ranks of the node, unless the user set
-    OMP_NUM_THREADS (torch already honours it); oversubscription slows every rank down.
-    """
-    local_rank, local_size = _local_rank()
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores or 1) // max(1, local_size)))
-    return torch.device("cpu")
 
 
 @dataclass
@@ -129,11 +93,10 @@ class PairRuntime:
         self.cache = ForceCache(symbols=list(model.species), model_hash=model.model_hash)
         return float(model.cutoff)
 
-    def compute(self, step, nlocal, nghost, x, type_, tag, nedges, centers, neighbors,
-                eflag_global, eflag_atom, vflag_atom, cutghost, f, energy, eatom, vatom) -> None:
-        """Energy, forces on local and ghost atoms, per-atom energy/virial for one step.
+    def compute(self, a: abi.PairComputeArgs) -> float:
+        """Forces on local and ghost atoms, per-atom energy/virial for one step; returns the energy.
 
-        ``centers``/``neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim.
+        ``a.centers``/``a.neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim.
 
         The gradient is taken with respect to a zero offset added to every pair vector, which
         gives dE/dr_ij per pair in one backward pass: forces follow by scattering it onto both
@@ -143,27 +106,26 @@ class PairRuntime:
         model = self.model
         if model is None:
             raise LTAUError("pair_coeff * * MODEL_FILE ... was not given")
+        step, nlocal, nghost, nedges = a.step, a.nlocal, a.nghost, a.nedges
         needed = float(getattr(model, "receptive_field", model.cutoff))
-        if cutghost < needed:
+        if a.cutghost < needed:
             raise LTAUError(f"model {self.cache.model_hash[:12]} needs ghost atoms out to "
-                            f"{needed:g} A but LAMMPS communicates only {cutghost:g} A; "
+                            f"{needed:g} A but LAMMPS communicates only {a.cutghost:g} A; "
                             f"add `comm_modify cutoff {needed + 2.0:g}`")
         nall = nlocal + nghost
         self.cache.step = step
-        tags = _view(tag, (nlocal,), np.int32)
-        self.cache.tags = tags.copy()
-        self.cache.forces = _view(f, (nlocal, 3))
+        self.cache.tags = _view(a.tag, (nlocal,), np.int32).copy()
+        self.cache.forces = _view(a.f, (nlocal, 3))
         if nlocal == 0:
             self.cache._latent, self.cache.species = None, np.empty(0, np.int64)
-            energy[0] = 0.0
-            return
+            return 0.0
         dev, dtype = self.device, self.dtype
-        species_np = self.type2species[_view(type_, (nall,), np.int32)]
+        species_np = self.type2species[_view(a.type, (nall,), np.int32)]
         self.cache.species = species_np[:nlocal]
-        pos = torch.from_numpy(_view(x, (nall, 3))).to(dev, dtype)
+        pos = torch.from_numpy(_view(a.x, (nall, 3))).to(dev, dtype)
         species = torch.from_numpy(species_np).to(dev)
-        c = torch.from_numpy(_view(centers, (nedges,), np.int64)).to(dev)
-        n = torch.from_numpy(_view(neighbors, (nedges,), np.int64)).to(dev)
+        c = torch.from_numpy(_view(a.centers, (nedges,), np.int64)).to(dev)
+        n = torch.from_numpy(_view(a.neighbors, (nedges,), np.int64)).to(dev)
         offset = torch.zeros((nedges, 3), dtype=dtype, device=dev, requires_grad=True)
         with torch.enable_grad():
             atom_energy, latent = model(pos, species, c, n, offset, nlocal)
@@ -171,37 +133,37 @@ class PairRuntime:
         self.cache._latent = latent
         g = g.to(torch.float64)
         # r_ij = x_j - x_i: dE/dx_j = g, dE/dx_i = -g, F = -dE/dx
-        forces = torch.from_numpy(_view(f, (nall, 3)))
+        forces = torch.from_numpy(_view(a.f, (nall, 3)))
         if dev.type == "cpu":
             forces.index_add_(0, c, g).index_add_(0, n, g, alpha=-1.0)
         else:
             acc = torch.zeros((nall, 3), dtype=torch.float64, device=dev)
             forces += acc.index_add_(0, c, g).index_add_(0, n, g, alpha=-1.0).cpu()
         atom_energy = atom_energy.detach().to(torch.float64)
-        energy[0] = float(atom_energy.sum())
-        if eflag_atom:
-            _view(eatom, (nall,))[:nlocal] += atom_energy.cpu().numpy()
-        if vflag_atom:
+        if a.eflag_atom:
+            _view(a.eatom, (nall,))[:nlocal] += atom_energy.cpu().numpy()
+        if a.vflag_atom:
             r = (pos[n] - pos[c]).to(torch.float64)
-            a, b = (0, 1, 2, 0, 0, 1), (0, 1, 2, 1, 2, 2)
-            half = -0.5 * r[:, a] * g[:, b]
+            rows, cols = (0, 1, 2, 0, 0, 1), (0, 1, 2, 1, 2, 2)    # xx yy zz xy xz yz
+            half = -0.5 * r[:, rows] * g[:, cols]
             acc = torch.zeros((nall, 6), dtype=torch.float64, device=dev)
             acc.index_add_(0, c, half).index_add_(0, n, half)
-            torch.from_numpy(_view(vatom, (nall, 6))).add_(acc.cpu())
+            torch.from_numpy(_view(a.vatom, (nall, 6))).add_(acc.cpu())
+        return float(atom_energy.sum())
 
 
-def _fail(msg_buf, msglen: int, exc: BaseException) -> None:
+def _fail(msg, exc: BaseException) -> None:
     """Write the message for LAMMPS (the user's error verbatim, anything else with its type)."""
-    if isinstance(exc, LTAUError):
+    if isinstance(exc, (LTAUError, HaltCondition)):
         text = str(exc)
     else:
         traceback.print_exc(file=sys.stderr)
         text = f"{type(exc).__name__}: {exc}"
-    data = text.encode("utf-8", "replace")[: msglen - 1] + b"\0"
-    ctypes.memmove(msg_buf, data, len(data))
+    data = text.encode("utf-8", "replace")[: abi.MSGLEN - 1] + b"\0"
+    ctypes.memmove(msg, data, len(data))
 
 
-def _args(narg: int, arg) -> list[str]:
+def _words(narg: int, arg) -> list[str]:
     return [arg[i].decode() for i in range(narg)]
 
 
@@ -211,61 +173,81 @@ def _comm(fcomm: int):
     return MPI.Comm.f2py(fcomm)
 
 
-def _pair_coeff(handle, fcomm, ntypes, narg, arg, cutoff, msg, msglen):
-    try:
-        args = _args(narg, arg)
-        runtime = _pairs.setdefault(handle, PairRuntime())
-        cutoff[0] = runtime.coeff(_comm(fcomm), ntypes, args[0], args[1:])
-        return 0
-    except BaseException as exc:
-        _fail(msg, msglen, exc)
-        return 1
+def _guarded(fn):
+    """Callback wrapper: the status for the plugin, the message of any exception.
+
+    ``PeerFailed`` means another rank failed in a collective step: this rank returns OK and
+    the plugin shows the failing rank's message on all ranks.
+    """
+    def callback(handle, args, msg):
+        try:
+            fn(handle, args.contents)
+            return abi.OK
+        except PeerFailed:
+            return abi.OK
+        except HaltCondition as exc:
+            _fail(msg, exc)
+            return abi.HALT
+        except BaseException as exc:
+            _fail(msg, exc)
+            return abi.ERROR
+    return callback
 
 
-def _pair_compute(handle, step, nlocal, nghost, x, type_, tag, nedges, centers, neighbors,
-                  eflag_global, eflag_atom, vflag_atom, cutghost, f, energy, eatom, vatom,
-                  msg, msglen):
-    try:
-        runtime = _pairs.get(handle)
-        if runtime is None:
-            raise LTAUError("pair_coeff * * MODEL_FILE El1 El2 ... was not given")
-        runtime.compute(step, nlocal, nghost, x, type_, tag, nedges, centers, neighbors,
-                        eflag_global, eflag_atom, vflag_atom, cutghost, f, energy, eatom, vatom)
-        return 0
-    except BaseException as exc:
-        _fail(msg, msglen, exc)
-        return 1
+@_guarded
+def _pair_coeff(handle, a: abi.PairCoeffArgs):
+    words = _words(a.narg, a.arg)
+    runtime = _pairs.setdefault(handle, PairRuntime())
+    a.cutoff = runtime.coeff(_comm(a.fcomm), a.ntypes, words[0], words[1:])
+
+
+@_guarded
+def _pair_compute(handle, a: abi.PairComputeArgs):
+    runtime = _pairs.get(handle)
+    if runtime is None:
+        raise LTAUError("pair_coeff * * MODEL_FILE El1 El2 ... was not given")
+    a.energy = runtime.compute(a)
 
 
 def _pair_destroy(handle):
     _pairs.pop(handle, None)
 
 
-def _fix_create(handle, pair_handle, fcomm, fix_id, narg, arg, msg, msglen):
-    try:
-        from ltau_lmp.lammps.fix import FixLtau
-
-        runtime = _pairs.get(pair_handle)
-        if runtime is None:
-            raise LTAUError("fix ltau needs pair_coeff * * MODEL_FILE ... of pair_style ltau first")
-        _fixes[handle] = FixLtau(fix_id.decode(), _args(narg, arg), _comm(fcomm), runtime)
-        return 0
-    except BaseException as exc:
-        _fail(msg, msglen, exc)
-        return 2
+def _pair_runtime(pair_handle) -> "PairRuntime":
+    runtime = _pairs.get(pair_handle) if pair_handle else None
+    if runtime is None:
+        raise LTAUError("fix ltau needs pair_style ltau with its pair_coeff * * MODEL_FILE ... "
+                        "(the pair style was redefined without pair_coeff, or is not ltau)")
+    return runtime
 
 
-def _fix_end_of_step(handle, step, nlocal, x, tag, mask, groupbit, peratom, global6, box9,
-                     periodic3, msg, msglen):
-    try:
-        return int(_fixes[handle].end_of_step(
-            step, nlocal, _view(x, (nlocal, 3)), _view(tag, (nlocal,), np.int32),
-            _view(mask, (nlocal,), np.int32), groupbit, _view(peratom, (nlocal, 4)),
-            _view(global6, (6,)), box=_view(box9, (9,)).copy(),
-            periodic=tuple(bool(periodic3[i]) for i in range(3))))
-    except BaseException as exc:
-        _fail(msg, msglen, exc)
-        return 2
+@_guarded
+def _fix_create(handle, a: abi.FixCreateArgs):
+    fix = FixLtau(a.fix_id.decode(), _words(a.narg, a.arg), _comm(a.fcomm), _pair_runtime(a.pair))
+    _fixes[handle] = fix
+    a.nevery = fix.opts.every
+    a.halt_mode = fix.opts.halt_mode_code
+    a.halt_message = int(fix.opts.halt_message)
+    a.size_peratom_cols = fix.n_peratom
+    a.size_vector = fix.n_vector
+
+
+@_guarded
+def _fix_init(handle, a: abi.FixInitArgs):
+    if not a.pair:
+        raise LTAUError("fix ltau requires pair_style ltau: the pair style was redefined to another "
+                        "style (unfix the ltau fix first, or define pair_style ltau again)")
+    _fixes[handle].bind(_pair_runtime(a.pair), minimize=bool(a.minimize))
+
+
+@_guarded
+def _fix_step(handle, a: abi.FixStepArgs):
+    fix = _fixes[handle]
+    n = a.nlocal
+    fix.end_of_step(
+        a.step, n, _view(a.x, (n, 3)), _view(a.tag, (n,), np.int32), _view(a.mask, (n,), np.int32),
+        a.groupbit, _view(a.peratom, (n, fix.n_peratom)), _view(a.global_, (1 + fix.n_vector,)),
+        box=np.array(a.box[:]), periodic=tuple(bool(p) for p in a.periodic))
 
 
 def _fix_destroy(handle):
@@ -276,15 +258,18 @@ def bootstrap(so_path: str) -> None:
     """Register the callbacks with the plugin at ``so_path`` (idempotent, once per process).
 
     The plugin must already be loaded by LAMMPS (``plugin load`` or auto-load): ctypes then
-    gets the very same library handle, hence the same callback table.
+    gets the very same library handle, hence the same callback table. A plugin built for
+    another ABI version is refused with "rebuild the plugin".
     """
     so_path = os.path.realpath(so_path)
     if so_path in _registered:
         return
     lib = ctypes.CDLL(so_path, mode=ctypes.RTLD_GLOBAL)
-    callbacks = (PAIR_COEFF(_pair_coeff), PAIR_COMPUTE(_pair_compute), DESTROY(_pair_destroy),
-                 FIX_CREATE(_fix_create), FIX_STEP(_fix_end_of_step), DESTROY(_fix_destroy))
-    lib.ltau_set_callbacks.argtypes = [type(cb) for cb in callbacks]
-    lib.ltau_set_callbacks.restype = None
-    lib.ltau_set_callbacks(*callbacks)
-    _registered[so_path] = (lib, callbacks)
+    table = abi.Callbacks(
+        abi_version=abi.ABI_VERSION,
+        pair_coeff=abi.PAIR_COEFF(_pair_coeff), pair_compute=abi.PAIR_COMPUTE(_pair_compute),
+        pair_destroy=abi.DESTROY(_pair_destroy), fix_create=abi.FIX_CREATE(_fix_create),
+        fix_init=abi.FIX_INIT(_fix_init), fix_step=abi.FIX_STEP(_fix_step),
+        fix_destroy=abi.DESTROY(_fix_destroy))
+    abi.register(lib, so_path, table)
+    _registered[so_path] = (lib, table)

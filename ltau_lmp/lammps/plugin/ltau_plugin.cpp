@@ -4,7 +4,8 @@
 
    All the work happens in Python (ltau_lmp/lammps/runtime.py). This file only hands it
    zero-copy pointers to LAMMPS arrays through C function pointers that the runtime registers
-   with ltau_set_callbacks() via ctypes. Every callback returns a status and writes a message;
+   with ltau_set_callbacks() via ctypes; the structs and the version of that boundary are in
+   ltau_abi.h. Every callback returns a status and writes a message;
    the shim reduces the status over all ranks and stops every rank with the message of the
    lowest failing rank, so a Python exception on one rank never leaves the others hanging.
 
@@ -13,6 +14,7 @@
    interpreter (the one the package was built with, see setup.py) and imports the runtime. */
 
 #include "lammpsplugin.h"
+#include "ltau_abi.h"
 
 #include "atom.h"
 #include "comm.h"
@@ -47,46 +49,29 @@
 using namespace LAMMPS_NS;
 
 /* ---------------------------------------------------------------------------------------------
-   C ABI shared with ltau_lmp/lammps/runtime.py (keep the two in sync)
+   The C ABI with the Python runtime: ltau_abi.h (mirrored in ltau_lmp/lammps/abi.py)
 --------------------------------------------------------------------------------------------- */
 
-static constexpr int LTAU_MSGLEN = 2048;
+static ltau_callbacks cbs = {};
+static int32_t refused_abi = 0;    // abi_version of a refused table (stale plugin or runtime)
 
 extern "C" {
-typedef int (*ltau_pair_coeff_fn)(void *pair, int fcomm, int ntypes, int narg, char **arg,
-                                  double *cutoff, char *msg, int msglen);
-typedef int (*ltau_pair_compute_fn)(void *pair, int64_t step, int nlocal, int nghost,
-                                    const double *x, const int *type, const int *tag,
-                                    int64_t nedges, const int64_t *centers,
-                                    const int64_t *neighbors, int eflag_global, int eflag_atom,
-                                    int vflag_atom, double cutghost, double *f, double *energy,
-                                    double *eatom, double *vatom, char *msg, int msglen);
-typedef void (*ltau_destroy_fn)(void *obj);
-typedef int (*ltau_fix_create_fn)(void *fix, void *pair, int fcomm, const char *fix_id,
-                                  int narg, char **arg, char *msg, int msglen);
-typedef int (*ltau_fix_step_fn)(void *fix, int64_t step, int nlocal, const double *x,
-                                const int *tag, const int *mask, int groupbit, double *peratom,
-                                double *global6, const double *box9, const int *periodic3,
-                                char *msg, int msglen);
+int32_t ltau_abi_version() { return LTAU_ABI_VERSION; }
 
-struct LtauCallbacks {
-  ltau_pair_coeff_fn pair_coeff;
-  ltau_pair_compute_fn pair_compute;
-  ltau_destroy_fn pair_destroy;
-  ltau_fix_create_fn fix_create;
-  ltau_fix_step_fn fix_end_of_step;
-  ltau_destroy_fn fix_destroy;
-};
-static LtauCallbacks cbs = {};
-
-void ltau_set_callbacks(ltau_pair_coeff_fn pc, ltau_pair_compute_fn pcomp, ltau_destroy_fn pd,
-                        ltau_fix_create_fn fc, ltau_fix_step_fn fs, ltau_destroy_fn fd)
+int32_t ltau_set_callbacks(const ltau_callbacks *table)
 {
-  cbs = {pc, pcomp, pd, fc, fs, fd};
+  if (!table || table->abi_version != LTAU_ABI_VERSION) {
+    cbs = {};    // this process's runtime is stale: no style may call into it
+    refused_abi = table ? table->abi_version : -1;
+    return LTAU_ABI_VERSION;
+  }
+  cbs = *table;
+  refused_abi = 0;
+  return 0;
+}
 }
 
-int ltau_callbacks_registered() { return cbs.pair_compute != nullptr; }
-}
+static bool callbacks_registered() { return cbs.pair_compute != nullptr; }
 
 /* ---------------------------------------------------------------------------------------------
    Python bootstrap: use the running interpreter or start an embedded one (recipe section 10).
@@ -109,10 +94,18 @@ std::string plugin_path()
   return "";
 }
 
+std::string stale_message()
+{
+  return fmt::format("the plugin {} speaks C ABI version {} but the Python runtime speaks version "
+                     "{}: rebuild the plugin (`pip install -e .`)",
+                     plugin_path(), LTAU_ABI_VERSION, refused_abi);
+}
+
 // Returns "" when the callbacks are registered, else the reason they could not be.
 std::string ensure_runtime()
 {
-  if (ltau_callbacks_registered()) return "";
+  if (callbacks_registered()) return "";
+  if (refused_abi) return stale_message();
 
   void *py = RTLD_DEFAULT;
   if (!dlsym(py, "Py_IsInitialized")) {    // native lmp: no Python in this process
@@ -146,7 +139,8 @@ std::string ensure_runtime()
   int gil = ensure();
   int rc = run(code.c_str());
   release(gil);
-  if (rc != 0 || !ltau_callbacks_registered())
+  if (refused_abi) return stale_message();
+  if (rc != 0 || !callbacks_registered())
     return "could not import ltau_lmp.lammps.runtime in Python (traceback above)";
   return "";
 }
@@ -219,12 +213,15 @@ class PairLTAU : public Pair {
     if (narg != 3 + ntypes)
       error->all(FLERR, "Pair style ltau: pair_coeff needs one element per atom type: {} types but {} elements given",
                  ntypes, narg - 3);
+    ltau_pair_coeff_args args = {};
+    args.fcomm = MPI_Comm_c2f(world);
+    args.ntypes = ntypes;
+    args.narg = narg - 2;
+    args.arg = arg + 2;
     char msg[LTAU_MSGLEN] = "";
-    double cut = 0.0;
-    int status = cbs.pair_coeff(this, MPI_Comm_c2f(world), ntypes, narg - 2, arg + 2, &cut, msg,
-                                LTAU_MSGLEN);
-    reduce_status(lmp, world, status, msg, "Pair style ltau", 1);
-    cutoff = cut;
+    int status = cbs.pair_coeff(this, &args, msg);
+    reduce_status(lmp, world, status, msg, "Pair style ltau", LTAU_HALT);
+    cutoff = args.cutoff;
     if (!allocated) {
       allocated = 1;
       memory->create(setflag, ntypes + 1, ntypes + 1, "pair:setflag");
@@ -266,15 +263,26 @@ class PairLTAU : public Pair {
         neighbors[nedges++] = j;
       }
     }
+    ltau_pair_compute_args args = {};
+    args.step = update->ntimestep;
+    args.nlocal = atom->nlocal;
+    args.nghost = atom->nghost;
+    args.x = atom->x[0];
+    args.type = atom->type;
+    args.tag = atom->tag;
+    args.nedges = nedges;
+    args.centers = centers.data();
+    args.neighbors = neighbors.data();
+    args.cutghost = comm->get_comm_cutoff();
+    args.eflag_atom = eflag_atom;
+    args.vflag_atom = vflag_atom;
+    args.f = atom->f[0];
+    args.eatom = eflag_atom ? eatom : nullptr;
+    args.vatom = vflag_atom ? vatom[0] : nullptr;
     char msg[LTAU_MSGLEN] = "";
-    double energy = 0.0;
-    int status = cbs.pair_compute(this, update->ntimestep, atom->nlocal, atom->nghost, atom->x[0],
-                                  atom->type, atom->tag, nedges, centers.data(), neighbors.data(),
-                                  eflag_global, eflag_atom, vflag_atom, comm->get_comm_cutoff(),
-                                  atom->f[0], &energy, eflag_atom ? eatom : nullptr,
-                                  vflag_atom ? vatom[0] : nullptr, msg, LTAU_MSGLEN);
-    reduce_status(lmp, world, status, msg, "Pair style ltau", 1);
-    if (eflag_global) eng_vdwl += energy;
+    int status = cbs.pair_compute(this, &args, msg);
+    reduce_status(lmp, world, status, msg, "Pair style ltau", LTAU_HALT);
+    if (eflag_global) eng_vdwl += args.energy;
     if (vflag_fdotr) virial_fdotr_compute();
   }
 
@@ -285,6 +293,9 @@ class PairLTAU : public Pair {
 
 /* ---------------------------------------------------------------------------------------------
    fix ID group ltau ESTIMATOR_FILE keyword value ...
+
+   Every keyword is parsed by the Python runtime (one parser); this shim keeps what LAMMPS
+   itself needs: nevery, the output sizes, and fix halt's halt modes.
 --------------------------------------------------------------------------------------------- */
 
 class FixLTAU : public Fix {
@@ -292,32 +303,34 @@ class FixLTAU : public Fix {
   FixLTAU(LAMMPS *lmp, int narg, char **arg) : Fix(lmp, narg, arg)
   {
     if (narg < 4) error->all(FLERR, "Fix ltau: usage is fix ID group ltau ESTIMATOR_FILE keyword value ...");
-    nevery = 1;
-    for (int i = 4; i < narg; i++) {
-      if (std::strcmp(arg[i], "every") != 0) continue;
-      if (i + 1 >= narg) error->all(FLERR, "Fix ltau: keyword every needs a value");
-      nevery = utils::inumeric(FLERR, arg[i + 1], false, lmp);
-      if (nevery <= 0) error->all(FLERR, "Fix ltau: every must be a positive integer");
-    }
-    peratom_flag = 1;
-    size_peratom_cols = 4;
-    peratom_freq = nevery;
-    scalar_flag = 1;
-    vector_flag = 1;
-    size_vector = 5;
-    global_freq = nevery;
-    extscalar = 0;
-    extvector = 0;
-
     Pair *pair = force->pair_match("ltau", 1, 0);
     if (!pair)
       error->all(FLERR, "Fix ltau requires pair_style ltau (define pair_style ltau and its pair_coeff before fix ltau)");
-    grow(atom->nmax);
+    ltau_fix_create_args args = {};
+    args.pair = pair;
+    args.fcomm = MPI_Comm_c2f(world);
+    args.fix_id = id;
+    args.narg = narg - 3;
+    args.arg = arg + 3;
     char msg[LTAU_MSGLEN] = "";
-    int status = cbs.fix_create(this, pair, MPI_Comm_c2f(world), id, narg - 3, arg + 3, msg,
-                                LTAU_MSGLEN);
-    reduce_status(lmp, world, status, msg, "Fix ltau", 1);
+    int status = cbs.fix_create(this, &args, msg);
+    reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_HALT);
     created = true;
+    nevery = args.nevery;
+    halt_mode = args.halt_mode;
+    halt_message = args.halt_message;
+    ncols = args.size_peratom_cols;
+    peratom_flag = 1;
+    size_peratom_cols = ncols;
+    peratom_freq = nevery;
+    scalar_flag = 1;
+    vector_flag = 1;
+    size_vector = args.size_vector;
+    global_freq = nevery;
+    extscalar = 0;
+    extvector = 0;
+    global.assign(1 + size_vector, 0.0);
+    grow(atom->nmax);
   }
 
   ~FixLTAU() override
@@ -326,48 +339,98 @@ class FixLTAU : public Fix {
     memory->destroy(values);
   }
 
-  int setmask() override { return FixConst::END_OF_STEP; }
+  int setmask() override
+  {
+    return FixConst::END_OF_STEP | FixConst::POST_RUN | FixConst::MIN_POST_FORCE;
+  }
 
+  // The pair style may have been redefined since the fix was created (a new model between
+  // runs): the runtime rebinds to the current one or stops here, before any step runs.
   void init() override
   {
-    if (!force->pair_match("ltau", 1, 0)) error->all(FLERR, "Fix ltau requires pair_style ltau");
-  }
-
-  void setup(int) override { end_of_step(); }
-
-  void end_of_step() override
-  {
-    if (atom->nmax > nmax) grow(atom->nmax);
-    // box = xlo ylo zlo xhi yhi zhi xy xz yz, for the dump frames
-    double box[9] = {domain->boxlo[0], domain->boxlo[1], domain->boxlo[2],
-                     domain->boxhi[0], domain->boxhi[1], domain->boxhi[2],
-                     domain->xy, domain->xz, domain->yz};
-    int periodic[3] = {domain->xperiodic, domain->yperiodic, domain->zperiodic};
+    ltau_fix_init_args args = {};
+    args.pair = force->pair_match("ltau", 1, 0);
+    args.minimize = update->whichflag == 2;
     char msg[LTAU_MSGLEN] = "";
-    int status = cbs.fix_end_of_step(this, update->ntimestep, atom->nlocal, atom->x[0], atom->tag,
-                                     atom->mask, groupbit, values[0], global, box, periodic, msg,
-                                     LTAU_MSGLEN);
-    int any = reduce_status(lmp, world, status, msg, "Fix ltau", 2);
-    if (any == 1) timer->force_timeout();    // soft halt, like fix halt ... error soft
+    int status = cbs.fix_init(this, &args, msg);
+    reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_HALT);
   }
 
-  void post_run() override { timer->reset_timeout(); }
+  // Like fix halt, the halt condition is checked at end of step (and at minimizer force
+  // calls), not in setup: the values of the first step are computed for output, and a run
+  // after `error continue` goes ahead until the next check.
+  void setup(int) override { evaluate(false); }
+  void end_of_step() override { evaluate(true); }
+
+  // Minimization: like fix halt, evaluate at the minimizer's force calls on steps that are
+  // multiples of nevery (every force call of such a step, so the values always describe the
+  // latest forces; the log keeps the first evaluation of each step).
+  void min_setup(int) override { evaluate(false); }
+  void min_post_force(int) override
+  {
+    if (update->ntimestep % nevery == 0) evaluate(true);
+  }
+
+  // error continue: later runs go ahead. Only a timeout this fix forced is reset, never one
+  // that another fix (fix halt, a second fix ltau) or the timer command set.
+  void post_run() override
+  {
+    if (halt_mode == LTAU_HALT_CONTINUE && forced_timeout) timer->reset_timeout();
+    forced_timeout = false;
+  }
 
   double compute_scalar() override { return global[0]; }
   double compute_vector(int i) override { return global[1 + i]; }
-  double memory_usage() override { return (double) nmax * 4 * sizeof(double); }
+  double memory_usage() override { return (double) nmax * ncols * sizeof(double); }
 
  private:
   double **values = nullptr;
-  double global[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-  int nmax = 0;
-  bool created = false;
+  std::vector<double> global;
+  int nmax = 0, ncols = 0;
+  int halt_mode = LTAU_HALT_NONE, halt_message = 1;
+  bool created = false, forced_timeout = false;
 
   void grow(int n)
   {
     nmax = n > 0 ? n : 1;
-    memory->grow(values, nmax, 4, "ltau:values");
+    memory->grow(values, nmax, ncols, "ltau:values");
     array_atom = values;
+  }
+
+  void evaluate(bool may_halt)
+  {
+    if (atom->nmax > nmax) grow(atom->nmax);
+    ltau_fix_step_args args = {};
+    args.step = update->ntimestep;
+    args.nlocal = atom->nlocal;
+    args.groupbit = groupbit;
+    args.x = atom->x[0];
+    args.tag = atom->tag;
+    args.mask = atom->mask;
+    args.peratom = values[0];
+    args.global = global.data();
+    const double box[9] = {domain->boxlo[0], domain->boxlo[1], domain->boxlo[2],
+                           domain->boxhi[0], domain->boxhi[1], domain->boxhi[2],
+                           domain->xy,       domain->xz,       domain->yz};
+    std::memcpy(args.box, box, sizeof(box));
+    args.periodic[0] = domain->xperiodic;
+    args.periodic[1] = domain->yperiodic;
+    args.periodic[2] = domain->zperiodic;
+    char msg[LTAU_MSGLEN] = "";
+    int status = cbs.fix_step(this, &args, msg);
+    if (reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_ERROR) == LTAU_HALT && may_halt)
+      halt(msg);
+  }
+
+  // fix halt's semantics; the message is identical on all ranks (built from reduced values).
+  void halt(const char *msg)
+  {
+    if (halt_mode == LTAU_HALT_HARD) error->all(FLERR, "Fix ltau {}", msg);
+    if (comm->me == 0 && halt_message) utils::logmesg(lmp, "Fix ltau {}\n", msg);
+    if (!timer->is_timeout()) {
+      timer->force_timeout();
+      forced_timeout = true;
+    }
   }
 };
 

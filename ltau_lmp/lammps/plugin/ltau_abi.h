@@ -1,0 +1,146 @@
+/* The C ABI between the ltau LAMMPS plugin (ltau_plugin.cpp) and its Python runtime.
+
+   Copyright (C) the ltau_lmp authors. GPL-2.0-only.
+
+   This header is the whole contract. The Python side mirrors it once, field for field, in
+   ltau_lmp/lammps/abi.py (ctypes); tests/test_lammps_abi.py compiles this header and checks
+   every size and offset against that mirror. Any change to a struct, a callback signature or
+   the meaning of a field bumps LTAU_ABI_VERSION on both sides: the plugin and the runtime each
+   check the other's number, and a mismatch stops with "rebuild the plugin (`pip install -e .`)"
+   instead of reading arguments at the wrong offsets.
+
+   Conventions: every callback receives the C++ object pointer (`self`, the key of the Python
+   object), one argument struct and a message buffer of LTAU_MSGLEN bytes. It returns an
+   ltau_status and, for anything but LTAU_OK, writes a NUL-terminated message. Arrays are
+   LAMMPS's own storage (zero-copy), row-major, local atoms first, then ghost atoms. Positions
+   are in LAMMPS `metal` units (Angstrom), energies in eV, forces in eV/Angstrom. */
+
+#ifndef LTAU_ABI_H
+#define LTAU_ABI_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LTAU_ABI_VERSION 2
+#define LTAU_MSGLEN 2048
+
+/* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
+enum ltau_status {
+  LTAU_OK = 0,
+  LTAU_HALT = 1,  /* fix only: the halt condition is met; the message is the halt message */
+  LTAU_ERROR = 2  /* the message is shown on every rank by error->all(); the run stops */
+};
+
+/* Halt modes of fix ltau: those of LAMMPS's fix halt (`error hard|soft|continue`). */
+enum ltau_halt_mode {
+  LTAU_HALT_NONE = 0,     /* no halt keyword */
+  LTAU_HALT_HARD = 1,     /* error->all(): LAMMPS stops */
+  LTAU_HALT_SOFT = 2,     /* the run ends cleanly; later `run` commands are skipped */
+  LTAU_HALT_CONTINUE = 3  /* the run ends cleanly; later `run` commands go ahead */
+};
+
+/* pair_coeff * * MODEL_FILE El1 ... ElN */
+typedef struct ltau_pair_coeff_args {
+  int32_t fcomm;              /* in: MPI_Comm_c2f() of the LAMMPS world communicator */
+  int32_t ntypes;             /* in: number of LAMMPS atom types */
+  int32_t narg;               /* in: number of words in arg (1 + ntypes) */
+  int32_t pad_;               /* (alignment; unused) */
+  const char *const *arg;     /* in: MODEL_FILE El1 ... ElN (the words after `* *`) */
+  double cutoff;              /* out: model cutoff (A); LAMMPS's force cutoff for all types */
+} ltau_pair_coeff_args;
+
+/* One force evaluation of pair_style ltau on this rank. */
+typedef struct ltau_pair_compute_args {
+  int64_t step;               /* in: update->ntimestep */
+  int32_t nlocal;             /* in: atoms owned by this rank */
+  int32_t nghost;             /* in: ghost atoms (periodic images and other ranks' atoms) */
+  const double *x;            /* in: (nlocal+nghost, 3) positions */
+  const int32_t *type;        /* in: (nlocal+nghost) LAMMPS atom types 1..ntypes */
+  const int32_t *tag;         /* in: (nlocal+nghost) atom IDs */
+  int64_t nedges;             /* in: number of directed pairs i -> j below */
+  const int64_t *centers;     /* in: (nedges) i, a local atom, of each pair with r_ij < cutoff */
+  const int64_t *neighbors;   /* in: (nedges) j, a local or ghost atom (full list: both i->j and j->i) */
+  double cutghost;            /* in: how far (A) LAMMPS communicates ghost atoms */
+  int32_t eflag_atom;         /* in: 1 = add per-atom energies to eatom */
+  int32_t vflag_atom;         /* in: 1 = add per-atom virials to vatom */
+  double *f;                  /* in/out: (nlocal+nghost, 3) forces, accumulated; ghost forces
+                                 are summed onto their owners by LAMMPS (newton pair on) */
+  double *eatom;              /* in/out: (nlocal+nghost) per-atom energy, NULL unless eflag_atom */
+  double *vatom;              /* in/out: (nlocal+nghost, 6) per-atom virial xx yy zz xy xz yz,
+                                 NULL unless vflag_atom */
+  double energy;              /* out: sum of the local atoms' energies (eV) */
+} ltau_pair_compute_args;
+
+/* fix ID group ltau ESTIMATOR keyword value ... : all keywords are parsed in Python. */
+typedef struct ltau_fix_create_args {
+  void *pair;                 /* in: the pair_style ltau object (key of its Python runtime) */
+  int32_t fcomm;              /* in: MPI_Comm_c2f() of the LAMMPS world communicator */
+  int32_t narg;               /* in: number of words in arg */
+  const char *fix_id;         /* in: the fix ID */
+  const char *const *arg;     /* in: the words after `ltau`: ESTIMATOR keyword value ... */
+  int32_t nevery;             /* out: evaluate every nevery steps (keyword every) */
+  int32_t halt_mode;          /* out: an ltau_halt_mode (keywords halt ... error) */
+  int32_t halt_message;       /* out: 1 = print the halt message for soft/continue (message yes) */
+  int32_t size_peratom_cols;  /* out: columns of the per-atom array f_ID[i] */
+  int32_t size_vector;        /* out: length of the global vector f_ID[i] */
+  int32_t pad_;               /* (alignment; unused) */
+} ltau_fix_create_args;
+
+/* Fix::init() before every run or minimization: the pair style may have been redefined. */
+typedef struct ltau_fix_init_args {
+  void *pair;                 /* in: the current pair_style ltau object, NULL if the pair style
+                                 is not ltau (then the callback reports the error) */
+  int32_t minimize;           /* in: 1 when the coming run is a minimization */
+  int32_t pad_;               /* (alignment; unused) */
+} ltau_fix_init_args;
+
+/* One evaluation of fix ltau (setup, end of every nevery-th step, minimizer force calls). */
+typedef struct ltau_fix_step_args {
+  int64_t step;               /* in: update->ntimestep */
+  int32_t nlocal;             /* in: atoms owned by this rank */
+  int32_t groupbit;           /* in: the fix group's bit in mask */
+  const double *x;            /* in: (nlocal, 3) positions */
+  const int32_t *tag;         /* in: (nlocal) atom IDs */
+  const int32_t *mask;        /* in: (nlocal) group masks */
+  double *peratom;            /* out: (nlocal, size_peratom_cols) per-atom values */
+  double *global;             /* out: (1 + size_vector) the scalar, then the vector */
+  double box[9];              /* in: xlo ylo zlo xhi yhi zhi xy xz yz */
+  int32_t periodic[3];        /* in: 1 = periodic in x, y, z */
+  int32_t pad_;               /* (alignment; unused) */
+} ltau_fix_step_args;
+
+typedef int (*ltau_pair_coeff_fn)(void *self, ltau_pair_coeff_args *args, char *msg);
+typedef int (*ltau_pair_compute_fn)(void *self, ltau_pair_compute_args *args, char *msg);
+typedef int (*ltau_fix_create_fn)(void *self, ltau_fix_create_args *args, char *msg);
+typedef int (*ltau_fix_init_fn)(void *self, ltau_fix_init_args *args, char *msg);
+typedef int (*ltau_fix_step_fn)(void *self, ltau_fix_step_args *args, char *msg);
+typedef void (*ltau_destroy_fn)(void *self);
+
+/* The table the runtime registers. abi_version must equal LTAU_ABI_VERSION. */
+typedef struct ltau_callbacks {
+  int32_t abi_version;
+  int32_t pad_;               /* (alignment; unused) */
+  ltau_pair_coeff_fn pair_coeff;
+  ltau_pair_compute_fn pair_compute;
+  ltau_destroy_fn pair_destroy;
+  ltau_fix_create_fn fix_create;
+  ltau_fix_init_fn fix_init;
+  ltau_fix_step_fn fix_step;
+  ltau_destroy_fn fix_destroy;
+} ltau_callbacks;
+
+/* Exported by the plugin. */
+int32_t ltau_abi_version(void);  /* LTAU_ABI_VERSION the plugin was compiled with */
+/* Copies the table; returns 0, or the plugin's LTAU_ABI_VERSION when table->abi_version
+   differs: the table is refused, any earlier one dropped, and the styles report "rebuild
+   the plugin". */
+int32_t ltau_set_callbacks(const ltau_callbacks *table);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
