@@ -10,12 +10,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 setup: $(VENV)/.installed
 
-# torch is installed first and pinned: its CPU wheel, so that nothing pulls a CUDA build.
+# The tested set-up: torch first and pinned (its CPU wheel, so that nothing pulls a CUDA build), then
+# faiss-cpu pinned; pyproject.toml itself only asks for ranges (README "GPU" for the CUDA set-up).
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet faiss-cpu==1.15.1
+	$(PY) -m pip install --quiet -e ".[cpu,test]"
 	touch $@
 
 demo: setup
