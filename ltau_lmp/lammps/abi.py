@@ -46,7 +46,7 @@ class FixCreateArgs(Structure):
 
 
 class FixInitArgs(Structure):
-    _fields_ = [("pair", c_void_p), ("minimize", c_int32), ("pad_", c_int32)]
+    _fields_ = [("pair", c_void_p)]
 
 
 class FixStepArgs(Structure):

@@ -173,7 +173,6 @@ class FixLtau:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.runtime = runtime
-        self.minimize = False
         self.log = self.dump = None
         self.opts = FixOptions.parse(args)   # identical words on every rank: fails on all or none
         agree(comm, self._setup)
@@ -214,13 +213,12 @@ class FixLtau:
             raise LTAUError(f"estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
                             f"but pair_style ltau runs model {model.model_hash[:12]}")
 
-    def bind(self, runtime, minimize: bool) -> None:
-        """Called at every ``init``: follow a redefined ``pair_style ltau`` (a new model between
-        runs) or stop now, before any step, when the estimator does not belong to its model."""
-        if runtime is not self.runtime:
-            self._check_model(runtime.model)
-            self.runtime = runtime
-        self.minimize = minimize
+    def bind(self, runtime) -> None:
+        """Called at every ``init``: follow the current ``pair_style ltau`` (a new pair style, or
+        a new model given to the same one by ``pair_coeff``) or stop now, before any step, when
+        the estimator does not belong to its model."""
+        self._check_model(runtime.model)
+        self.runtime = runtime
 
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,

@@ -237,7 +237,7 @@ def _fix_init(handle, a: abi.FixInitArgs):
     if not a.pair:
         raise LTAUError("fix ltau requires pair_style ltau: the pair style was redefined to another "
                         "style (unfix the ltau fix first, or define pair_style ltau again)")
-    _fixes[handle].bind(_pair_runtime(a.pair), minimize=bool(a.minimize))
+    _fixes[handle].bind(_pair_runtime(a.pair))
 
 
 @_guarded

@@ -93,8 +93,6 @@ typedef struct ltau_fix_create_args {
 typedef struct ltau_fix_init_args {
   void *pair;                 /* in: the current pair_style ltau object, NULL if the pair style
                                  is not ltau (then the callback reports the error) */
-  int32_t minimize;           /* in: 1 when the coming run is a minimization */
-  int32_t pad_;               /* (alignment; unused) */
 } ltau_fix_init_args;
 
 /* One evaluation of fix ltau (setup, end of every nevery-th step, minimizer force calls). */

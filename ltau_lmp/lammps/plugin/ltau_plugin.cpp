@@ -350,7 +350,6 @@ class FixLTAU : public Fix {
   {
     ltau_fix_init_args args = {};
     args.pair = force->pair_match("ltau", 1, 0);
-    args.minimize = update->whichflag == 2;
     char msg[LTAU_MSGLEN] = "";
     int status = cbs.fix_init(this, &args, msg);
     reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_HALT);
