@@ -1,71 +1,173 @@
-"""ASE calculator: energies, forces, stress of a ltau_lmp model, plus per-atom LTAU uncertainty."""
+"""ASE calculator: energies, forces, stress of a force field, plus per-atom LTAU uncertainty.
+
+It follows ASE's calculator protocol: every result is named in ``implemented_properties`` (so
+``calc.get_property(name, atoms)`` works for the extra outputs too), a call computes only what
+was asked for and keeps what is still valid, and bad input raises ASE's exception types.
+The model is used only through ``ltau_lmp.model.evaluate`` and its ``species``, ``cutoff`` and
+``model_hash``, so any model with that contract works.
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase import Atoms
+from ase.calculators.calculator import Calculator, InputError, PropertyNotImplementedError, all_changes
+from ase.outputs import Properties, all_outputs
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from ltau_lmp.errors import ConfigError, LTAUError
-from ltau_lmp.model import LocalForceField, evaluate, load_model, neighbor_list, species_indices
+from ltau_lmp.errors import LTAUError
+from ltau_lmp.model import evaluate, load_model, neighbor_list, species_indices
+
+MODEL_PROPERTIES = ("energy", "free_energy", "energies", "forces", "latent")  # one model pass
+UNCERTAINTY_PROPERTIES = ("uncertainty", "uncertainty_ci", "knn_distance")    # one estimator query
+
+
+class CalculatorInputError(InputError, LTAUError):
+    """Bad input or set-up: ASE's ``InputError``, and an ``LTAUError`` so the CLI prints one line."""
+
+
+@contextmanager
+def _as_input_error():
+    """Re-raise the package's user-facing errors as the ASE type callers of a calculator expect."""
+    try:
+        yield
+    except LTAUError as exc:
+        raise CalculatorInputError(str(exc)) from None
+
+
+@dataclass
+class _PairCache:
+    """A neighbour list built out to cutoff + skin, valid while no atom moved more than skin / 2.
+
+    With the cell, pbc and atoms unchanged, a pair (i, j, shift) now closer than the cutoff was
+    closer than cutoff + skin when the list was built (each end moved at most skin / 2).
+    """
+
+    positions: np.ndarray
+    numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    centers: np.ndarray
+    neighbors: np.ndarray
+    shifts: np.ndarray
+
+    @classmethod
+    def build(cls, atoms: Atoms, cutoff: float, skin: float) -> "_PairCache":
+        with _as_input_error():
+            centers, neighbors, shifts = neighbor_list(atoms, cutoff + skin)
+        return cls(atoms.positions.copy(), atoms.numbers.copy(), atoms.cell.array.copy(),
+                   atoms.pbc.copy(), centers, neighbors, shifts)
+
+    def valid_for(self, atoms: Atoms, skin: float) -> bool:
+        if not (np.array_equal(atoms.numbers, self.numbers) and np.array_equal(atoms.cell.array, self.cell)
+                and np.array_equal(atoms.pbc, self.pbc)):
+            return False
+        moved = np.linalg.norm(atoms.positions - self.positions, axis=1)
+        return 2.0 * moved.max(initial=0.0) <= skin
+
+    def within(self, positions: np.ndarray, cutoff: float):
+        """The pairs closer than ``cutoff``: the others contribute exactly 0 at full model cost."""
+        r = np.linalg.norm(positions[self.neighbors] - positions[self.centers] + self.shifts, axis=1)
+        keep = r < cutoff
+        return self.centers[keep], self.neighbors[keep], self.shifts[keep]
 
 
 class LTAUCalculator(Calculator):
-    """ASE calculator for a ``LocalForceField`` with optional LTAU uncertainty.
+    """ASE calculator for a force field with optional LTAU uncertainty.
 
     ``model``: a model or a model file; ``estimator``: an ``LTAUEstimator`` or its path, built
-    from this model's latent features (checked through its ``model_hash`` metadata). With an
-    estimator, ``results`` also holds per-atom ``uncertainty`` (expected force error, eV/Angstrom),
-    ``uncertainty_ci`` (n, 2) for the quantiles ``ci`` and ``knn_distance``. ``latent`` is always
-    stored. Stress (ASE convention, eV/Angstrom^3) is only given for fully periodic cells.
+    from this model's latent features (checked through its ``model_hash`` metadata).
+    Properties: ``energy``, ``free_energy``, ``energies``, ``forces``, ``latent`` (per-atom latent
+    features) from one model pass; ``stress`` (ASE convention, eV/Angstrom^3; fully periodic cells
+    only) adds the virial to that pass; with an estimator, ``uncertainty`` (expected force error,
+    eV/Angstrom), ``uncertainty_ci`` (n, 2) between the quantiles ``ci`` and ``knn_distance``
+    come from one estimator query on the latent features. The neighbour list is built out to
+    ``cutoff + skin`` (Angstrom) and reused until an atom moved more than ``skin / 2`` or the
+    atoms, cell or pbc changed.
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = [*MODEL_PROPERTIES, "stress", *UNCERTAINTY_PROPERTIES]
 
-    def __init__(self, model: LocalForceField | str | os.PathLike, estimator=None,
-                 ci: tuple[float, float] = (0.05, 0.95), **kwargs):
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, estimator=None,
+                 ci: tuple[float, float] = (0.05, 0.95), skin: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        self.model = model if isinstance(model, torch.nn.Module) else load_model(model)
+        with _as_input_error():
+            self.model = model if isinstance(model, torch.nn.Module) else load_model(model)
         self.model.eval()
         lo, hi = (float(q) for q in ci)
         if not 0.0 <= lo < hi <= 1.0:
-            raise ConfigError(f"ci must be two quantiles 0 <= lo < hi <= 1, got {ci}")
+            raise CalculatorInputError(f"ci must be two quantiles 0 <= lo < hi <= 1, got {ci}")
         self.ci = (lo, hi)
-        if estimator is not None and not hasattr(estimator, "query"):
-            from ltau_lmp.estimator import LTAUEstimator
-            estimator = LTAUEstimator.load(estimator)
+        if not skin >= 0.0:
+            raise CalculatorInputError(f"skin must be >= 0 Angstrom, got {skin}")
+        self.skin = float(skin)
         if estimator is not None:
-            expected = estimator.metadata.get("model_hash")
-            if expected is not None and expected != self.model.model_hash:
-                raise LTAUError(f"estimator was built for model {expected[:12]}..., but this model is "
-                                f"{self.model.model_hash[:12]}...: rebuild the estimator for this model")
+            with _as_input_error():
+                if not hasattr(estimator, "query"):
+                    from ltau_lmp.estimator import LTAUEstimator
+
+                    estimator = LTAUEstimator.load(estimator)
+                estimator.check_model(self.model.model_hash)
         self.estimator = estimator
+        self._pairs: _PairCache | None = None
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        atoms = self.atoms
-        centers, neighbors, shifts = neighbor_list(atoms, self.model.cutoff)
-        species = species_indices(atoms, self.model.species)
-        periodic = bool(np.all(atoms.pbc))
+        if system_changes:
+            self.results = {}
+        wanted = set(properties)
+        if "stress" in wanted and not self.atoms.pbc.all():
+            raise PropertyNotImplementedError(
+                f"stress needs a cell periodic in all three directions, this one has pbc={self.atoms.pbc.tolist()}")
+        if wanted & set(UNCERTAINTY_PROPERTIES) and self.estimator is None:
+            raise PropertyNotImplementedError(
+                f"{', '.join(sorted(wanted & set(UNCERTAINTY_PROPERTIES)))} needs an LTAU estimator: "
+                "LTAUCalculator(model, estimator=...)")
+        if "forces" not in self.results or ("stress" in wanted and "stress" not in self.results):
+            self._run_model(virial="stress" in wanted)
+        if wanted & set(UNCERTAINTY_PROPERTIES) and "uncertainty" not in self.results:
+            self._query_estimator()
+
+    def _run_model(self, virial: bool) -> None:
+        """Energies, forces and latent features (and the virial when asked) in one pass."""
+        atoms, cutoff = self.atoms, self.model.cutoff
+        with _as_input_error():
+            species = species_indices(atoms, self.model.species)
+        if self._pairs is None or not self._pairs.valid_for(atoms, self.skin):
+            self._pairs = _PairCache.build(atoms, cutoff, self.skin)
+        centers, neighbors, shifts = self._pairs.within(atoms.positions, cutoff)
         out = evaluate(self.model, torch.from_numpy(atoms.positions.copy()), torch.from_numpy(species),
                        torch.from_numpy(centers), torch.from_numpy(neighbors), torch.from_numpy(shifts),
-                       len(atoms), forces=True, virial=periodic)
+                       len(atoms), forces=True, virial=virial)
         energies = out.atom_energy.numpy().astype(np.float64)
-        latent = out.latent.numpy()
-        self.results = {
-            "energies": energies,
-            "energy": float(energies.sum()),
-            "free_energy": float(energies.sum()),
-            "forces": out.forces.numpy().astype(np.float64),
-            "latent": latent,
-        }
-        if periodic:
+        self.results.update(energies=energies, energy=float(energies.sum()), free_energy=float(energies.sum()),
+                            forces=out.forces.numpy().astype(np.float64), latent=out.latent.numpy())
+        if virial:
             self.results["stress"] = full_3x3_to_voigt_6_stress(-out.virial.numpy() / atoms.get_volume())
-        if self.estimator is not None:
-            res = self.estimator.query(np.ascontiguousarray(latent, dtype=np.float32))
-            self.results["uncertainty"] = np.asarray(res.expected, dtype=np.float64)
-            self.results["uncertainty_ci"] = np.asarray(res.interval(*self.ci), dtype=np.float64)
-            self.results["knn_distance"] = np.asarray(res.distance, dtype=np.float64)
+
+    def _query_estimator(self) -> None:
+        res = self.estimator.query(np.ascontiguousarray(self.results["latent"], dtype=np.float32))
+        self.results.update(uncertainty=np.asarray(res.expected, dtype=np.float64),
+                            uncertainty_ci=np.asarray(res.interval(*self.ci), dtype=np.float64),
+                            knn_distance=np.asarray(res.distance, dtype=np.float64))
+
+    def export_properties(self):
+        """ASE's ``Properties`` knows only its standard outputs: leave the LTAU extras out of it."""
+        return Properties({k: v for k, v in self.results.items() if k in all_outputs})
+
+    def get_uncertainty(self, atoms=None) -> np.ndarray:
+        """Per-atom expected force error (eV/Angstrom)."""
+        return self.get_property("uncertainty", atoms)
+
+    def get_uncertainty_ci(self, atoms=None) -> np.ndarray:
+        """Per-atom (n, 2) force-error interval between the quantiles ``ci``."""
+        return self.get_property("uncertainty_ci", atoms)
+
+    def get_knn_distance(self, atoms=None) -> np.ndarray:
+        """Per-atom mean latent distance to the k nearest training atoms (large = out of domain)."""
+        return self.get_property("knn_distance", atoms)

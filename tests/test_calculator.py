@@ -1,16 +1,17 @@
-"""The ASE calculator: consistency with the model, stress, uncertainty outputs, MD."""
+"""The ASE calculator: consistency with the model, stress, uncertainty outputs, ASE protocol, MD."""
 
 import numpy as np
 import pytest
 import torch
 from ase import Atoms, units
 from ase.build import bulk
-from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.calculator import InputError, PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_stress
 from ase.md.verlet import VelocityVerlet
 
+import ltau_lmp.calculator as calculator_module
 from ltau_lmp.calculator import LTAUCalculator
-from ltau_lmp.errors import ConfigError, LTAUError
+from ltau_lmp.errors import LTAUError
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.model import LocalForceField, evaluate, neighbor_list, save_model, species_indices
 
@@ -84,7 +85,7 @@ def test_no_stress_without_periodic_cell(model):
 def test_uncertainty_outputs(model, estimator, tmp_path):
     atoms = si_cell(rattle=0.3, seed=7)
     atoms.calc = LTAUCalculator(model, estimator, ci=(0.1, 0.9))
-    atoms.get_forces()
+    assert atoms.calc.get_uncertainty(atoms).shape == (len(atoms),)
     res = atoms.calc.results
     direct = estimator.query(res["latent"].astype(np.float32))
     np.testing.assert_allclose(res["uncertainty"], direct.expected)
@@ -97,15 +98,134 @@ def test_uncertainty_outputs(model, estimator, tmp_path):
     save_model(model, tmp_path / "model.pt")
     estimator.save(tmp_path / "est")
     atoms.calc = LTAUCalculator(tmp_path / "model.pt", tmp_path / "est", ci=(0.1, 0.9))
-    atoms.get_forces()
-    np.testing.assert_allclose(atoms.calc.results["uncertainty"], res["uncertainty"], rtol=1e-6)
+    np.testing.assert_allclose(atoms.calc.get_uncertainty(atoms), res["uncertainty"], rtol=1e-6)
 
 
-def test_estimator_for_another_model_is_refused(model, estimator):
-    with pytest.raises(LTAUError, match="rebuild the estimator"):
+def test_bad_set_up_and_input_raise_ase_errors(model, estimator):
+    """ASE's InputError (also an LTAUError, so the CLI prints one line) names the cause."""
+    for bad in (lambda: LTAUCalculator(LocalForceField(["Si"], seed=1), estimator),
+                lambda: LTAUCalculator(model, estimator, ci=(0.9, 0.1)),
+                lambda: LTAUCalculator(model, skin=-1.0),
+                lambda: LTAUCalculator(model, "/no/such/estimator")):
+        with pytest.raises(InputError) as info:
+            bad()
+        assert isinstance(info.value, LTAUError)
+    with pytest.raises(InputError, match="rebuild the estimator"):
         LTAUCalculator(LocalForceField(["Si"], seed=1), estimator)
-    with pytest.raises(ConfigError):
-        LTAUCalculator(model, estimator, ci=(0.9, 0.1))
+    germanium = bulk("Ge", "diamond", a=5.65, cubic=True)
+    germanium.calc = LTAUCalculator(model)
+    with pytest.raises(InputError, match="Ge.*not known to the model"):
+        germanium.get_potential_energy()
+
+
+def test_every_result_is_an_implemented_property(model, estimator):
+    atoms = si_cell(seed=9)
+    calc = LTAUCalculator(model, estimator)
+    for name in calc.implemented_properties:
+        value = calc.get_property(name, atoms)
+        np.testing.assert_array_equal(value, calc.results[name])
+    assert set(calc.results) == set(calc.implemented_properties)
+    assert calc.get_property("latent", atoms).shape == (len(atoms), model.latent_dim)
+    np.testing.assert_array_equal(calc.get_knn_distance(atoms), calc.results["knn_distance"])
+    np.testing.assert_array_equal(calc.get_uncertainty_ci(atoms), calc.results["uncertainty_ci"])
+    # ASE's own Properties export (Atoms.get_properties) takes the standard outputs
+    props = atoms.copy()
+    props.calc = calc
+    assert props.get_properties(["energy", "forces", "stress"])["energy"] == calc.results["energy"]
+
+
+def test_uncertainty_without_estimator_is_not_implemented(model):
+    atoms = si_cell(seed=10)
+    atoms.calc = LTAUCalculator(model)
+    for name in ("uncertainty", "uncertainty_ci", "knn_distance"):
+        with pytest.raises(PropertyNotImplementedError, match=f"{name} needs an LTAU estimator"):
+            atoms.calc.get_property(name, atoms)
+    assert np.isfinite(atoms.get_forces()).all()
+
+
+def test_only_what_is_asked_is_computed(model, estimator, monkeypatch):
+    calls, queries = [], []
+    real_evaluate, real_query = calculator_module.evaluate, estimator.query
+    monkeypatch.setattr(calculator_module, "evaluate",
+                        lambda *a, **kw: calls.append(kw["virial"]) or real_evaluate(*a, **kw))
+    monkeypatch.setattr(estimator, "query", lambda *a, **kw: queries.append(1) or real_query(*a, **kw))
+    atoms = si_cell(seed=11)
+    atoms.calc = LTAUCalculator(model, estimator)
+    atoms.get_potential_energy()
+    assert (calls, queries) == ([False], [])          # no virial, no estimator query
+    atoms.get_forces()
+    atoms.get_potential_energies()
+    atoms.calc.get_property("latent", atoms)
+    assert (calls, queries) == ([False], [])          # all from the same model pass
+    atoms.calc.get_uncertainty(atoms)
+    atoms.calc.get_knn_distance(atoms)
+    assert (calls, queries) == ([False], [1])         # one query, no new model pass
+    atoms.get_stress()
+    assert (calls, queries) == ([False, True], [1])   # the virial needs a model pass
+    atoms.get_forces()
+    atoms.calc.get_uncertainty(atoms)
+    assert (calls, queries) == ([False, True], [1])
+    atoms.positions[0, 0] += 0.01
+    atoms.get_forces()
+    assert (calls, queries) == ([False, True, False], [1])
+    assert "uncertainty" not in atoms.calc.results and "stress" not in atoms.calc.results
+
+
+def _same_results(a: dict, b: dict, names=("energy", "energies", "forces", "latent", "stress")):
+    for name in names:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_neighbour_list_reuse_matches_a_fresh_calculator(model):
+    atoms = si_cell(rattle=0.05, seed=12)
+    calc = LTAUCalculator(model, skin=0.5)
+    rng = np.random.default_rng(0)
+    lists = set()
+    for step in range(8):   # small moves: each atom drifts < skin / 2 = 0.25 A in total
+        atoms.positions += rng.uniform(-0.012, 0.012, atoms.positions.shape)
+        calc.calculate(atoms, ["energy", "forces", "stress"], ["positions"])
+        lists.add(id(calc._pairs))
+        fresh = LTAUCalculator(model, skin=0.5)
+        fresh.calculate(atoms, ["energy", "forces", "stress"])
+        _same_results(calc.results, fresh.results)
+    assert len(lists) == 1                          # built once, reused 7 times
+
+    def rebuilt(change, system_changes):
+        before = calc._pairs
+        change()
+        calc.calculate(atoms, ["energy", "forces"], system_changes)
+        return calc._pairs is not before
+
+    def move_one_atom():
+        atoms.positions[3] += [0.3, 0.0, 0.0]       # beyond skin / 2
+    assert rebuilt(move_one_atom, ["positions"])
+    assert rebuilt(lambda: atoms.set_cell(atoms.cell.array * 1.01, scale_atoms=True), ["positions", "cell"])
+    assert rebuilt(lambda: setattr(atoms, "pbc", [True, True, False]), ["pbc"])
+    assert not rebuilt(lambda: None, ["positions"])
+
+    def remove_an_atom():
+        del atoms[0]
+    assert rebuilt(remove_an_atom, ["positions", "numbers"])
+    fresh = LTAUCalculator(model)
+    fresh.calculate(atoms, ["energy", "forces"])
+    _same_results(calc.results, fresh.results, ("energy", "forces"))
+
+
+def test_pair_entering_the_cutoff_within_the_skin_is_seen(model):
+    """An atom moving from outside the cutoff to inside it, without a rebuild, still interacts."""
+    cutoff, skin = model.cutoff, 1.0
+    atoms = Atoms("Si2", positions=[[0.0, 0.0, 0.0], [cutoff + 0.3, 0.0, 0.0]])
+    calc = LTAUCalculator(model, skin=skin)
+    atoms.calc = calc
+    np.testing.assert_allclose(atoms.get_forces(), 0.0, atol=1e-14)   # out of range: no interaction
+    atoms.positions[1, 0] -= 0.45                                      # now 0.15 A inside the cutoff
+    pairs = calc._pairs
+    forces = atoms.get_forces()
+    assert calc._pairs is pairs                                       # reused, not rebuilt
+    assert abs(forces[0, 0]) > 1e-8
+    fresh = LTAUCalculator(model)
+    fresh.calculate(atoms, ["energy", "forces"])
+    _same_results(calc.results, fresh.results, ("energy", "forces"))
 
 
 def test_velocity_verlet_conserves_energy(model, estimator):
@@ -117,5 +237,5 @@ def test_velocity_verlet_conserves_energy(model, estimator):
     e0 = atoms.get_total_energy()
     dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
     dyn.run(20)
-    assert atoms.calc.results["uncertainty"].shape == (len(atoms),)
+    assert atoms.calc.get_uncertainty(atoms).shape == (len(atoms),)
     assert abs(atoms.get_total_energy() - e0) < 1e-3 * len(atoms)

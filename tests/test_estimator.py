@@ -204,3 +204,14 @@ def _faiss_ef_search(index):
     import faiss
 
     return faiss.downcast_index(index.cpu_index).hnsw.efSearch
+
+
+def test_check_model_refuses_another_models_latent_space():
+    descriptors = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    pdfs = np.full((20, 2), 0.5)
+    est = LTAUEstimator.build(descriptors, pdfs, bin_edges=np.array([0.01, 0.1, 1.0]), k=2,
+                              metadata={"model_hash": "a" * 64})
+    est.check_model("a" * 64)
+    with pytest.raises(ConfigError, match=r"built for model aaaaaaaaaaaa, not for m.pt \(bbbbbbbbbbbb\): rebuild"):
+        est.check_model("b" * 64, "m.pt")
+    LTAUEstimator.build(descriptors, pdfs, bin_edges=np.array([0.01, 0.1, 1.0]), k=2).check_model("b" * 64)

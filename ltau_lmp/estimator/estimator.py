@@ -156,6 +156,16 @@ class LTAUEstimator:
         search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress)
         return cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
 
+    def check_model(self, model_hash: str, model_name: str = "this model") -> None:
+        """Refuse a model other than the one whose latent space was indexed (metadata ``model_hash``).
+
+        Latent features of another model live in another space: the kNN answer would be noise.
+        """
+        expected = self.metadata.get("model_hash")
+        if expected and expected != model_hash:
+            raise ConfigError(f"the estimator was built for model {expected[:12]}, not for {model_name} "
+                              f"({model_hash[:12]}): rebuild the estimator for this model")
+
     @property
     def dim(self) -> int:
         return self.index.dim

@@ -78,10 +78,7 @@ def run_evaluation(model_path, estimator_path, sets: dict[str, Path], out_dir, i
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path)
     estimator = LTAUEstimator.load(estimator_path)
-    expected_hash = estimator.metadata.get("model_hash")
-    if expected_hash and expected_hash != model.model_hash:
-        raise ConfigError(f"estimator {estimator_path} was built for model {expected_hash[:12]}, "
-                          f"not {model_path} ({model.model_hash[:12]})")
+    estimator.check_model(model.model_hash, str(model_path))
     preds = {name: predict_set(model, estimator, path)
              for name, path in tqdm(sets.items(), desc="evaluating sets", disable=not progress)}
     edges = estimator.bin_edges
