@@ -218,8 +218,9 @@ BAD_INPUTS = {
     "missing model file": ("pair_style ltau\npair_coeff * * /nonexistent/m.pt Si C\nrun 0", "no such file"),
     "element not in model": ("pair_style ltau\npair_coeff * * {model} Si Ge\nrun 0", "Ge not in model"),
     "wrong number of types": ("pair_style ltau\npair_coeff * * {model} Si\nrun 0", "one element per atom type"),
-    "not a model file": ("pair_style ltau\npair_coeff * * {data} Si C\nrun 0", "not a readable torch file"),
+    "not a model file": ("pair_style ltau\npair_coeff * * {data} Si C\nrun 0", "not a torch model file"),
     "newton pair off": ("newton off\npair_style ltau\npair_coeff * * {model} Si C\nrun 0", "requires newton pair on"),
+    "units real": ("units real\npair_style ltau\npair_coeff * * {model} Si C\nrun 0", "requires units metal"),
     "fix without pair_style ltau": ("pair_style zero 4.0\npair_coeff * *\nfix u all ltau est", "requires pair_style ltau"),
 }
 
@@ -229,7 +230,9 @@ BAD_INPUTS = {
 def test_bad_input_stops_both_ranks(case, model_file, data_file, tmp_path):
     body, expected = BAD_INPUTS[case]
     first, rest = body.split("\n", 1)
-    if first.startswith("newton"):  # must come before the box exists
+    if first.startswith("units"):
+        script = HEADER.replace("units           metal", first) + rest
+    elif first.startswith("newton"):  # must come before the box exists
         script = first + "\n" + HEADER.format(data=data_file) + rest
     else:
         script = HEADER.format(data=data_file) + body

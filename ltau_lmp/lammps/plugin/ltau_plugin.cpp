@@ -234,6 +234,9 @@ class PairLTAU : public Pair {
   void init_style() override
   {
     if (force->newton_pair == 0) error->all(FLERR, "Pair style ltau requires newton pair on");
+    if (std::strcmp(update->unit_style, "metal") != 0)
+      error->all(FLERR, "Pair style ltau requires units metal (eV, Angstrom), not units {}",
+                 update->unit_style);
     if (atom->tag_enable == 0) error->all(FLERR, "Pair style ltau requires atom IDs");
     neighbor->add_request(this, NeighConst::REQ_FULL);
   }
