@@ -120,3 +120,17 @@ def test_corrupt_error_logs_are_named(tmp_path):
     inconsistent.n_counted = 7
     with pytest.raises(FileFormatError, match="corrupted"):
         ErrorLog.load(inconsistent.save(tmp_path / "bad.npz"))
+
+
+def test_error_log_format_and_version_are_checked(tmp_path):
+    import json
+
+    path = ErrorLog.log_spaced(4, 1e-3, 1.0, 8).save(tmp_path / "log.npz")
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    header = json.loads(str(arrays["header"]))
+    for change, message in (({"version": 99}, "error log version 99 is not supported"),
+                            ({"format": "other"}, "not an ltau error log \\(format 'other'\\)")):
+        np.savez(tmp_path / "edited.npz", **{**arrays, "header": np.array(json.dumps({**header, **change}))})
+        with pytest.raises(FileFormatError, match=message):
+            ErrorLog.load(tmp_path / "edited.npz")

@@ -18,17 +18,22 @@ from ase import Atoms
 from ltau_lmp.errors import FileFormatError
 
 
-def read_frames(path: str | Path) -> list[Atoms]:
-    """All frames of an extxyz file; each must carry energy and forces labels."""
+def read_extxyz(path: str | Path, what: str = "data file") -> list[Atoms]:
+    """All frames of an extxyz file, or a ``FileFormatError`` naming the file (``what`` it is for)."""
     from ase.io import read
 
     path = Path(path)
     if not path.is_file():
-        raise FileFormatError(f"data file {str(path)!r} not found")
+        raise FileFormatError(f"{what} {str(path)!r} not found")
     try:
-        frames = read(path, index=":", format="extxyz")
+        return read(path, index=":", format="extxyz")
     except Exception as exc:  # ase raises many types for malformed files
         raise FileFormatError(f"{path}: not a readable extxyz file ({type(exc).__name__}: {exc})") from exc
+
+
+def read_frames(path: str | Path) -> list[Atoms]:
+    """All frames of an extxyz file; each must carry energy and forces labels."""
+    frames = read_extxyz(path)
     if not frames:
         raise FileFormatError(f"{path}: no frames")
     for k, atoms in enumerate(frames):

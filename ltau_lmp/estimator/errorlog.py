@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltau_lmp.errors import ConfigError, FileFormatError
+from ltau_lmp.errors import ConfigError, FileFormatError, check_file_format
 
 ERRORLOG_FORMAT = "ltau-errorlog"
 ERRORLOG_VERSION = 1
@@ -216,11 +216,7 @@ class ErrorLog:
             header = json.loads(str(arrays["header"]))
         except ValueError:
             raise FileFormatError(f"{path}: error-log header is not valid JSON") from None
-        if header.get("format") != ERRORLOG_FORMAT:
-            raise FileFormatError(f"{path}: not an ltau error log (format {header.get('format')!r})")
-        if header.get("version") != ERRORLOG_VERSION:
-            raise FileFormatError(f"{path}: error-log version {header.get('version')} is not supported "
-                                  f"(this ltau_lmp reads version {ERRORLOG_VERSION})")
+        check_file_format(header, ERRORLOG_FORMAT, ERRORLOG_VERSION, path, "error log")
         counts, edges = arrays["counts"], arrays["bin_edges"]
         if counts.ndim != 2 or counts.dtype not in [np.dtype(d) for d in _COUNT_DTYPES]:
             raise FileFormatError(f"{path}: counts must be a 2-D unsigned array, got {counts.dtype} {counts.shape}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltau_lmp.errors import ConfigError, FileFormatError
+from ltau_lmp.errors import ConfigError, FileFormatError, check_file_format
 from ltau_lmp.estimator.estimator import LTAUEstimator, check_pdfs
 from ltau_lmp.estimator.index import INDEX_KINDS, SearchIndex, require_faiss
 
@@ -78,11 +78,7 @@ def read_meta(path: Path) -> dict:
         meta = json.loads(meta_file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise FileFormatError(f"{meta_file}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != ESTIMATOR_FORMAT:
-        raise FileFormatError(f"{meta_file}: not an ltau estimator (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != ESTIMATOR_VERSION:
-        raise FileFormatError(f"{meta_file}: estimator version {meta.get('version')} is not supported "
-                              f"(this ltau_lmp reads version {ESTIMATOR_VERSION})")
+    check_file_format(meta, ESTIMATOR_FORMAT, ESTIMATOR_VERSION, meta_file, "estimator")
     required = ("n_entries", "dim", "nbins", "index", "k", "weighting", "metadata", "sha256")
     missing = [key for key in required if key not in meta]
     if missing:

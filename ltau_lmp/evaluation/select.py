@@ -19,17 +19,11 @@ SCORE_ARRAY = "ltau_expected"
 
 def read_dumps(paths) -> list:
     """All frames of ``fix ltau`` dump files, each tagged with its source and index."""
-    from ase.io import read
+    from ltau_lmp.data.datasets import read_extxyz
 
     frames = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileFormatError(f"{path}: dump file not found")
-        try:
-            part = read(path, index=":", format="extxyz")
-        except Exception as exc:
-            raise FileFormatError(f"{path}: not a readable extxyz file ({type(exc).__name__}: {exc})") from None
-        for i, atoms in enumerate(part):
+    for path in paths:
+        for i, atoms in enumerate(read_extxyz(path, "dump file")):
             if SCORE_ARRAY not in atoms.arrays:
                 raise FileFormatError(f"{path}: frame {i} has no per-atom {SCORE_ARRAY} (not a fix ltau dump?)")
             atoms.info["source"] = f"{path}:{i}"
