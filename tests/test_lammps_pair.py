@@ -250,10 +250,10 @@ from ltau_lmp.lammps import driver, runtime
 rank = MPI.COMM_WORLD.Get_rank()
 if rank == 1:
     compute = runtime.PairRuntime.compute
-    def failing(self, step, *args):
-        if step >= 5:
+    def failing(self, args):
+        if args.step >= 5:
             raise RuntimeError("injected failure on rank 1")
-        return compute(self, step, *args)
+        return compute(self, args)
     runtime.PairRuntime.compute = failing
 lmp = driver.create_lammps(log="none")
 try:

@@ -14,6 +14,8 @@ import numpy as np
 
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.lammps import abi
+from ltau_lmp.lammps import keywords as kw
+from ltau_lmp.lammps.keywords import Words
 
 METRICS = ("expected", "upper", "distance")
 LOG_COLUMNS = ["step", "max", "mean", "quantile", "n_over_dump", "n_over_halt", "max_distance", "worst_tag"]
@@ -42,53 +44,46 @@ class FixOptions:
     def parse(cls, args: list[str]) -> "FixOptions":
         if not args:
             raise LTAUError("usage is fix ID group ltau ESTIMATOR_FILE keyword value ...")
-        opts, rest = cls(estimator=args[0]), list(args[1:])
+        opts, words = cls(estimator=args[0]), Words(args[1:])
         given: set[str] = set()
-
-        def take(keyword: str, what: str) -> str:
-            if not rest:
-                raise LTAUError(f"keyword {keyword} needs {what}")
-            return rest.pop(0)
-
-        while rest:
-            keyword = rest.pop(0)
+        while words:
+            keyword = words.pop()
             if keyword == "every":
-                opts.every = _positive_int(take(keyword, "N"), "every")
+                opts.every = kw.positive_int(words.take(keyword, "N"), "every")
             elif keyword == "k":
-                opts.k = _positive_int(take(keyword, "K"), "k")
+                opts.k = kw.positive_int(words.take(keyword, "K"), "k")
             elif keyword == "metric":
-                opts.metric = take(keyword, "expected|upper|distance")
-                if opts.metric not in METRICS:
-                    raise LTAUError(f"metric must be one of {', '.join(METRICS)}, got {opts.metric!r}")
+                opts.metric = kw.choice(words.take(keyword, "|".join(METRICS)), "metric", METRICS)
             elif keyword == "ci":
-                lo, hi = _number(take(keyword, "LO HI"), "ci LO"), _number(take(keyword, "LO HI"), "ci HI")
+                lo = kw.number(words.take(keyword, "LO HI"), "ci LO")
+                hi = kw.number(words.take(keyword, "LO HI"), "ci HI")
                 if not 0.0 <= lo < hi <= 1.0:
                     raise LTAUError(f"ci needs 0 <= LO < HI <= 1, got {lo} {hi}")
                 opts.ci = (lo, hi)
             elif keyword == "quantile":
-                opts.quantile = _number(take(keyword, "Q"), "quantile")
+                opts.quantile = kw.number(words.take(keyword, "Q"), "quantile")
                 if not 0.0 <= opts.quantile <= 1.0:
                     raise LTAUError(f"quantile must lie in [0, 1], got {opts.quantile}")
             elif keyword == "halt":
-                opts.halt = _threshold(take(keyword, "a threshold"), "halt")
+                opts.halt = kw.threshold(words.take(keyword, "a threshold"), "halt")
             elif keyword == "error":
-                opts.halt_mode = _choice(take(keyword, "hard|soft|continue"), "error", tuple(abi.HALT_MODES))
+                opts.halt_mode = kw.choice(words.take(keyword, "hard|soft|continue"), "error", tuple(abi.HALT_MODES))
                 given.add(keyword)
             elif keyword == "message":
-                opts.halt_message = _choice(take(keyword, "yes|no"), "message", ("yes", "no")) == "yes"
+                opts.halt_message = kw.yes_no(words.take(keyword, "yes|no"), "message")
                 given.add(keyword)
             elif keyword == "dump":
-                opts.dump_file = take(keyword, "FILE THRESH")
-                opts.dump_threshold = _threshold(take(keyword, "FILE THRESH"), "dump")
-                while rest[:1] in (["interval"], ["max"]):
-                    sub = rest.pop(0)
-                    value = _positive_int(take(f"dump ... {sub}", "a positive integer"), f"dump ... {sub}")
+                opts.dump_file = words.take(keyword, "FILE THRESH")
+                opts.dump_threshold = kw.threshold(words.take(keyword, "FILE THRESH"), "dump")
+                while words.peek() in ("interval", "max"):
+                    sub = words.pop()
+                    value = kw.positive_int(words.take(f"dump ... {sub}", "a positive integer"), f"dump ... {sub}")
                     if sub == "interval":
                         opts.dump_interval = value
                     else:
                         opts.dump_max = value
             elif keyword == "log":
-                opts.log_file = take(keyword, "FILE")
+                opts.log_file = words.take(keyword, "FILE")
             else:
                 raise LTAUError(f"unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
                                 "halt, error, message, dump, log)")
@@ -100,39 +95,6 @@ class FixOptions:
     def halt_mode_code(self) -> int:
         """The plugin's ``ltau_halt_mode``."""
         return abi.HALT_NONE if self.halt is None else abi.HALT_MODES[self.halt_mode]
-
-
-def _number(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LTAUError(f"{what} must be a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise LTAUError(f"{what} must be finite, got {text!r}")
-    return value
-
-
-def _choice(text: str, what: str, choices: tuple[str, ...]) -> str:
-    if text not in choices:
-        raise LTAUError(f"{what} must be {' or '.join(choices)}, got {text!r}")
-    return text
-
-
-def _threshold(text: str, what: str) -> float:
-    value = _number(text, f"{what} threshold")
-    if value < 0:
-        raise LTAUError(f"{what} threshold must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise LTAUError(f"{what} must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise LTAUError(f"{what} must be a positive integer, got {value}")
-    return value
 
 
 class PeerFailed(Exception):
@@ -191,7 +153,7 @@ class FixLtau:
                                                 gpu_device=device or 0)
         except FileFormatError as exc:
             raise LTAUError(f"cannot use estimator: {exc}") from None
-        self._check_model(self.runtime.model)
+        self._check_model(self.runtime.card)
         if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
             raise LTAUError(f"k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
         if self.rank == 0:
@@ -202,27 +164,24 @@ class FixLtau:
             if self.opts.dump_file:
                 self.dump = FrameDump(self.opts.dump_file)
 
-    def _check_model(self, model) -> None:
+    def _check_model(self, card) -> None:
         """The estimator must have been built from this model's latent features."""
-        if self.estimator.dim != model.latent_dim:
+        if self.estimator.dim != card.latent_dim:
             raise LTAUError(f"estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
-                            f"descriptors but the model of pair_style ltau has latent_dim {model.latent_dim}: "
+                            f"descriptors but the model of pair_style ltau has latent_dim {card.latent_dim}: "
                             "it was built for another model")
-        expected_hash = self.estimator.metadata.get("model_hash")
-        if expected_hash and expected_hash != model.model_hash:
-            raise LTAUError(f"estimator {self.opts.estimator} was built for model {expected_hash[:12]} "
-                            f"but pair_style ltau runs model {model.model_hash[:12]}")
+        self.estimator.check_model(card.model_hash, "the model of pair_style ltau")
 
     def bind(self, runtime) -> None:
         """Called at every ``init``: follow the current ``pair_style ltau`` (a new pair style, or
         a new model given to the same one by ``pair_coeff``) or stop now, before any step, when
         the estimator does not belong to its model."""
-        self._check_model(runtime.model)
+        self._check_model(runtime.card)
         self.runtime = runtime
 
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
-                    box: np.ndarray, periodic: tuple[bool, bool, bool]) -> int:
+                    box: np.ndarray, periodic: tuple[bool, bool, bool]) -> None:
         """Fill the per-atom array and global values; raises ``HaltCondition`` on every rank
         together when the halt threshold is crossed."""
         in_group, metric = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
@@ -315,9 +274,11 @@ class FixLtau:
             return None
         from ase import Atoms
 
+        from ltau_lmp.lammps.box import lammps_box_to_cell
+
         tags, syms, pos, forces, values, group = (np.concatenate(a) for a in zip(*parts))
         order = np.argsort(tags, kind="stable")
-        cell, origin = _cell_from_box(box)
+        cell, origin = lammps_box_to_cell(box)
         atoms = Atoms(symbols=syms[order].tolist(), positions=pos[order] - origin, cell=cell, pbc=periodic)
         atoms.arrays["forces"] = forces[order]
         atoms.arrays["tag"] = tags[order].astype(np.int64)
@@ -336,11 +297,3 @@ class FixLtau:
             return False
         return self.opts.dump_max is None or len(steps) < self.opts.dump_max
 
-
-def _cell_from_box(box: np.ndarray):
-    """LAMMPS box (xlo ylo zlo xhi yhi zhi xy xz yz) → ASE cell rows and the origin shift."""
-    lo, hi = np.asarray(box[:3]), np.asarray(box[3:6])
-    xy, xz, yz = box[6:9]
-    lx, ly, lz = hi - lo
-    cell = np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])
-    return cell, lo

@@ -21,8 +21,10 @@ import torch
 
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.lammps import abi
+from ltau_lmp.lammps import keywords as kw
 from ltau_lmp.lammps.devices import select_device
 from ltau_lmp.lammps.fix import FixLtau, HaltCondition, PeerFailed
+from ltau_lmp.lammps.keywords import Words
 
 _pairs: dict[int, "PairRuntime"] = {}
 _fixes: dict[int, FixLtau] = {}
@@ -62,6 +64,29 @@ class ForceCache:
         return self._latent
 
 
+@dataclass
+class PairOptions:
+    """Keywords of ``pair_style ltau`` (see doc/pair_ltau.md)."""
+
+    allow_pickle: bool = False       # a pickled model file (MACE .model) runs code when loaded
+    family: str | None = None        # None: detected from the file
+
+    @classmethod
+    def parse(cls, words: list[str]) -> "PairOptions":
+        from ltau_lmp.model import FAMILIES
+
+        opts, words = cls(), Words(words)
+        while words:
+            keyword = words.pop()
+            if keyword == "allow_pickle":
+                opts.allow_pickle = kw.yes_no(words.take(keyword, "yes|no"), "allow_pickle")
+            elif keyword == "family":
+                opts.family = kw.choice(words.take(keyword, "|".join(FAMILIES)), "family", FAMILIES)
+            else:
+                raise LTAUError(f"pair_style ltau: unknown keyword {keyword!r} (valid: allow_pickle, family)")
+        return opts
+
+
 class PairRuntime:
     """The model of one ``pair_style ltau`` instance on this rank and its force evaluation."""
 
@@ -72,26 +97,29 @@ class PairRuntime:
         self.cache = ForceCache()
         self.type2species = np.zeros(1, np.int64)
 
-    def coeff(self, comm, ntypes: int, model_file: str, elements: list[str]) -> float:
-        """Load the model and map LAMMPS types 1..ntypes to its species; returns its cutoff."""
+    def coeff(self, comm, ntypes: int, model_file: str, elements: list[str], options: PairOptions):
+        """Load the model and map LAMMPS types 1..ntypes to its species; returns its card."""
         from ltau_lmp.model import load_model
 
         if len(elements) != ntypes:
             raise LTAUError(f"pair_coeff needs one element per atom type: {ntypes} types, "
                             f"{len(elements)} elements given")
-        model = load_model(model_file, map_location=self.device)
-        missing = [e for e in elements if e not in model.species]
+        model = load_model(model_file, map_location=self.device, family=options.family,
+                           allow_pickle=options.allow_pickle)
+        card = model.card
+        missing = [e for e in elements if e not in card.species]
         if missing:
             raise LTAUError(f"element(s) {', '.join(missing)} not in model {model_file} "
-                            f"(its species: {', '.join(model.species)})")
+                            f"(its species: {', '.join(card.species)})")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.dtype = next(self.model.parameters()).dtype
+        self.card = card
+        self.dtype = getattr(torch, card.dtype)
         self.comm = comm
-        self.type2species = np.array([0] + [model.species.index(e) for e in elements], np.int64)
-        self.cache = ForceCache(symbols=list(model.species), model_hash=model.model_hash)
-        return float(model.cutoff)
+        self.type2species = np.array([0] + [card.species.index(e) for e in elements], np.int64)
+        self.cache = ForceCache(symbols=list(card.species), model_hash=card.model_hash)
+        return card
 
     def compute(self, a: abi.PairComputeArgs) -> float:
         """Forces on local and ghost atoms, per-atom energy/virial for one step; returns the energy.
@@ -107,9 +135,9 @@ class PairRuntime:
         if model is None:
             raise LTAUError("pair_coeff * * MODEL_FILE ... was not given")
         step, nlocal, nghost, nedges = a.step, a.nlocal, a.nghost, a.nedges
-        needed = float(getattr(model, "receptive_field", model.cutoff))
-        if a.cutghost < needed:
-            raise LTAUError(f"model {self.cache.model_hash[:12]} needs ghost atoms out to "
+        needed = self.card.receptive_field
+        if a.cutghost < needed:   # the shim raises the ghost cutoff at init: a safety net
+            raise LTAUError(f"model {self.card.model_hash[:12]} needs ghost atoms out to "
                             f"{needed:g} A but LAMMPS communicates only {a.cutghost:g} A; "
                             f"add `comm_modify cutoff {needed + 2.0:g}`")
         nall = nlocal + nghost
@@ -197,8 +225,12 @@ def _guarded(fn):
 @_guarded
 def _pair_coeff(handle, a: abi.PairCoeffArgs):
     words = _words(a.narg, a.arg)
+    options = PairOptions.parse(_words(a.nsettings, a.settings))
     runtime = _pairs.setdefault(handle, PairRuntime())
-    a.cutoff = runtime.coeff(_comm(a.fcomm), a.ntypes, words[0], words[1:])
+    card = runtime.coeff(_comm(a.fcomm), a.ntypes, words[0], words[1:], options)
+    a.cutoff = card.cutoff
+    a.receptive_field = card.receptive_field
+    a.ghost_neighbors = int(card.num_layers > 1)
 
 
 @_guarded

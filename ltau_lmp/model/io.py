@@ -24,7 +24,7 @@ FORMAT = "ltau_lmp.model.local"
 VERSION = 1
 _KEYS = ("format", "version", "config", "state_dict", "model_hash")
 FAMILIES = ("ltau_local", "mace")
-TRUST_OPTIONS = ("allow_pickle=True (Python), `pair_style ltau trust_pickle yes` (LAMMPS) "
+TRUST_OPTIONS = ("allow_pickle=True (Python), `pair_style ltau allow_pickle yes` (LAMMPS) "
                  "or --allow-pickle (ltau-lmp commands)")
 
 

@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 2
+#define LTAU_ABI_VERSION 3
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -42,14 +42,18 @@ enum ltau_halt_mode {
   LTAU_HALT_CONTINUE = 3  /* the run ends cleanly; later `run` commands go ahead */
 };
 
-/* pair_coeff * * MODEL_FILE El1 ... ElN */
+/* pair_coeff * * MODEL_FILE El1 ... ElN (with the keywords of the last pair_style command) */
 typedef struct ltau_pair_coeff_args {
   int32_t fcomm;              /* in: MPI_Comm_c2f() of the LAMMPS world communicator */
   int32_t ntypes;             /* in: number of LAMMPS atom types */
   int32_t narg;               /* in: number of words in arg (1 + ntypes) */
-  int32_t pad_;               /* (alignment; unused) */
+  int32_t nsettings;          /* in: number of words in settings */
   const char *const *arg;     /* in: MODEL_FILE El1 ... ElN (the words after `* *`) */
-  double cutoff;              /* out: model cutoff (A); LAMMPS's force cutoff for all types */
+  const char *const *settings;/* in: the words after `pair_style ltau` (keyword value ...) */
+  double cutoff;              /* out: model cutoff (A) of one layer; LAMMPS's force cutoff */
+  double receptive_field;     /* out: how far (A) an atom's energy reaches: cutoff x layers */
+  int32_t ghost_neighbors;    /* out: 1 = message passing: pairs centred on ghost atoms too */
+  int32_t pad_;               /* (alignment; unused) */
 } ltau_pair_coeff_args;
 
 /* One force evaluation of pair_style ltau on this rank. */
@@ -61,7 +65,8 @@ typedef struct ltau_pair_compute_args {
   const int32_t *type;        /* in: (nlocal+nghost) LAMMPS atom types 1..ntypes */
   const int32_t *tag;         /* in: (nlocal+nghost) atom IDs */
   int64_t nedges;             /* in: number of directed pairs i -> j below */
-  const int64_t *centers;     /* in: (nedges) i, a local atom, of each pair with r_ij < cutoff */
+  const int64_t *centers;     /* in: (nedges) i of each pair with r_ij < cutoff: a local atom, or
+                                 also a ghost atom when ghost_neighbors was set by pair_coeff */
   const int64_t *neighbors;   /* in: (nedges) j, a local or ghost atom (full list: both i->j and j->i) */
   double cutghost;            /* in: how far (A) LAMMPS communicates ghost atoms */
   int32_t eflag_atom;         /* in: 1 = add per-atom energies to eatom */

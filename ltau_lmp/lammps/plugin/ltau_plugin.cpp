@@ -33,6 +33,7 @@
 #include <dlfcn.h>
 #include <mpi.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -200,10 +201,8 @@ class PairLTAU : public Pair {
     }
   }
 
-  void settings(int narg, char **) override
-  {
-    if (narg != 0) error->all(FLERR, "Pair style ltau takes no arguments (the model is given in pair_coeff)");
-  }
+  // The keywords are parsed by the runtime, with the model, at the next pair_coeff.
+  void settings(int narg, char **arg) override { settings_words.assign(arg, arg + narg); }
 
   void coeff(int narg, char **arg) override
   {
@@ -213,15 +212,21 @@ class PairLTAU : public Pair {
     if (narg != 3 + ntypes)
       error->all(FLERR, "Pair style ltau: pair_coeff needs one element per atom type: {} types but {} elements given",
                  ntypes, narg - 3);
+    std::vector<const char *> words;
+    for (const auto &w : settings_words) words.push_back(w.c_str());
     ltau_pair_coeff_args args = {};
     args.fcomm = MPI_Comm_c2f(world);
     args.ntypes = ntypes;
     args.narg = narg - 2;
+    args.nsettings = (int32_t) words.size();
     args.arg = arg + 2;
+    args.settings = words.data();
     char msg[LTAU_MSGLEN] = "";
     int status = cbs.pair_coeff(this, &args, msg);
     reduce_status(lmp, world, status, msg, "Pair style ltau", LTAU_HALT);
     cutoff = args.cutoff;
+    receptive_field = args.receptive_field;
+    ghost_neighbors = args.ghost_neighbors;
     if (!allocated) {
       allocated = 1;
       memory->create(setflag, ntypes + 1, ntypes + 1, "pair:setflag");
@@ -238,7 +243,9 @@ class PairLTAU : public Pair {
       error->all(FLERR, "Pair style ltau requires units metal (eV, Angstrom), not units {}",
                  update->unit_style);
     if (atom->tag_enable == 0) error->all(FLERR, "Pair style ltau requires atom IDs");
-    neighbor->add_request(this, NeighConst::REQ_FULL);
+    neighbor->add_request(this, ghost_neighbors ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST
+                                                : NeighConst::REQ_FULL);
+    ensure_ghost_cutoff();
   }
 
   double init_one(int, int) override { return cutoff; }
@@ -248,7 +255,7 @@ class PairLTAU : public Pair {
     ev_init(eflag, vflag);
     // Flatten the full list into int64 pairs, keeping only r < cutoff: the list carries the
     // neighbour skin too, and those pairs contribute exactly 0 but would cost the model time.
-    int inum = list->inum;
+    int inum = list->inum + (ghost_neighbors ? list->gnum : 0);
     int *ilist = list->ilist, *numneigh = list->numneigh, **firstneigh = list->firstneigh;
     double **x = atom->x, cutsq_model = cutoff * cutoff;
     int64_t maxedges = 0;
@@ -290,8 +297,37 @@ class PairLTAU : public Pair {
   }
 
  private:
-  double cutoff = 0.0;
+  double cutoff = 0.0, receptive_field = 0.0;
+  int ghost_neighbors = 0;
+  bool raised_cutghost = false;
+  std::vector<std::string> settings_words;
   std::vector<int64_t> centers, neighbors;
+
+  // Exact forces on a subdomain need ghost atoms out to the receptive field (+ skin, for the
+  // steps between neighbour-list builds). A ghost cutoff the user did not set is raised here;
+  // one the user set too short stops the run with the line that fixes it.
+  void ensure_ghost_cutoff()
+  {
+    double need = receptive_field + neighbor->skin;
+    if (need <= cutoff + neighbor->skin) return;    // one cutoff of ghosts is enough
+    if (comm->mode != Comm::SINGLE)
+      error->all(FLERR, "Pair style ltau: this model needs ghost atoms out to {:.6g} A (receptive "
+                 "field {:.6g} + skin {:.6g}); use comm_modify mode single cutoff {:.6g}", need,
+                 receptive_field, neighbor->skin, need);
+    if (comm->cutghostuser >= need) return;
+    if (comm->cutghostuser > 0.0 && !raised_cutghost)
+      error->all(FLERR, "Pair style ltau: the model needs ghost atoms out to {:.6g} A (receptive "
+                 "field {:.6g} A = {} layers x cutoff {:.6g} A, + skin {:.6g} A) but comm_modify "
+                 "cutoff is {:.6g} A; add `comm_modify cutoff {:.6g}`", need, receptive_field,
+                 (int) std::lround(receptive_field / cutoff), cutoff, neighbor->skin,
+                 comm->cutghostuser, need);
+    comm->cutghostuser = need;
+    raised_cutghost = true;
+    if (comm->me == 0)
+      utils::logmesg(lmp, "Pair style ltau: ghost atoms out to {:.6g} A (receptive field {:.6g} A "
+                     "+ skin {:.6g} A), as `comm_modify cutoff {:.6g}`\n", need, receptive_field,
+                     neighbor->skin, need);
+  }
 };
 
 /* ---------------------------------------------------------------------------------------------
