@@ -7,19 +7,25 @@ from ase.io import read
 
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.lammps.events import FrameDump, StepLog
+from ltau_lmp.lammps import abi
 from ltau_lmp.lammps.fix import FixOptions
+from ltau_lmp.lammps.runtime import PairOptions
 
 
 def test_parse_all_keywords():
-    o = FixOptions.parse("est every 10 k 5 metric upper ci 0.1 0.9 quantile 0.5 halt 0.8 error soft "
-                         "dump frames.xyz 0.3 interval 20 max 7 log ltau.log".split())
+    o = FixOptions.parse("est every 10 k 5 metric upper ci 0.1 0.9 quantile 0.5 halt 0.8 error continue "
+                         "message no dump frames.xyz 0.3 interval 20 max 7 log ltau.log".split())
     assert (o.estimator, o.every, o.k, o.metric, o.ci, o.quantile) == ("est", 10, 5, "upper", (0.1, 0.9), 0.5)
-    assert (o.halt, o.halt_mode) == (0.8, "soft")
+    assert (o.halt, o.halt_mode, o.halt_message, o.halt_mode_code) == (0.8, "continue", False, abi.HALT_CONTINUE)
     assert (o.dump_file, o.dump_threshold, o.dump_interval, o.dump_max) == ("frames.xyz", 0.3, 20, 7)
     assert o.log_file == "ltau.log"
     defaults = FixOptions.parse(["est"])
-    assert (defaults.every, defaults.k, defaults.metric, defaults.halt_mode, defaults.dump_file) == (
-        1, None, "expected", "hard", None)
+    assert (defaults.every, defaults.k, defaults.metric, defaults.dump_file) == (1, None, "expected", None)
+    assert (defaults.halt, defaults.halt_mode_code) == (None, abi.HALT_NONE)
+    with_halt = FixOptions.parse(["est", "halt", "1"])      # fix halt's defaults: error soft, message yes
+    assert (with_halt.halt_mode, with_halt.halt_message, with_halt.halt_mode_code) == ("soft", True, abi.HALT_SOFT)
+    # `error`/`message` may come before `halt`, as keywords of their own (fix halt's syntax)
+    assert FixOptions.parse("est error hard halt 2".split()).halt_mode_code == abi.HALT_HARD
 
 
 @pytest.mark.parametrize("args,message", [
@@ -30,14 +36,28 @@ def test_parse_all_keywords():
     (["e", "dump", "f.xyz", "nan"], "dump threshold must be finite"),
     (["e", "dump", "f.xyz"], "keyword dump needs FILE THRESH"),
     (["e", "every", "0"], "every must be a positive integer"),
-    (["e", "metric", "max"], "metric must be one of"),
+    (["e", "metric", "max"], "metric must be expected or upper or distance"),
     (["e", "ci", "0.9", "0.1"], "ci needs 0 <= LO < HI <= 1"),
-    (["e", "halt", "1", "error", "maybe"], "hard or soft"),
+    (["e", "halt", "1", "error", "maybe"], "error must be hard or soft or continue, got 'maybe'"),
+    (["e", "halt", "1", "message", "maybe"], "message must be yes or no"),
+    (["e", "error", "hard"], "keyword error needs halt THRESH"),
+    (["e", "every"], "keyword every needs N"),
     (["e", "dump", "f", "1", "max", "0"], "dump ... max must be a positive integer"),
 ])
 def test_bad_keywords_are_named(args, message):
     with pytest.raises(LTAUError, match=message):
         FixOptions.parse(args)
+
+
+def test_pair_style_keywords():
+    assert PairOptions.parse([]) == PairOptions(allow_pickle=False, family=None)
+    assert PairOptions.parse("allow_pickle yes family mace".split()) == PairOptions(True, "mace")
+    for words, message in ((["allow_pickle"], "keyword allow_pickle needs yes|no"),
+                           (["allow_pickle", "1"], "allow_pickle must be yes or no"),
+                           (["family", "nequip"], "family must be ltau_local or mace"),
+                           (["trust", "yes"], "unknown keyword 'trust'")):
+        with pytest.raises(LTAUError, match=message):
+            PairOptions.parse(words)
 
 
 def test_step_log_appends_and_never_repeats_a_step(tmp_path):
