@@ -98,7 +98,8 @@ def test_equals_mace_calculator(files, tmp_path):
 
     lmp = create_lammps(log="none", screen=False)
     try:
-        lmp.commands_string(HEADER.format(data=files["data"], model=files["model"]) + "run 0\n")
+        lmp.commands_string(HEADER.format(data=files["data"], model=files["model"]) +
+                            "compute pe all pe/atom\ncompute s all stress/atom NULL\nrun 0\n")
         n = lmp.extract_global("nlocal")
         order = np.argsort(lmp.numpy.extract_atom("id")[:n])
         forces = lmp.numpy.extract_atom("f")[:n][order].copy()
@@ -106,6 +107,9 @@ def test_equals_mace_calculator(files, tmp_path):
         # no velocities: the pressure is the virial alone; bar -> eV/A^3 with LAMMPS's own constant
         p = np.array([lmp.get_thermo(k) for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz")])
         p /= lmp.extract_global("nktv2p")
+        atom_energy = lmp.numpy.extract_compute("pe", 1, 1)[:n].copy()
+        atom_virial = lmp.numpy.extract_compute("s", 1, 2)[:n].sum(0) / lmp.extract_global("nktv2p")
+        volume = lmp.get_thermo("vol")
     finally:
         lmp.close()
     atoms = files["atoms"].copy()
@@ -116,6 +120,9 @@ def test_equals_mace_calculator(files, tmp_path):
     stress = atoms.get_stress(voigt=True)                                    # xx yy zz yz xz xy, eV/A^3
     lmp_stress = -p[[0, 1, 2, 5, 4, 3]]
     np.testing.assert_allclose(lmp_stress, stress, rtol=1e-8, atol=1e-8 * np.abs(stress).max())
+    # per-atom energies and virials (compute pe/atom, stress/atom) sum to the global ones
+    assert atom_energy.sum() == pytest.approx(energy, rel=1e-12)
+    np.testing.assert_allclose(-atom_virial, p * volume, rtol=1e-10, atol=1e-10 * np.abs(p * volume).max())
 
 
 MD = HEADER + """\

@@ -13,7 +13,7 @@ from ctypes import POINTER, Structure, c_char, c_char_p, c_double, c_int, c_int3
 
 from ltau_lmp.errors import LTAUError
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MSGLEN = 2048
 
 # enum ltau_status
@@ -34,9 +34,10 @@ class PairCoeffArgs(Structure):
 class PairComputeArgs(Structure):
     _fields_ = [("step", c_int64), ("nlocal", c_int32), ("nghost", c_int32), ("x", _PD),
                 ("type", _PI32), ("tag", _PI32), ("nedges", c_int64), ("centers", _PI64),
-                ("neighbors", _PI64), ("cutghost", c_double), ("eflag_atom", c_int32),
+                ("neighbors", _PI64), ("shifts", _PD), ("cutghost", c_double), ("eflag_atom", c_int32),
                 ("vflag_atom", c_int32), ("f", _PD), ("eatom", _PD), ("vatom", _PD),
-                ("energy", c_double)]
+                ("vflag_global", c_int32), ("pad_", c_int32), ("energy", c_double),
+                ("virial", c_double * 6)]
 
 
 class FixCreateArgs(Structure):

@@ -121,63 +121,76 @@ class PairRuntime:
         self.cache = ForceCache(symbols=list(card.species), model_hash=card.model_hash)
         return card
 
-    def compute(self, a: abi.PairComputeArgs) -> float:
-        """Forces on local and ghost atoms, per-atom energy/virial for one step; returns the energy.
+    def compute(self, a: abi.PairComputeArgs) -> None:
+        """One force call: forces on every node, the energy, per-atom and global virials, all
+        written into LAMMPS's arrays and ``a`` (``ltau_pair_compute_args``).
 
-        ``a.centers``/``a.neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim.
+        ``a.centers``/``a.neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim;
+        with ``a.shifts`` the graph is folded onto the local atoms (one rank, message passing).
 
-        The gradient is taken with respect to a zero offset added to every pair vector, which
-        gives dE/dr_ij per pair in one backward pass: forces follow by scattering it onto both
-        atoms of the pair, and the per-atom virial by splitting -r_ij (x) dE/dr_ij between them,
-        so the per-atom virials sum exactly to LAMMPS's f.r global virial.
+        The gradient is taken with respect to the per-pair offset (zero, or the folding shift)
+        added to every pair vector, which gives g_ij = dE/dr_ij in one backward pass: forces
+        follow by scattering g onto both atoms of the pair, the global virial is
+        -sum r_ij (x) g_ij, and the per-atom virial splits each pair's term between its atoms.
         """
         model = self.model
         if model is None:
             raise LTAUError("pair_coeff * * MODEL_FILE ... was not given")
         step, nlocal, nghost, nedges = a.step, a.nlocal, a.nghost, a.nedges
+        folded = bool(a.shifts)
         needed = self.card.receptive_field
-        if a.cutghost < needed:   # the shim raises the ghost cutoff at init: a safety net
+        if not folded and a.cutghost < needed:   # the shim raises the ghost cutoff at init: a safety net
             raise LTAUError(f"model {self.card.model_hash[:12]} needs ghost atoms out to "
                             f"{needed:g} A but LAMMPS communicates only {a.cutghost:g} A; "
                             f"add `comm_modify cutoff {needed + 2.0:g}`")
-        nall = nlocal + nghost
+        nodes = nlocal if folded else nlocal + nghost
         self.cache.step = step
         self.cache.tags = _view(a.tag, (nlocal,), np.int32).copy()
         self.cache.forces = _view(a.f, (nlocal, 3))
+        a.energy = 0.0
+        a.virial[:] = [0.0] * 6
         if nlocal == 0:
             self.cache._latent, self.cache.species = None, np.empty(0, np.int64)
-            return 0.0
+            return
         dev, dtype = self.device, self.dtype
-        species_np = self.type2species[_view(a.type, (nall,), np.int32)]
+        species_np = self.type2species[_view(a.type, (nodes,), np.int32)]
         self.cache.species = species_np[:nlocal]
-        pos = torch.from_numpy(_view(a.x, (nall, 3))).to(dev, dtype)
+        pos = torch.from_numpy(_view(a.x, (nodes, 3))).to(dev, dtype)
         species = torch.from_numpy(species_np).to(dev)
         c = torch.from_numpy(_view(a.centers, (nedges,), np.int64)).to(dev)
         n = torch.from_numpy(_view(a.neighbors, (nedges,), np.int64)).to(dev)
-        offset = torch.zeros((nedges, 3), dtype=dtype, device=dev, requires_grad=True)
+        if folded:
+            offset = torch.from_numpy(_view(a.shifts, (nedges, 3))).to(dev, dtype)
+        else:
+            offset = torch.zeros((nedges, 3), dtype=dtype, device=dev)
+        offset.requires_grad_()
         with torch.enable_grad():
             atom_energy, latent = model(pos, species, c, n, offset, nlocal)
             (g,) = torch.autograd.grad(atom_energy.sum(), offset)
         self.cache._latent = latent
         g = g.to(torch.float64)
-        # r_ij = x_j - x_i: dE/dx_j = g, dE/dx_i = -g, F = -dE/dx
-        forces = torch.from_numpy(_view(a.f, (nall, 3)))
+        # r_ij = x_j - x_i + offset_ij: dE/dx_j = g, dE/dx_i = -g, F = -dE/dx
+        forces = torch.from_numpy(_view(a.f, (nodes, 3)))
         if dev.type == "cpu":
             forces.index_add_(0, c, g).index_add_(0, n, g, alpha=-1.0)
         else:
-            acc = torch.zeros((nall, 3), dtype=torch.float64, device=dev)
+            acc = torch.zeros((nodes, 3), dtype=torch.float64, device=dev)
             forces += acc.index_add_(0, c, g).index_add_(0, n, g, alpha=-1.0).cpu()
         atom_energy = atom_energy.detach().to(torch.float64)
+        a.energy = float(atom_energy.sum())
         if a.eflag_atom:
-            _view(a.eatom, (nall,))[:nlocal] += atom_energy.cpu().numpy()
-        if a.vflag_atom:
-            r = (pos[n] - pos[c]).to(torch.float64)
+            _view(a.eatom, (nodes,))[:nlocal] += atom_energy.cpu().numpy()
+        if a.vflag_global or a.vflag_atom:
+            r = (pos[n] - pos[c] + offset.detach()).to(torch.float64)
             rows, cols = (0, 1, 2, 0, 0, 1), (0, 1, 2, 1, 2, 2)    # xx yy zz xy xz yz
-            half = -0.5 * r[:, rows] * g[:, cols]
-            acc = torch.zeros((nall, 6), dtype=torch.float64, device=dev)
-            acc.index_add_(0, c, half).index_add_(0, n, half)
-            torch.from_numpy(_view(a.vatom, (nall, 6))).add_(acc.cpu())
-        return float(atom_energy.sum())
+            pair_virial = -r[:, rows] * g[:, cols]
+            if a.vflag_global:
+                a.virial[:] = pair_virial.sum(0).tolist()
+            if a.vflag_atom:
+                half = 0.5 * pair_virial
+                acc = torch.zeros((nodes, 6), dtype=torch.float64, device=dev)
+                acc.index_add_(0, c, half).index_add_(0, n, half)
+                torch.from_numpy(_view(a.vatom, (nodes, 6))).add_(acc.cpu())
 
 
 def _fail(msg, exc: BaseException) -> None:
@@ -238,7 +251,7 @@ def _pair_compute(handle, a: abi.PairComputeArgs):
     runtime = _pairs.get(handle)
     if runtime is None:
         raise LTAUError("pair_coeff * * MODEL_FILE El1 El2 ... was not given")
-    a.energy = runtime.compute(a)
+    runtime.compute(a)
 
 
 def _pair_destroy(handle):

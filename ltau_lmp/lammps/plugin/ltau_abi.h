@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 3
+#define LTAU_ABI_VERSION 4
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -68,6 +68,11 @@ typedef struct ltau_pair_compute_args {
   const int64_t *centers;     /* in: (nedges) i of each pair with r_ij < cutoff: a local atom, or
                                  also a ghost atom when ghost_neighbors was set by pair_coeff */
   const int64_t *neighbors;   /* in: (nedges) j, a local or ghost atom (full list: both i->j and j->i) */
+  const double *shifts;       /* in: NULL, or (nedges, 3) when the graph is folded onto the local
+                                 atoms: every j is then a local atom (the owner of the periodic
+                                 image LAMMPS listed) and r_ij = x_j - x_i + shift_ij. The plugin
+                                 folds message-passing models on one rank, where every ghost is an
+                                 image of a local atom, so no node is computed twice. */
   double cutghost;            /* in: how far (A) LAMMPS communicates ghost atoms */
   int32_t eflag_atom;         /* in: 1 = add per-atom energies to eatom */
   int32_t vflag_atom;         /* in: 1 = add per-atom virials to vatom */
@@ -76,7 +81,11 @@ typedef struct ltau_pair_compute_args {
   double *eatom;              /* in/out: (nlocal+nghost) per-atom energy, NULL unless eflag_atom */
   double *vatom;              /* in/out: (nlocal+nghost, 6) per-atom virial xx yy zz xy xz yz,
                                  NULL unless vflag_atom */
+  int32_t vflag_global;       /* in: 1 = fill virial */
+  int32_t pad_;               /* (alignment; unused) */
   double energy;              /* out: sum of the local atoms' energies (eV) */
+  double virial[6];           /* out: global virial xx yy zz xy xz yz (eV) = -sum over pairs of
+                                 r_ij (x) dE/dr_ij, when vflag_global */
 } ltau_pair_compute_args;
 
 /* fix ID group ltau ESTIMATOR keyword value ... : all keywords are parsed in Python. */

@@ -33,6 +33,7 @@
 #include <dlfcn.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -187,6 +188,7 @@ class PairLTAU : public Pair {
     restartinfo = 0;
     one_coeff = 1;
     manybody_flag = 1;
+    no_virial_fdotr_compute = 1;    // the runtime sums the virial over pairs (exact when folded)
     centroidstressflag = CENTROID_NOTAVAIL;
     std::string why = ensure_runtime();
     if (!why.empty()) error->all(FLERR, "Pair style ltau: {}", why);
@@ -243,9 +245,13 @@ class PairLTAU : public Pair {
       error->all(FLERR, "Pair style ltau requires units metal (eV, Angstrom), not units {}",
                  update->unit_style);
     if (atom->tag_enable == 0) error->all(FLERR, "Pair style ltau requires atom IDs");
-    neighbor->add_request(this, ghost_neighbors ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST
-                                                : NeighConst::REQ_FULL);
-    ensure_ghost_cutoff();
+    // One rank holds every atom: a message-passing graph is folded onto the local atoms (each
+    // ghost is a periodic image), exactly the periodic graph, with no thick ghost shell.
+    fold = ghost_neighbors && comm->nprocs == 1;
+    bool graph_over_ghosts = ghost_neighbors && !fold;
+    neighbor->add_request(this, graph_over_ghosts ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST
+                                                  : NeighConst::REQ_FULL);
+    if (graph_over_ghosts) ensure_ghost_cutoff();
   }
 
   double init_one(int, int) override { return cutoff; }
@@ -255,13 +261,18 @@ class PairLTAU : public Pair {
     ev_init(eflag, vflag);
     // Flatten the full list into int64 pairs, keeping only r < cutoff: the list carries the
     // neighbour skin too, and those pairs contribute exactly 0 but would cost the model time.
-    int inum = list->inum + (ghost_neighbors ? list->gnum : 0);
+    int inum = list->inum + (ghost_neighbors && !fold ? list->gnum : 0);
     int *ilist = list->ilist, *numneigh = list->numneigh, **firstneigh = list->firstneigh;
     double **x = atom->x, cutsq_model = cutoff * cutoff;
     int64_t maxedges = 0;
     for (int ii = 0; ii < inum; ii++) maxedges += numneigh[ilist[ii]];
     centers.resize(maxedges > 0 ? maxedges : 1);
     neighbors.resize(maxedges > 0 ? maxedges : 1);
+    if (fold) {
+      shifts.resize(3 * (maxedges > 0 ? maxedges : 1));
+      owner_of_tag();
+    }
+    int nlocal = atom->nlocal;
     int64_t nedges = 0;
     for (int ii = 0; ii < inum; ii++) {
       int i = ilist[ii], *jl = firstneigh[i];
@@ -270,6 +281,11 @@ class PairLTAU : public Pair {
         double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
         if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
         centers[nedges] = i;
+        if (fold) {
+          int owner = j < nlocal ? j : local_of_tag[atom->tag[j]];
+          for (int d = 0; d < 3; d++) shifts[3 * nedges + d] = x[j][d] - x[owner][d];
+          j = owner;
+        }
         neighbors[nedges++] = j;
       }
     }
@@ -283,23 +299,37 @@ class PairLTAU : public Pair {
     args.nedges = nedges;
     args.centers = centers.data();
     args.neighbors = neighbors.data();
+    args.shifts = fold ? shifts.data() : nullptr;
     args.cutghost = comm->get_comm_cutoff();
     args.eflag_atom = eflag_atom;
     args.vflag_atom = vflag_atom;
     args.f = atom->f[0];
     args.eatom = eflag_atom ? eatom : nullptr;
     args.vatom = vflag_atom ? vatom[0] : nullptr;
+    args.vflag_global = vflag_global;
     char msg[LTAU_MSGLEN] = "";
     int status = cbs.pair_compute(this, &args, msg);
     reduce_status(lmp, world, status, msg, "Pair style ltau", LTAU_HALT);
     if (eflag_global) eng_vdwl += args.energy;
-    if (vflag_fdotr) virial_fdotr_compute();
+    if (vflag_global)
+      for (int k = 0; k < 6; k++) virial[k] += args.virial[k];
   }
 
  private:
   double cutoff = 0.0, receptive_field = 0.0;
   int ghost_neighbors = 0;
-  bool raised_cutghost = false;
+  bool raised_cutghost = false, fold = false;
+  std::vector<double> shifts;
+  std::vector<int> local_of_tag;
+
+  // On one rank every atom ID has its local atom: ghost -> owner by ID.
+  void owner_of_tag()
+  {
+    tagint maxtag = 0;
+    for (int i = 0; i < atom->nlocal; i++) maxtag = std::max(maxtag, atom->tag[i]);
+    local_of_tag.assign(maxtag + 1, -1);
+    for (int i = 0; i < atom->nlocal; i++) local_of_tag[atom->tag[i]] = i;
+  }
   std::vector<std::string> settings_words;
   std::vector<int64_t> centers, neighbors;
 
