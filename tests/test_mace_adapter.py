@@ -189,7 +189,8 @@ def test_model_file_needs_explicit_trust(tmp_path, adapter, mace_model):
     torch.save(mace_model, path)
     assert detect_family(path) == "mace"
     for family in (None, "mace"):
-        with pytest.raises(PickleRefusedError, match=r"allow_pickle=True .*trust_pickle yes.*--allow-pickle"):
+        with pytest.raises(PickleRefusedError,
+                           match=r"allow_pickle=True .*pair_style ltau allow_pickle yes.*--allow-pickle"):
             load_model(path, family=family)
     loaded = load_model(path, allow_pickle=True)
     assert isinstance(loaded, MACEForceField) and loaded.card == adapter.card

@@ -22,7 +22,8 @@ def card(**overrides):
 def test_local_model_card():
     model = LocalForceField(["Si", "C"], cutoff=3.5, latent_dim=12, hidden=[8], seed=0)
     c = model.card
-    assert (c.family, c.species, c.cutoff, c.num_layers, c.receptive_field) == ("ltau_local", ("Si", "C"), 3.5, 1, 3.5)
+    assert (c.family, c.species, c.cutoff, c.num_layers, c.receptive_field) == \
+        ("ltau_local", ("Si", "C"), 3.5, 1, 3.5)
     assert (c.latent_dim, c.dtype, c.energy_unit, c.length_unit) == (12, "float64", "eV", "Angstrom")
     assert c.model_hash == model.model_hash and "MLP" in c.latent
     assert json.loads(json.dumps(c.to_dict()))["species"] == ["Si", "C"]

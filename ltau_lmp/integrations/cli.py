@@ -1,0 +1,108 @@
+"""Sub-commands ``mace-train`` and ``replay``: LTAU for models trained by other trainers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ltau_lmp.errors import ConfigError
+
+
+def _add_log_options(p: argparse.ArgumentParser) -> None:
+    """Error-log and estimator options, with the defaults and meaning of ``ltau-lmp train``'s."""
+    from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+    from ltau_lmp.estimator.index import KIND_CHOICES
+
+    log, est = ErrorLogOptions(), EstimatorOptions()
+    p.add_argument("--lo", type=float, default=log.lo, help="lowest error bin edge (eV/Angstrom)")
+    p.add_argument("--hi", type=float, default=log.hi, help="highest error bin edge (eV/Angstrom)")
+    p.add_argument("--nbins", type=int, default=log.nbins, help="log-spaced error bins")
+    p.add_argument("--skip-epochs", type=int, default=log.skip_epochs, help="first epochs not counted")
+    p.add_argument("--index", default=est.index, choices=KIND_CHOICES, help="estimator search backend")
+    p.add_argument("-k", "--neighbors", type=int, default=est.k, help="neighbours averaged per query")
+
+
+def _options(args):
+    from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+
+    return (ErrorLogOptions(lo=args.lo, hi=args.hi, nbins=args.nbins, skip_epochs=args.skip_epochs),
+            EstimatorOptions(index=args.index, k=args.neighbors))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mace-train",
+        help="train a MACE model with MACE's own trainer, logging per-atom errors, and build its LTAU estimator",
+        description=(
+            "Run MACE's training (mace_run_train, unchanged) while logging every training atom's force "
+            "error from each training step, then build the LTAU estimator from the final model's latent "
+            "features (invariant node features of all interaction layers). Options of this command come "
+            "first, then `--` and the mace_run_train arguments, e.g. `ltau-lmp mace-train --skip-epochs 20 "
+            "-- --name si --train_file train.xyz --r_max 4.0 ...`. Writes error_log.npz, descriptors.npy, "
+            "estimator/, train_set.xyz and summary.json into --out-dir (default WORK_DIR/ltau). Needs "
+            "extxyz training data, one head, one process, no --lbfgs."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-o", "--out-dir", type=Path, help="output directory (default: MACE's --work_dir/ltau)")
+    _add_log_options(p)
+    p.add_argument("mace_args", nargs=argparse.REMAINDER, metavar="-- MACE_ARGS",
+                   help="mace_run_train arguments, after --")
+    p.set_defaults(func=_mace_train)
+
+    p = sub.add_parser(
+        "replay",
+        help="an error log and LTAU estimator from per-epoch checkpoints (any trainer that keeps them)",
+        description=(
+            "Rebuild the per-atom training-error log by passing the training set through every per-epoch "
+            "checkpoint (MACE: --save_all_checkpoints --keep_checkpoints, files *_epoch-N.pt), then build "
+            "the LTAU estimator from MODEL's latent features. MODEL gives the architecture and the final "
+            "weights; checkpoints hold state dicts of it. Errors are those of the saved weights (EMA "
+            "weights if the trainer averaged). Writes the same files as mace-train into --out-dir."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", type=Path, help="final model file (ltau_lmp or MACE .model)")
+    p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint files or directories")
+    p.add_argument("--train-file", type=Path, required=True,
+                   help="extxyz training set, in training order (mace-train writes train_set.xyz)")
+    p.add_argument("--forces-key", default="REF_forces", help="per-atom array of the reference forces")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading a pickled model (MACE .model): it runs code from the file")
+    p.add_argument("-o", "--out-dir", type=Path, required=True, help="output directory")
+    _add_log_options(p)
+    p.set_defaults(func=_replay)
+
+
+def _mace_train(args) -> int:
+    from ltau_lmp.integrations.mace import train_with_ltau
+
+    mace_args = args.mace_args[1:] if args.mace_args[:1] == ["--"] else args.mace_args
+    if not mace_args:
+        raise ConfigError("give the mace_run_train arguments after `--`")
+    log_options, estimator_options = _options(args)
+    result = train_with_ltau(mace_args, out_dir=args.out_dir, error_log=log_options,
+                             estimator=estimator_options)
+    print(json.dumps({"out_dir": str(result.out_dir), "model_file": str(result.model_path),
+                      "model_hash": result.model_hash, "atoms": result.error_log.n_samples,
+                      "epochs": result.error_log.epoch}, indent=1))
+    return 0
+
+
+def _replay(args) -> int:
+    from ltau_lmp.estimator import ErrorLog
+    from ltau_lmp.integrations.replay import read_training_set, replay, write_estimator
+    from ltau_lmp.model import load_model
+
+    log_options, estimator_options = _options(args)
+    estimator_options.validate("estimator")
+    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    frames = read_training_set(args.train_file, args.forces_key)
+    log = ErrorLog.log_spaced(sum(len(a) for a in frames), lo=log_options.lo, hi=log_options.hi,
+                              nbins=log_options.nbins, skip_epochs=log_options.skip_epochs)
+    replay(model, args.checkpoints, frames, log)
+    write_estimator(args.out_dir, model, frames, log, estimator_options.index, estimator_options.k,
+                    metadata={"model_file": str(args.model), "epochs": log.epoch,
+                              "skip_epochs": log_options.skip_epochs, "replayed": True},
+                    summary={"model_file": str(args.model), "epochs": log.epoch,
+                             "checkpoints": [str(p) for p in args.checkpoints]})
+    print(json.dumps({"out_dir": str(args.out_dir), "model_hash": model.card.model_hash,
+                      "atoms": log.n_samples, "epochs": log.epoch}, indent=1))
+    return 0

@@ -1,0 +1,225 @@
+"""LTAU from MACE's own, unchanged trainer (mace-torch 0.3.16).
+
+``train_with_ltau(mace_args)`` runs ``mace.cli.run_train.run`` (what ``mace_run_train`` runs)
+with two wrappers around module-level functions, no MACE code copied or changed:
+
+* ``mace.cli.run_train.get_dataset_from_xyz`` — after MACE has read the extxyz files and split
+  off its validation set, every training configuration gets a per-atom property
+  ``ltau_atom_id`` (consecutive ids over the training set, in MACE's order).
+  ``AtomicData.from_config`` passes extra per-atom properties through as node attributes
+  ((n, 1) int64), and MACE's ``Batch`` concatenates node attributes along the atom axis, so every
+  training batch carries the ids of its atoms, whatever the shuffling.
+* ``mace.tools.train.train_one_epoch`` — its ``loss_fn`` is wrapped so that each call
+  ``loss_fn(pred=output, ref=batch)`` inside the training step first records
+  ‖F_pred − F_ref‖ per atom from that step's own forward pass (before the optimizer step, live
+  weights, not EMA) into an ``ErrorLog``; ``end_epoch`` follows each epoch. Validation does
+  not go through it.
+
+Neither wrapper touches a random number generator or a tensor MACE uses, so training is
+bit-identical to a plain run with the same seed. After training, the final model MACE wrote
+(``NAME.model``, or ``NAME_stagetwo.model`` with ``--swa``) is wrapped in ``MACEForceField``;
+its latents over the training set and the error log make the estimator.
+
+Not supported (refused with a message): HDF5/LMDB training data (it skips ``from_config``),
+multi-head training (several training sets), ``--distributed`` (per-rank logs would need
+merging), ``--lbfgs`` (one step evaluates the loss many times).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from ltau_lmp.errors import LTAUError
+from ltau_lmp.integrations.replay import REF_FORCES, write_estimator
+from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+
+ID_KEY = "ltau_atom_id"
+
+
+@dataclass
+class MaceTrainResult:
+    model_path: Path           # the MACE model file the estimator belongs to
+    out_dir: Path              # error_log.npz, descriptors.npy, estimator/, train_set.xyz, summary.json
+    model_hash: str            # MACEForceField(model).card.model_hash, recorded in the estimator
+    error_log: object          # ErrorLog over the training atoms (ids = rows of descriptors.npy)
+    estimator: object          # LTAUEstimator
+    frames: list[Atoms]        # the training set in id order (also written to train_set.xyz)
+
+
+class _Logging:
+    """State shared by the two wrappers: the training set, its ids and the error log."""
+
+    def __init__(self, make_log: Callable[[int], object], on_step: Callable | None):
+        self.make_log = make_log
+        self.on_step = on_step
+        self.frames: list[Atoms] | None = None
+        self.logger = None
+        self.epoch = 0
+
+    def tag_training_set(self, configs) -> None:
+        from ltau_lmp.training.trainer import ErrorLogger
+
+        if self.frames is not None:
+            raise LTAUError("MACE loaded a second training set (multi-head training or fine-tuning): "
+                            "LTAU logging covers one training set")
+        frames, offset = [], 0
+        for k, config in enumerate(configs):
+            forces = config.properties.get("forces")
+            if forces is None or config.property_weights.get("forces", 1.0) == 0.0:
+                raise LTAUError(f"training configuration {k} has no reference forces (MACE --forces_key): "
+                                f"LTAU logs per-atom force errors")
+            n = len(config.atomic_numbers)
+            config.properties[ID_KEY] = np.arange(offset, offset + n, dtype=np.int64)
+            offset += n
+            atoms = Atoms(numbers=config.atomic_numbers, positions=config.positions,
+                          cell=config.cell, pbc=config.pbc)
+            atoms.arrays[REF_FORCES] = np.asarray(forces, dtype=np.float64)
+            if config.properties.get("energy") is not None:
+                atoms.info["REF_energy"] = float(config.properties["energy"])
+            frames.append(atoms)
+        if offset == 0:
+            raise LTAUError("MACE's training set is empty")
+        self.frames = frames
+        self.logger = ErrorLogger(self.make_log(offset))
+
+    def log_step(self, pred, ref) -> None:
+        ids = ref[ID_KEY]
+        if ids is None:
+            raise LTAUError(f"a MACE training batch carries no {ID_KEY}: its data did not come through "
+                            f"the extxyz loader (HDF5/LMDB or replay data are not supported)")
+        ids = ids.reshape(-1).cpu().numpy()
+        errors = self.logger.log(ids, pred["forces"], ref["forces"])
+        if self.on_step is not None:
+            self.on_step(self.epoch, ids, errors)
+
+    def end_epoch(self) -> None:
+        self.logger.end_epoch()
+        self.epoch += 1
+
+
+class _LoggingLoss:
+    """MACE's loss function, recording each training step's per-atom force errors first."""
+
+    def __init__(self, loss_fn, state: _Logging):
+        self.loss_fn = loss_fn
+        self.state = state
+
+    def __call__(self, pred, ref):
+        self.state.log_step(pred, ref)
+        return self.loss_fn(pred=pred, ref=ref)
+
+
+@contextmanager
+def restoring_process_state():
+    """Restore torch's default dtype and the root logger after a MACE run: ``run_train.run`` sets
+    both process-wide, which would leak into the caller and multiply a second run's log output."""
+    root = logging.getLogger()
+    level, handlers, filters = root.level, list(root.handlers), list(root.filters)
+    dtype = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.setLevel(level)
+        root.handlers[:], root.filters[:] = handlers, filters
+
+
+@contextmanager
+def _hooks(state: _Logging):
+    """Install the two wrappers (module docstring) for the duration of one run."""
+    run_train = importlib.import_module("mace.cli.run_train")
+    train_module = importlib.import_module("mace.tools.train")  # mace.tools.train is the function
+    get_dataset, train_one_epoch = run_train.get_dataset_from_xyz, train_module.train_one_epoch
+    signature = inspect.signature(train_one_epoch)
+
+    def get_dataset_from_xyz(*args, **kwargs):
+        collections, atomic_energies = get_dataset(*args, **kwargs)
+        state.tag_training_set(collections.train)
+        return collections, atomic_energies
+
+    def logged_train_one_epoch(*args, **kwargs):
+        if state.logger is None:
+            raise LTAUError("MACE did not read its training set through the extxyz loader "
+                            "(HDF5/LMDB data are not supported): no training atom ids to log")
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["loss_fn"] = _LoggingLoss(bound.arguments["loss_fn"], state)
+        train_one_epoch(*bound.args, **bound.kwargs)
+        state.end_epoch()
+
+    run_train.get_dataset_from_xyz = get_dataset_from_xyz
+    train_module.train_one_epoch = logged_train_one_epoch
+    try:
+        yield
+    finally:
+        run_train.get_dataset_from_xyz, train_module.train_one_epoch = get_dataset, train_one_epoch
+
+
+def parse_mace_args(mace_args: Sequence[str]):
+    """MACE's own argument parser (``mace_run_train``'s options); refuses what logging cannot follow."""
+    from mace import tools
+
+    args = tools.build_default_arg_parser().parse_args(list(mace_args))
+    if args.distributed:
+        raise LTAUError("--distributed MACE training is not supported by ltau-lmp mace-train "
+                        "(per-rank error logs are not merged); train on one process or use ltau-lmp replay")
+    if args.lbfgs:
+        raise LTAUError("--lbfgs is not supported by ltau-lmp mace-train (one L-BFGS step evaluates the "
+                        "loss many times); use ltau-lmp replay on per-epoch checkpoints")
+    return args
+
+
+def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
+                    error_log: ErrorLogOptions | None = None, estimator: EstimatorOptions | None = None,
+                    on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> MaceTrainResult:
+    """Run MACE's training with per-atom error logging, then build and write the LTAU estimator.
+
+    ``mace_args``: ``mace_run_train`` command-line arguments. ``out_dir`` (default
+    ``WORK_DIR/ltau``) receives error_log.npz, descriptors.npy, estimator/, train_set.xyz (the
+    training set in id order, for ``ltau-lmp replay``) and summary.json. ``error_log`` /
+    ``estimator``: the same options as ``ltau-lmp train`` (bins, skipped epochs; index kind, k),
+    checked before training. ``on_step(epoch, atom_ids, errors)`` sees every training step's
+    errors (0-based epoch of this run), e.g. to keep whole trajectories.
+    """
+    from mace.cli import run_train
+
+    from ltau_lmp.estimator import ErrorLog, log_spaced_edges
+    from ltau_lmp.model import load_model
+
+    log_options, estimator_options = error_log or ErrorLogOptions(), estimator or EstimatorOptions()
+    estimator_options.validate("estimator")
+    edges = log_spaced_edges(log_options.lo, log_options.hi, log_options.nbins)
+    args = parse_mace_args(mace_args)
+    state = _Logging(lambda n: ErrorLog(n, edges, skip_epochs=log_options.skip_epochs), on_step)
+    start = time.perf_counter()
+    with restoring_process_state(), _hooks(state):
+        run_train.run(args)
+    train_seconds = time.perf_counter() - start
+    if state.epoch == 0:
+        raise LTAUError("MACE ran no training epoch (--dry_run, or a restart already at --max_num_epochs): "
+                        "nothing was logged")
+
+    model_path = Path(args.model_dir) / f"{args.name}{'_stagetwo' if args.swa else ''}.model"
+    model = load_model(model_path, family="mace", allow_pickle=True)  # the file this run just wrote
+    out_dir = Path(args.work_dir) / "ltau" if out_dir is None else Path(out_dir)
+    log = state.logger.error_log
+    built = write_estimator(
+        out_dir, model, state.frames, log, estimator_options.index, estimator_options.k,
+        metadata={"model_file": str(model_path), "epochs": state.epoch,
+                  "skip_epochs": log_options.skip_epochs},
+        summary={"model_file": str(model_path), "epochs": state.epoch, "train_seconds": train_seconds,
+                 "log_seconds": state.logger.seconds})
+    return MaceTrainResult(model_path, out_dir, built.metadata["model_hash"], log, built, state.frames)

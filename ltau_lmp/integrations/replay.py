@@ -1,0 +1,186 @@
+"""Error logs replayed from per-epoch checkpoints: the fallback for any trainer that keeps them.
+
+Logging inside the training step (``ltau_lmp.integrations.mace``) costs nothing extra but needs a
+hook into the trainer. Replaying needs nothing from the trainer: each checkpoint's weights are
+loaded into the final model's architecture and the training set is passed through once, so the
+cost is one extra pass per checkpoint. The errors are those of the weights the trainer saved at
+the end of each saved epoch (with an EMA, the averaged weights), not those of each step's
+forward pass; only saved epochs count (MACE saves every ``--eval_interval`` epochs).
+
+The training set is a list of ``ase.Atoms`` whose ``arrays[REF_FORCES]`` hold the reference
+forces; atom ids are positions in the concatenation of the frames, in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
+from ltau_lmp.model import MACEForceField, ModelOutput, evaluate, neighbor_list, species_indices
+
+REF_FORCES = "REF_forces"
+CHECKPOINT_NAME = re.compile(r"_epoch-(\d+)(?:_swa)?\.pt$")  # MACE: {name}_run-{seed}_epoch-{N}[_swa].pt
+
+
+def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> list[Atoms]:
+    """Frames of an extxyz file with their reference forces copied to ``arrays[REF_FORCES]``.
+
+    ``forces_key`` names the per-atom array (MACE's ``--forces_key``); "forces" also finds forces
+    that ASE moved into a calculator when reading.
+    """
+    from ase.io import read
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"training file {path}: no such file")
+    try:
+        frames = read(path, index=":", format="extxyz")
+    except Exception as exc:  # ase raises many types for malformed files
+        raise FileFormatError(f"{path}: not a readable extxyz file ({type(exc).__name__}: {exc})") from exc
+    for k, atoms in enumerate(frames):
+        if forces_key in atoms.arrays:
+            forces = atoms.arrays[forces_key]
+        elif forces_key == "forces" and atoms.calc is not None and "forces" in atoms.calc.results:
+            forces = atoms.calc.results["forces"]
+        else:
+            raise FileFormatError(f"{path}: frame {k} has no reference forces under the key {forces_key!r}")
+        atoms.arrays[REF_FORCES] = np.asarray(forces, dtype=np.float64)
+    return frames
+
+
+def frame_outputs(model, frames: Sequence[Atoms], forces: bool = True) -> Iterator[ModelOutput]:
+    """``evaluate`` of each frame on its own periodic neighbour list (images through shifts)."""
+    card = model.card
+    species = list(card.species)
+    for atoms in frames:
+        centers, neighbors, shifts = neighbor_list(atoms, card.cutoff)
+        yield evaluate(model, torch.as_tensor(atoms.positions), torch.as_tensor(species_indices(atoms, species)),
+                       torch.as_tensor(centers), torch.as_tensor(neighbors), torch.as_tensor(shifts),
+                       len(atoms), forces=forces)
+
+
+def force_errors(model, frames: Sequence[Atoms]) -> np.ndarray:
+    """‖F_model − F_ref‖ per atom (eV/Å), concatenated in frame order (= training atom ids).
+
+    Computed in the model's dtype, as a training step computes it.
+    """
+    errors = []
+    for atoms, out in zip(frames, frame_outputs(model, frames)):
+        reference = torch.as_tensor(atoms.arrays[REF_FORCES], dtype=out.forces.dtype)
+        errors.append(torch.linalg.vector_norm(out.forces - reference, dim=1).numpy())
+    return np.concatenate(errors)
+
+
+@torch.no_grad()
+def latents(model, frames: Sequence[Atoms]) -> np.ndarray:
+    """Latent vectors (float32, the estimator's descriptors) of every atom, in training id order."""
+    return np.concatenate([out.latent.numpy().astype(np.float32)
+                           for out in frame_outputs(model, frames, forces=False)])
+
+
+def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Path]]:
+    """(epoch, path) of per-epoch checkpoints named ``*_epoch-N.pt``, sorted by epoch.
+
+    A directory contributes every file so named; a file must be so named.
+    """
+    found = []
+    for source in sources:
+        source = Path(source)
+        if source.is_dir():
+            candidates = sorted(p for p in source.iterdir() if CHECKPOINT_NAME.search(p.name))
+        elif source.is_file():
+            if not CHECKPOINT_NAME.search(source.name):
+                raise ConfigError(f"{source}: not named like a per-epoch checkpoint (*_epoch-N.pt)")
+            candidates = [source]
+        else:
+            raise FileFormatError(f"checkpoint {source}: no such file or directory")
+        found += [(int(CHECKPOINT_NAME.search(p.name).group(1)), p) for p in candidates]
+    if not found:
+        raise ConfigError(f"no per-epoch checkpoints (*_epoch-N.pt) in {', '.join(map(str, sources))}; "
+                          f"MACE keeps them with --save_all_checkpoints --keep_checkpoints")
+    found.sort()
+    epochs = [epoch for epoch, _ in found]
+    repeated = sorted({e for e in epochs if epochs.count(e) > 1})
+    if repeated:
+        raise ConfigError(f"several checkpoints for epoch(s) {repeated} (files of several runs?): "
+                          f"{', '.join(str(p) for e, p in found if e in repeated)}")
+    return found
+
+
+def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
+                  frames: Sequence[Atoms]) -> Iterator[tuple[int, Path, np.ndarray]]:
+    """(epoch, checkpoint, per-atom force errors) for each checkpoint, in epoch order.
+
+    Checkpoints hold a state dict (alone or under "model", MACE's layout) of the module the
+    trainer optimised: for ``MACEForceField`` the wrapped MACE module. ``model`` is not modified.
+    """
+    work = copy.deepcopy(model)
+    target = work.mace if isinstance(work, MACEForceField) else work
+    device = next(target.parameters()).device
+    for epoch, path in checkpoint_files(checkpoints):
+        try:
+            payload = torch.load(path, map_location=device, weights_only=True)
+        except Exception as exc:  # torch raises many types for damaged files
+            raise FileFormatError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+        state = payload["model"] if isinstance(payload, dict) and "model" in payload else payload
+        try:
+            target.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise FileFormatError(f"checkpoint {path}: its weights do not fit the model "
+                                  f"({str(exc).splitlines()[0]})") from exc
+        yield epoch, path, force_errors(work, frames)
+
+
+def replay(model, checkpoints: Sequence[str | os.PathLike], frames: Sequence[Atoms], error_log):
+    """Fill ``error_log`` (an ``ErrorLog`` over the atoms of ``frames``) with one epoch per checkpoint."""
+    n_atoms = sum(len(atoms) for atoms in frames)
+    if error_log.n_samples != n_atoms:
+        raise ConfigError(f"the error log has {error_log.n_samples} samples but the training set {n_atoms} atoms")
+    ids = np.arange(n_atoms)
+    for _, _, errors in replay_errors(model, checkpoints, frames):
+        error_log.update(ids, errors)
+        error_log.end_epoch()
+    return error_log
+
+
+def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], error_log, index: str,
+                    k: int, metadata: dict, summary: dict):
+    """Build the estimator from ``model``'s latents over ``frames`` and ``error_log``; write the outputs.
+
+    ``out_dir`` receives error_log.npz, descriptors.npy (``ltau-lmp build-estimator`` can rebuild
+    with other options), estimator/, train_set.xyz (the training set in id order, with
+    ``REF_FORCES``) and summary.json (``summary`` plus the model card and the log's summary).
+    Returns the estimator; its metadata records the card's ``model_hash``.
+    """
+    from ase.io import write
+
+    from ltau_lmp.estimator import LTAUEstimator
+
+    card = model.card
+    descriptors = latents(model, frames)
+    try:
+        estimator = LTAUEstimator.build(
+            descriptors, error_log, index=index, k=k,
+            metadata={"model_hash": card.model_hash, "units": "eV/Angstrom",
+                      "error": "per-atom force error norm", "model_family": card.family, **metadata})
+    except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)
+        raise LTAUError(f"cannot build the LTAU estimator: {exc}") from exc
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    error_log.save(out_dir / "error_log.npz")
+    np.save(out_dir / "descriptors.npy", descriptors)
+    estimator.save(out_dir / "estimator")
+    write(out_dir / "train_set.xyz", list(frames), format="extxyz")
+    summary = {**summary, "model_card": card.to_dict(), "structures": len(frames),
+               "error_log": error_log.summary()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return estimator
