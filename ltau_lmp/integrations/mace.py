@@ -213,7 +213,8 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
                         "nothing was logged")
 
     model_path = Path(args.model_dir) / f"{args.name}{'_stagetwo' if args.swa else ''}.model"
-    model = load_model(model_path, family="mace", allow_pickle=True)  # the file this run just wrote
+    # The file this run just wrote, on the training device for the pass over the training set.
+    model = load_model(model_path, map_location=args.device, family="mace", allow_pickle=True)
     out_dir = Path(args.work_dir) / "ltau" if out_dir is None else Path(out_dir)
     log = state.logger.error_log
     built = write_estimator(

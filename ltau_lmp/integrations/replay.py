@@ -58,14 +58,15 @@ def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> 
 
 
 def frame_outputs(model, frames: Sequence[Atoms], forces: bool = True) -> Iterator[ModelOutput]:
-    """``evaluate`` of each frame on its own periodic neighbour list (images through shifts)."""
+    """``evaluate`` of each frame on its own periodic neighbour list (images through shifts), on the
+    model's device."""
     card = model.card
     species = list(card.species)
+    device = next(model.parameters()).device
     for atoms in frames:
         centers, neighbors, shifts = neighbor_list(atoms, card.cutoff)
-        yield evaluate(model, torch.as_tensor(atoms.positions), torch.as_tensor(species_indices(atoms, species)),
-                       torch.as_tensor(centers), torch.as_tensor(neighbors), torch.as_tensor(shifts),
-                       len(atoms), forces=forces)
+        inputs = (atoms.positions, species_indices(atoms, species), centers, neighbors, shifts)
+        yield evaluate(model, *(torch.as_tensor(x, device=device) for x in inputs), len(atoms), forces=forces)
 
 
 def force_errors(model, frames: Sequence[Atoms]) -> np.ndarray:
@@ -75,15 +76,15 @@ def force_errors(model, frames: Sequence[Atoms]) -> np.ndarray:
     """
     errors = []
     for atoms, out in zip(frames, frame_outputs(model, frames)):
-        reference = torch.as_tensor(atoms.arrays[REF_FORCES], dtype=out.forces.dtype)
-        errors.append(torch.linalg.vector_norm(out.forces - reference, dim=1).numpy())
+        reference = torch.as_tensor(atoms.arrays[REF_FORCES], dtype=out.forces.dtype, device=out.forces.device)
+        errors.append(torch.linalg.vector_norm(out.forces - reference, dim=1).cpu().numpy())
     return np.concatenate(errors)
 
 
 @torch.no_grad()
 def latents(model, frames: Sequence[Atoms]) -> np.ndarray:
     """Latent vectors (float32, the estimator's descriptors) of every atom, in training id order."""
-    return np.concatenate([out.latent.numpy().astype(np.float32)
+    return np.concatenate([out.latent.cpu().numpy().astype(np.float32)
                            for out in frame_outputs(model, frames, forces=False)])
 
 
