@@ -153,7 +153,7 @@ class FixLtau:
                                                 gpu_device=device or 0)
         except FileFormatError as exc:
             raise LTAUError(f"cannot use estimator: {exc}") from None
-        self._check_model(self.runtime.card)
+        self.estimator.check_model(self.runtime.card, "the model of pair_style ltau")
         if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
             raise LTAUError(f"k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
         if self.rank == 0:
@@ -164,19 +164,11 @@ class FixLtau:
             if self.opts.dump_file:
                 self.dump = FrameDump(self.opts.dump_file)
 
-    def _check_model(self, card) -> None:
-        """The estimator must have been built from this model's latent features."""
-        if self.estimator.dim != card.latent_dim:
-            raise LTAUError(f"estimator {self.opts.estimator} has {self.estimator.dim}-dimensional "
-                            f"descriptors but the model of pair_style ltau has latent_dim {card.latent_dim}: "
-                            "it was built for another model")
-        self.estimator.check_model(card.model_hash, "the model of pair_style ltau")
-
     def bind(self, runtime) -> None:
         """Called at every ``init``: follow the current ``pair_style ltau`` (a new pair style, or
         a new model given to the same one by ``pair_coeff``) or stop now, before any step, when
         the estimator does not belong to its model."""
-        self._check_model(runtime.card)
+        self.estimator.check_model(runtime.card, "the model of pair_style ltau")
         self.runtime = runtime
 
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,

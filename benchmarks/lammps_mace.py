@@ -1,0 +1,248 @@
+"""A MACE model behind pair_style ltau: costs printed side by side in one run (CPU, one thread/rank).
+
+1. Bridge overhead: LAMMPS step time with `pair_style ltau` (1 rank; the graph is folded onto the
+   local atoms, so the model sees exactly MACE's periodic graph) divided by MACE's own
+   forward + backward (`model(batch, compute_force=True)`) on the same atoms and graph.
+2. Ghost shell: with 2 ranks every rank computes the model on its ghost atoms out to the receptive
+   field as well: nodes computed / local atoms (from LAMMPS's nlocal + nghost) and the step time
+   at 1 vs 2 ranks.
+3. fix ltau cost: step time with `fix ltau every 1` and `every 10` over the step without it, and
+   LTAU's extra cost per evaluated step against the extra cost of a 5-member MACE ensemble
+   (4 more force calls of the same model per step, taken as 4 x MACE's own forward+backward).
+
+Interleaved rounds, the fastest counts (shared machines are noisy). The estimator has --entries
+synthetic entries: the model's own latent features of rattled / heated Si replicated with noise
+(examples/mace_si/ has the real one; pass it with --estimator).
+
+Usage: python benchmarks/lammps_mace.py [--model FILE.model] [--estimator DIR] [--cells 5]
+       [--steps 10] [--rounds 3] [--entries 100000] [--index hnsw]
+(the venv's bin first in PATH, so that `mpirun` is MPICH's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "examples" / "mace_si" / "run" / "mace_si.model"
+
+SCRIPT = """\
+units metal
+atom_style atomic
+boundary p p p
+lattice diamond 5.431
+region box block 0 {cells} 0 {cells} 0 {cells}
+create_box 1 box
+create_atoms 1 box
+mass 1 28.0855
+displace_atoms all random 0.05 0.05 0.05 1234
+pair_style ltau allow_pickle yes
+pair_coeff * * {model} Si
+velocity all create 600 4928459 loop geom
+timestep 0.001
+fix md all nve
+thermo_style custom step pe cpu
+thermo 0
+"""
+
+
+def random_mace(path: Path) -> Path:
+    """A randomly initialised MACE of the example's size (16 channels, L = 0, r_max 4 A, 2 layers)."""
+    import numpy as np
+    import torch
+    from mace import modules  # before e3nn: mace lets e3nn 0.4.4 load its constants with torch >= 2.6
+    from e3nn import o3
+
+    if not path.is_file():
+        torch.manual_seed(0)
+        block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        model = modules.ScaleShiftMACE(
+            r_max=4.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=block,
+            interaction_cls_first=block, num_interactions=2, num_elements=1,
+            hidden_irreps=o3.Irreps("16x0e"), MLP_irreps=o3.Irreps("16x0e"),
+            atomic_energies=np.array([-4.0]), avg_num_neighbors=16.0, atomic_numbers=[14],
+            correlation=3, gate=torch.nn.functional.silu, radial_MLP=[64, 64, 64],
+            atomic_inter_scale=1.0, atomic_inter_shift=0.0)
+        torch.save(model.double(), path)
+    return path
+
+
+def _atoms(cells: int):
+    import numpy as np
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (cells, cells, cells)
+    atoms.positions += np.random.default_rng(2).uniform(-0.05, 0.05, atoms.positions.shape)
+    return atoms
+
+
+def mace_own_time(model_file: str, cells: int, rounds: int) -> float:
+    """Seconds of MACE's own forward + backward (forces) on the benchmark's atoms."""
+    import torch
+    from mace import data as mace_data
+    from mace.tools import torch_geometric, utils
+
+    model = torch.load(model_file, weights_only=False)
+    torch.set_default_dtype(next(model.parameters()).dtype)    # MACE builds its graph in the default dtype
+    z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    config = mace_data.config_from_atoms(_atoms(cells))
+    graph = mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max))
+    batch = next(iter(torch_geometric.dataloader.DataLoader([graph], batch_size=1))).to_dict()
+    best = float("inf")
+    for _ in range(rounds + 1):
+        t0 = time.perf_counter()
+        model(dict(batch), training=False, compute_force=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def latent_pool(model_file: str) -> "np.ndarray":
+    """The model's own latents of rattled / heated Si (0.02 - 0.25 A)."""
+    import numpy as np
+    import torch
+    from ase.build import bulk
+
+    from ltau_lmp.model import evaluate, load_model, neighbor_list, species_indices
+
+    model = load_model(model_file, allow_pickle=True)
+    rng, pool = np.random.default_rng(0), []
+    for amp in (0.02, 0.05, 0.1, 0.15, 0.25):
+        atoms = bulk("Si", "diamond", a=5.431 * (1 + amp / 20), cubic=True) * (4, 4, 4)
+        atoms.positions += rng.normal(0, amp, atoms.positions.shape)
+        c, n, s = neighbor_list(atoms, model.card.cutoff)
+        out = evaluate(model, torch.tensor(atoms.positions), torch.from_numpy(species_indices(atoms, list(model.card.species))),
+                       torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms), forces=False)
+        pool.append(out.latent.detach().numpy().astype(np.float32))
+    return np.concatenate(pool), model.card
+
+
+def synthetic_estimator(model_file: str, entries: int, index: str, path: Path) -> Path:
+    import numpy as np
+
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator.errorlog import log_spaced_edges
+
+    if (path / "meta.json").is_file():
+        return path
+    pool, card = latent_pool(model_file)
+    rng = np.random.default_rng(1)
+    noise = 0.02 * pool.std(axis=0, keepdims=True)
+    desc = pool[rng.integers(0, len(pool), entries)] + rng.normal(size=(entries, pool.shape[1])).astype(np.float32) * noise
+    edges = log_spaced_edges(1e-3, 10.0, 100)
+    logmid = 0.5 * (np.log(edges[1:]) + np.log(edges[:-1]))
+    mu = rng.normal(np.log(0.05), 0.7, (entries, 1))
+    pdfs = np.exp(-0.5 * ((logmid[None, :] - mu) / 0.5) ** 2).astype(np.float32)
+    pdfs /= pdfs.sum(axis=1, keepdims=True)
+    LTAUEstimator.build(desc, pdfs, bin_edges=edges, k=10, index=index,
+                        metadata={"model_hash": card.model_hash, "synthetic": True}).save(path)
+    return path
+
+
+def _loop_time(lmp, steps: int) -> float:
+    """Seconds per step of the MD loop (LAMMPS's loop timer, setup excluded)."""
+    lmp.command(f"run {steps} post no")
+    return lmp.last_thermo()["CPU"] / steps
+
+
+def step_times(model_file: str, estimator: str, cells: int, steps: int, rounds: int) -> dict:
+    """1 rank: best step time without the fix, with every 1 and every 10 (interleaved)."""
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lmp = create_lammps(log="none", screen=False)
+    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file))
+    best = {"nofix": _loop_time(lmp, 2), "every1": float("inf"), "every10": float("inf")}
+    for _ in range(rounds):
+        best["nofix"] = min(best["nofix"], _loop_time(lmp, steps))
+        for every in (1, 10):
+            lmp.command(f"fix u all ltau {estimator} every {every}")
+            best[f"every{every}"] = min(best[f"every{every}"], _loop_time(lmp, max(steps, 10)))
+            lmp.command("unfix u")
+    best["natoms"] = lmp.get_natoms()
+    lmp.close()
+    return best
+
+
+def worker(model_file: str, cells: int, steps: int, rounds: int, out: str) -> None:
+    """Under mpirun: best step time and node counts (local, local + ghost) summed over ranks."""
+    from mpi4py import MPI
+
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lmp = create_lammps(log="none", screen=False)
+    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file))
+    best = min(_loop_time(lmp, steps) for _ in range(rounds + 1))
+    nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
+    comm = MPI.COMM_WORLD
+    # the plugin's rule: one rank folds the graph onto its atoms, several compute their ghosts too
+    nodes = comm.allreduce(nlocal if comm.Get_size() == 1 else nlocal + nghost)
+    if comm.Get_rank() == 0:
+        Path(out).write_text(json.dumps({"step": best, "nodes": nodes, "natoms": lmp.get_natoms(),
+                                         "nprocs": comm.Get_size()}))
+    lmp.close()
+
+
+def mpi_run(nprocs: int, model_file: str, cells: int, steps: int, rounds: int, tmp: Path) -> dict:
+    out = tmp / f"np{nprocs}.json"
+    cmd = ["mpirun", "-np", str(nprocs), sys.executable, __file__, "--worker", "--model", model_file,
+           "--cells", str(cells), "--steps", str(steps), "--rounds", str(rounds), "--out", str(out)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a MACE .model file (loaded with allow_pickle)")
+    ap.add_argument("--estimator", help="an estimator of that model (default: synthetic, --entries)")
+    ap.add_argument("--entries", type=int, default=100_000)
+    ap.add_argument("--index", default="hnsw", help="index kind of the synthetic estimator")
+    ap.add_argument("--cells", type=int, default=5, help="diamond cells per side (8 atoms each)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cache", default="/tmp/ltau_bench_mace")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    model = args.model or str(DEFAULT_MODEL if DEFAULT_MODEL.is_file() else random_mace(cache / "random_mace.model"))
+    if args.worker:
+        worker(model, args.cells, args.steps, args.rounds, args.out)
+        return
+    from ltau_lmp.model import load_model
+
+    card = load_model(model, allow_pickle=True).card
+    estimator = args.estimator or str(synthetic_estimator(
+        model, args.entries, args.index, cache / f"est_{card.model_hash[:12]}_{args.entries}_{args.index}"))
+    print(f"# model {model}: {card.latent}; receptive field {card.receptive_field:g} A; estimator {estimator}")
+
+    own = mace_own_time(model, args.cells, args.rounds)
+    one = step_times(model, estimator, args.cells, args.steps, args.rounds)
+    ranks = {n: mpi_run(n, model, args.cells, args.steps, args.rounds, cache) for n in (1, 2)}
+    natoms = one["natoms"]
+    ltau_per_eval = one["every1"] - one["nofix"]
+    ensemble_extra = 4 * own
+    print(f"\natoms {natoms}, {os.environ['OMP_NUM_THREADS']} thread(s) per rank, best of {args.rounds} rounds\n")
+    print("| quantity | value |\n|---|---:|")
+    print(f"| MACE's own forward + backward | {own * 1e3:.1f} ms |")
+    print(f"| LAMMPS step, pair_style ltau, 1 rank (folded graph) | {one['nofix'] * 1e3:.1f} ms |")
+    print(f"| **bridge overhead** (step / MACE's own) | **{one['nofix'] / own:.3f}** |")
+    for n in (1, 2):
+        r = ranks[n]
+        print(f"| {n} rank(s): step time | {r['step'] * 1e3:.1f} ms |")
+        print(f"| {n} rank(s): nodes computed / atoms | {r['nodes'] / r['natoms']:.2f} |")
+    print(f"| speed-up 1 -> 2 ranks (thick ghost shell) | {ranks[1]['step'] / ranks[2]['step']:.2f} |")
+    print(f"| fix ltau every 1 | +{100 * (one['every1'] / one['nofix'] - 1):.1f} % |")
+    print(f"| fix ltau every 10 | +{100 * (one['every10'] / one['nofix'] - 1):.1f} % |")
+    print(f"| LTAU per evaluation / 5-member ensemble extra (4 x MACE) | {ltau_per_eval / ensemble_extra:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
