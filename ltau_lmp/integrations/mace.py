@@ -16,7 +16,10 @@ with two wrappers around module-level functions, no MACE code copied or changed:
   not go through it.
 
 Neither wrapper touches a random number generator or a tensor MACE uses, so training is
-bit-identical to a plain run with the same seed. After training, the final model MACE wrote
+bit-identical to a plain run with the same seed in a fresh process (MACE's own results differ
+in the last bits between the first and later runs inside one process, logging or not). MACE
+drops each epoch's last incomplete batch, so an atom can miss an epoch; its histogram is
+normalised over the epochs it has. After training, the final model MACE wrote
 (``NAME.model``, or ``NAME_stagetwo.model`` with ``--swa``) is wrapped in ``MACEForceField``;
 its latents over the training set and the error log make the estimator.
 
