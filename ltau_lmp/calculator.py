@@ -3,8 +3,10 @@
 It follows ASE's calculator protocol: every result is named in ``implemented_properties`` (so
 ``calc.get_property(name, atoms)`` works for the extra outputs too), a call computes only what
 was asked for and keeps what is still valid, and bad input raises ASE's exception types.
-The model is used only through ``ltau_lmp.model.evaluate`` and its ``species``, ``cutoff`` and
-``model_hash``, so any model with that contract works.
+The model is used only through ``ltau_lmp.model.evaluate`` and its ``card`` (species, cutoff,
+hash), so every family behind the model contract works. The neighbour list is the full periodic
+list with image shifts over all atoms, which is MACE's own graph too: a message-passing model
+sees periodic images through the shifts, so no ghost atoms are needed.
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ class _PairCache:
 class LTAUCalculator(Calculator):
     """ASE calculator for a force field with optional LTAU uncertainty.
 
-    ``model``: a model or a model file; ``estimator``: an ``LTAUEstimator`` or its path, built
-    from this model's latent features (checked through its ``model_hash`` metadata).
+    ``model``: a model honouring the model contract (it has a ``card``) or a model file, loaded by
+    ``load_model(model, family=family, allow_pickle=allow_pickle)`` (a MACE ``.model`` needs
+    ``allow_pickle=True``); ``estimator``: an ``LTAUEstimator`` or its directory, built from this
+    model's latent features (checked against the card: latent dimension and hash).
     Properties: ``energy``, ``free_energy``, ``energies``, ``forces``, ``latent`` (per-atom latent
     features) from one model pass; ``stress`` (ASE convention, eV/Angstrom^3; fully periodic cells
     only) adds the virial to that pass; with an estimator, ``uncertainty`` (expected force error,
@@ -93,12 +97,18 @@ class LTAUCalculator(Calculator):
 
     implemented_properties = [*MODEL_PROPERTIES, "stress", *UNCERTAINTY_PROPERTIES]
 
-    def __init__(self, model: torch.nn.Module | str | os.PathLike, estimator=None,
-                 ci: tuple[float, float] = (0.05, 0.95), skin: float = 0.5, **kwargs):
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, estimator=None, allow_pickle: bool = False,
+                 family: str | None = None, ci: tuple[float, float] = (0.05, 0.95), skin: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         with _as_input_error():
-            self.model = model if isinstance(model, torch.nn.Module) else load_model(model)
+            self.model = model if isinstance(model, torch.nn.Module) else load_model(
+                model, family=family, allow_pickle=allow_pickle)
+        if not hasattr(self.model, "card"):
+            raise CalculatorInputError(
+                f"{type(self.model).__name__} has no model card, so it does not honour the ltau_lmp model contract: "
+                f"load a file with ltau_lmp.model.load_model, or wrap a MACE module in MACEForceField")
         self.model.eval()
+        self.card = self.model.card  # read once: the hash reads every weight
         lo, hi = (float(q) for q in ci)
         if not 0.0 <= lo < hi <= 1.0:
             raise CalculatorInputError(f"ci must be two quantiles 0 <= lo < hi <= 1, got {ci}")
@@ -108,11 +118,11 @@ class LTAUCalculator(Calculator):
         self.skin = float(skin)
         if estimator is not None:
             with _as_input_error():
-                if not hasattr(estimator, "query"):
+                if isinstance(estimator, (str, os.PathLike)):
                     from ltau_lmp.estimator import LTAUEstimator
 
                     estimator = LTAUEstimator.load(estimator)
-                estimator.check_model(self.model.model_hash)
+                estimator.check_model(self.card)
         self.estimator = estimator
         self._pairs: _PairCache | None = None
 
@@ -135,9 +145,9 @@ class LTAUCalculator(Calculator):
 
     def _run_model(self, virial: bool) -> None:
         """Energies, forces and latent features (and the virial when asked) in one pass."""
-        atoms, cutoff = self.atoms, self.model.cutoff
+        atoms, cutoff = self.atoms, self.card.cutoff
         with _as_input_error():
-            species = species_indices(atoms, self.model.species)
+            species = species_indices(atoms, self.card.species)
         if self._pairs is None or not self._pairs.valid_for(atoms, self.skin):
             self._pairs = _PairCache.build(atoms, cutoff, self.skin)
         centers, neighbors, shifts = self._pairs.within(atoms.positions, cutoff)

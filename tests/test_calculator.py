@@ -112,6 +112,10 @@ def test_bad_set_up_and_input_raise_ase_errors(model, estimator):
         assert isinstance(info.value, LTAUError)
     with pytest.raises(InputError, match="rebuild the estimator"):
         LTAUCalculator(LocalForceField(["Si"], seed=1), estimator)
+    with pytest.raises(InputError, match="latent features but this model has latent_dim 5"):
+        LTAUCalculator(LocalForceField(["Si"], latent_dim=5, seed=1), estimator)
+    with pytest.raises(InputError, match="Linear has no model card"):
+        LTAUCalculator(torch.nn.Linear(3, 1))
     germanium = bulk("Ge", "diamond", a=5.65, cubic=True)
     germanium.calc = LTAUCalculator(model)
     with pytest.raises(InputError, match="Ge.*not known to the model"):

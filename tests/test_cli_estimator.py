@@ -10,6 +10,7 @@ import pytest
 
 from ltau_lmp.cli import main
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+from ltau_lmp.model import LocalForceField, save_model
 
 
 @pytest.fixture()
@@ -28,12 +29,14 @@ def inputs(tmp_path):
 
 def test_build_predict_info(inputs, capsys):
     tmp, log_path = inputs
+    model = LocalForceField(["Si"], hidden=[8], latent_dim=8, seed=0)
+    save_model(model, tmp / "model.pt")
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
                  "-o", str(tmp / "est"), "--index", "hnsw", "-k", "7", "--ef-search", "32",
-                 "--model-hash", "deadbeef"]) == 0
+                 "--model", str(tmp / "model.pt")]) == 0
     est = LTAUEstimator.load(tmp / "est")
-    assert (est.k, est.index.kind, est.index.options["ef_search"], est.metadata["model_hash"]) == (
-        7, "hnsw", 32, "deadbeef")
+    assert (est.k, est.index.kind, est.index.options["ef_search"]) == (7, "hnsw", 32)
+    assert est.metadata["model_hash"] == model.model_hash and est.metadata["model_card"] == model.card.to_dict()
 
     assert main(["predict", str(tmp / "est"), "--descriptors", str(tmp / "query.npy"),
                  "-o", str(tmp / "out.npz"), "--ci", "0.1", "0.9", "--tol", "0.05"]) == 0
@@ -52,8 +55,11 @@ def test_build_predict_info(inputs, capsys):
     assert main(["info", str(tmp / "est")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_entries"] == 300 and info["dim"] == 8
+    assert info["model_card"] == model.card.to_dict() and "model_card" not in info["metadata"]
     assert main(["info", str(log_path)]) == 0
     assert json.loads(capsys.readouterr().out)["errors_counted"] == 1200
+    assert main(["info", str(tmp / "model.pt")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"type": "model", **model.card.to_dict()}
 
 
 def test_bad_files_give_one_line_errors(inputs, capsys):
@@ -78,6 +84,17 @@ def test_bad_files_give_one_line_errors(inputs, capsys):
     assert "descriptors must have shape (n, 8), got (3, 5)" in capsys.readouterr().err
     assert main(["predict", str(tmp / "e"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "x.txt")]) == 2
     assert "must end in .npz or .csv" in capsys.readouterr().err
+
+    save_model(LocalForceField(["Si"], hidden=[8], latent_dim=5, seed=0), tmp / "model5.pt")
+    assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
+                 "-o", str(tmp / "e5"), "--model", str(tmp / "model5.pt")]) == 2
+    assert "8-dimensional but the model card says latent_dim 5" in capsys.readouterr().err
+    assert main(["info", str(tmp / "nothing")]) == 2
+    assert "nothing: no such file or directory" in capsys.readouterr().err
+    assert main(["info", str(tmp / "train.npy")]) == 2
+    assert "train.npy: not a torch model file" in capsys.readouterr().err
+    assert main(["info", str(tmp / "model5.pt"), "--family", "nequip"]) == 2
+    assert "unknown model family 'nequip'" in capsys.readouterr().err
 
 
 def test_console_script_help_runs():

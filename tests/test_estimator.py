@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.estimator import ErrorLog, LTAUEstimator, SearchIndex, log_midpoints
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator, SearchIndex, card_metadata, log_midpoints
 
 DATA = Path(__file__).parent / "data"
 EDGES = np.array([1.0, 2.0, 4.0, 8.0])
@@ -206,12 +206,38 @@ def _faiss_ef_search(index):
     return faiss.downcast_index(index.cpu_index).hnsw.efSearch
 
 
-def test_check_model_refuses_another_models_latent_space():
+def _card(hash_char, latent_dim=3):
+    from ltau_lmp.model import ModelCard
+
+    return ModelCard(family="ltau_local", species=("Si",), cutoff=4.0, num_layers=1, receptive_field=4.0,
+                     latent_dim=latent_dim, latent="test", dtype="float64", model_hash=hash_char * 64)
+
+
+def test_check_model_refuses_another_models_latent_space(tmp_path):
     descriptors = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
-    pdfs = np.full((20, 2), 0.5)
-    est = LTAUEstimator.build(descriptors, pdfs, bin_edges=np.array([0.01, 0.1, 1.0]), k=2,
-                              metadata={"model_hash": "a" * 64})
-    est.check_model("a" * 64)
-    with pytest.raises(ConfigError, match=r"built for model aaaaaaaaaaaa, not for m.pt \(bbbbbbbbbbbb\): rebuild"):
-        est.check_model("b" * 64, "m.pt")
-    LTAUEstimator.build(descriptors, pdfs, bin_edges=np.array([0.01, 0.1, 1.0]), k=2).check_model("b" * 64)
+    pdfs, edges = np.full((20, 2), 0.5), np.array([0.01, 0.1, 1.0])
+    est = LTAUEstimator.build(descriptors, pdfs, bin_edges=edges, k=2, metadata=card_metadata(_card("a")))
+    est.check_model(_card("a"))
+    with pytest.raises(ConfigError, match=r"built for model aaaaaaaaaaaa, not for m.pt "
+                                          r"\(ltau_local model bbbbbbbbbbbb\): rebuild"):
+        est.check_model(_card("b"), "m.pt")
+    with pytest.raises(ConfigError, match="3-dimensional latent features but this model has latent_dim 4"):
+        est.check_model(_card("a", latent_dim=4))
+    bare = LTAUEstimator.build(descriptors, pdfs, bin_edges=edges, k=2)  # no card: only the width is known
+    bare.check_model(_card("b"))
+    with pytest.raises(ConfigError, match="latent_dim 4"):
+        bare.check_model(_card("b", latent_dim=4))
+    # the card travels with the file and is what `info` shows first
+    back = LTAUEstimator.load(est.save(tmp_path / "est"))
+    assert back.metadata == card_metadata(_card("a")) and back.summary()["model_card"] == _card("a").to_dict()
+    assert bare.summary()["model_card"] is None
+
+
+def test_card_metadata_must_describe_the_descriptors():
+    descriptors = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    pdfs, edges = np.full((20, 2), 0.5), np.array([0.01, 0.1, 1.0])
+    with pytest.raises(ConfigError, match="3-dimensional but the model card says latent_dim 5"):
+        LTAUEstimator.build(descriptors, pdfs, bin_edges=edges, k=2, metadata=card_metadata(_card("a", 5)))
+    with pytest.raises(ConfigError, match="model_hash differs from the model card"):
+        LTAUEstimator.build(descriptors, pdfs, bin_edges=edges, k=2,
+                            metadata={**card_metadata(_card("a")), "model_hash": "c" * 64})

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ltau_lmp.cli import add_model_options, load_model_option
 from ltau_lmp.errors import ConfigError, FileFormatError
 
 
@@ -40,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=int, default=unset, help="IVF / IVF-PQ number of lists (default ~sqrt(n))")
     p.add_argument("--nprobe", type=int, default=unset,
                    help=f"IVF / IVF-PQ lists probed per query (default {ivf['nprobe']} / {ivfpq['nprobe']})")
-    p.add_argument("--model-hash", help="hash of the model that produced the descriptors (checked by fix ltau)")
+    p.add_argument("--model", type=Path,
+                   help="the model that produced the descriptors: its card (family, species, latent, hash) "
+                        "is recorded, so fix ltau and the calculator refuse any other model")
+    add_model_options(p)
     p.add_argument("--threads", type=int, help="faiss threads")
     p.set_defaults(func=_build)
 
@@ -62,9 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="faiss threads")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("info", help="describe an estimator directory or an error-log file",
-                       description="Print what an LTAU estimator directory or error-log .npz holds, as JSON.")
-    p.add_argument("path", type=Path)
+    p = sub.add_parser("info", help="describe an estimator directory, an error-log file or a model file",
+                       description="Print, as JSON, what an LTAU estimator directory holds (with the card of "
+                                   "the model it was built for), what an error-log .npz holds, or the card "
+                                   "of a model file (family, species, cutoff, receptive field, latent, hash).")
+    p.add_argument("path", type=Path, help="estimator directory, error-log .npz or model file")
+    add_model_options(p)
     p.set_defaults(func=_info)
 
 
@@ -91,8 +98,10 @@ def _build(args) -> int:
              "nlist": "nlist", "nprobe": "nprobe"}
     options = {key: getattr(args, arg) for arg, key in names.items() if hasattr(args, arg)}
     metadata = {"units": "eV/Angstrom", "source_error_log": str(args.error_log)}
-    if args.model_hash:
-        metadata["model_hash"] = args.model_hash
+    if args.model:
+        from ltau_lmp.estimator import card_metadata
+
+        metadata.update(card_metadata(load_model_option(args.model, args).card), model_file=str(args.model))
     try:
         est = LTAUEstimator.build(descriptors, log, index=args.index, k=args.neighbors,
                                   weighting=args.weighting, metadata=metadata,
@@ -138,11 +147,13 @@ def _predict(args) -> int:
 def _info(args) -> int:
     from ltau_lmp.estimator import ErrorLog, LTAUEstimator
 
+    if not args.path.exists():
+        raise FileFormatError(f"{args.path}: no such file or directory")
     if args.path.is_dir():
         summary = {"type": "LTAU estimator", **LTAUEstimator.load(args.path).summary()}
     elif args.path.suffix == ".npz":
         summary = {"type": "error log", **ErrorLog.load(args.path).summary()}
-    else:
-        raise FileFormatError(f"{args.path}: neither an estimator directory nor an error-log .npz")
+    else:  # anything else must be a model file; load_model names what it is not
+        summary = {"type": "model", **load_model_option(args.path, args).card.to_dict()}
     print(json.dumps(summary, indent=2))
     return 0

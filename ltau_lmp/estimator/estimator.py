@@ -10,12 +10,16 @@ from the training data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator.errorlog import ErrorLog, validate_bin_edges
 from ltau_lmp.estimator.index import CHUNK_ROWS, DEFAULT_KIND, SearchIndex, set_threads
+
+if TYPE_CHECKING:  # the card's module imports torch; the estimator only reads the card's fields
+    from ltau_lmp.model.card import ModelCard
 
 WEIGHTINGS = ("uniform", "distance")
 DEFAULT_K = 10
@@ -121,6 +125,7 @@ class LTAUEstimator:
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         self.weighting = weighting
+        _check_card_metadata(self.metadata, index.dim)
         if pdfs.shape != (index.ntotal, self.nbins):
             raise ConfigError(f"PDF array {pdfs.shape} does not match {index.ntotal} indexed entries "
                               f"x {self.nbins} bins")
@@ -156,15 +161,20 @@ class LTAUEstimator:
         search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress)
         return cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
 
-    def check_model(self, model_hash: str, model_name: str = "this model") -> None:
-        """Refuse a model other than the one whose latent space was indexed (metadata ``model_hash``).
+    def check_model(self, card: "ModelCard", model_name: str = "this model") -> None:
+        """Refuse a model whose latent space is not the one indexed (``card``: the model's ``ModelCard``).
 
         Latent features of another model live in another space: the kNN answer would be noise.
+        The dimension is always known; the content hash only when the estimator was built with the
+        model's card (``card_metadata``), which every path that has the model records.
         """
+        if card.latent_dim != self.dim:
+            raise ConfigError(f"the estimator indexes {self.dim}-dimensional latent features but {model_name} "
+                              f"has latent_dim {card.latent_dim}: it was built for another model")
         expected = self.metadata.get("model_hash")
-        if expected and expected != model_hash:
+        if expected and expected != card.model_hash:
             raise ConfigError(f"the estimator was built for model {expected[:12]}, not for {model_name} "
-                              f"({model_hash[:12]}): rebuild the estimator for this model")
+                              f"({card.family} model {card.model_hash[:12]}): rebuild the estimator for this model")
 
     @property
     def dim(self) -> int:
@@ -236,14 +246,43 @@ class LTAUEstimator:
         return load_estimator(path, mmap=mmap, verify=verify, use_gpu=use_gpu, gpu_device=gpu_device)
 
     def summary(self) -> dict:
+        """What ``ltau-lmp info`` prints: the model card first (None when built without one), then the index."""
+        metadata = dict(self.metadata)
         return {
+            "model_card": metadata.pop("model_card", None),
             "n_entries": self.n_entries, "dim": self.dim, "nbins": self.nbins,
             "bin_range": [float(self.bin_edges[0]), float(self.bin_edges[-1])],
             "index": {"kind": self.index.kind, **self.index.options},
             "k": self.k, "weighting": self.weighting,
             "search_device": "cpu" if self.index.gpu_device is None else f"gpu:{self.index.gpu_device}",
-            "metadata": self.metadata,
+            "metadata": metadata,
         }
+
+
+def card_metadata(card: "ModelCard") -> dict:
+    """Estimator metadata naming the model whose latent features it indexes: ``model_hash`` (what
+    ``check_model`` compares) and the whole card as a dict (``model_card``: family, species, cutoff,
+    receptive field, latent, dtype, ... shown by ``ltau-lmp info``). Every builder that has the
+    model passes it: ``LTAUEstimator.build(..., metadata={**card_metadata(model.card), ...})``."""
+    return {"model_hash": card.model_hash, "model_card": card.to_dict()}
+
+
+def _check_card_metadata(metadata: dict, dim: int) -> None:
+    """A recorded card must describe the indexed vectors: same width, same hash as ``model_hash``.
+
+    Catches descriptors of one model built with another model's card (at build) and edited
+    metadata (at load).
+    """
+    card = metadata.get("model_card")
+    if card is None:
+        return
+    if not isinstance(card, dict) or "latent_dim" not in card or "model_hash" not in card:
+        raise ConfigError(f"metadata model_card must be a model card dict (card_metadata), got {card!r:.80}")
+    if card["latent_dim"] != dim:
+        raise ConfigError(f"the descriptors are {dim}-dimensional but the model card says latent_dim "
+                          f"{card['latent_dim']}: descriptors and card come from different models")
+    if card["model_hash"] != metadata.get("model_hash"):
+        raise ConfigError("metadata model_hash differs from the model card's: build the metadata with card_metadata")
 
 
 def check_pdfs(pdfs: np.ndarray, rows: np.ndarray | None = None, where: str = "PDF array") -> None:

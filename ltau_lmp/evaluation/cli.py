@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ltau_lmp.cli import add_model_options, load_model_option
 from ltau_lmp.errors import ConfigError
 
 
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "interval calibration, P(error < tol) reliability, and out-of-domain detection (AUROC) of every "
             "set against the in-domain one. Writes metrics.json, table.md and PNG figures."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="model file (ltau-lmp train)")
+    p.add_argument("--model", required=True, type=Path, help="model file (ltau-lmp train, MACE .model, ...)")
+    add_model_options(p)
     p.add_argument("--estimator", required=True, type=Path, help="estimator directory")
     p.add_argument("--set", action="append", default=[], metavar="NAME=FILE",
                    help="a labelled extxyz data set (repeatable)")
@@ -36,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "calculations (e.g. ltau_lmp.data.reference.reference_calculation)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dumps", nargs="+", type=Path, help="fix ltau dump files")
-    p.add_argument("--model", required=True, type=Path, help="model that ran the simulation")
+    p.add_argument("--model", required=True, type=Path, help="model file that ran the simulation")
+    add_model_options(p)
     p.add_argument("-n", "--frames", type=int, default=10, help="frames to select")
     p.add_argument("--pool", type=int, default=4, help="candidate pool = frames x pool highest-error frames")
     p.add_argument("-o", "--output", required=True, type=Path, help="output extxyz")
@@ -60,7 +63,7 @@ def _parse_sets(args) -> dict[str, Path]:
 def _evaluate(args) -> int:
     from ltau_lmp.evaluation.evaluate import run_evaluation
 
-    report = run_evaluation(args.model, args.estimator, _parse_sets(args), args.output,
+    report = run_evaluation(load_model_option(args.model, args), args.estimator, _parse_sets(args), args.output,
                             in_domain=args.in_domain, tol=args.tol)
     print((args.output / "table.md").read_text())
     print(f"metrics: {args.output / 'metrics.json'}; figures: {', '.join(report['figures'].values())}")
@@ -70,7 +73,7 @@ def _evaluate(args) -> int:
 def _select(args) -> int:
     from ltau_lmp.evaluation.select import run_selection
 
-    frames = run_selection(args.dumps, args.model, args.frames, args.output, args.pool)
+    frames = run_selection(args.dumps, load_model_option(args.model, args), args.frames, args.output, args.pool)
     print(f"wrote {len(frames)} frames to {args.output}: " +
           ", ".join(f"{a.info['source']} (max {a.info['ltau_max']:.3g})" for a in frames))
     return 0

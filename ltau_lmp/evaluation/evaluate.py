@@ -35,7 +35,8 @@ def predict_frames(model, frames, batch_size: int = 8):
     from ltau_lmp.data.datasets import AtomsDataset
     from ltau_lmp.prediction import predict_batch
 
-    dataset = AtomsDataset(frames, model.species, model.cutoff)
+    card = model.card
+    dataset = AtomsDataset(frames, card.species, card.cutoff)
     forces, reference, latent = [], [], []
     for batch in dataset.batches(batch_size):
         _, batch_forces, batch_latent = predict_batch(model, batch)
@@ -62,23 +63,24 @@ def discover_sets(data_dir: Path, exclude=("train",)) -> dict[str, Path]:
     return sets
 
 
-def run_evaluation(model_path, estimator_path, sets: dict[str, Path], out_dir, in_domain: str = "test",
+def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_domain: str = "test",
                    tol: float = 0.1, progress: bool = True) -> dict:
-    """Score every set, write metrics.json / table.md / figures; returns the metrics dict."""
+    """Score every set, write metrics.json / table.md / figures; returns the metrics dict.
+
+    ``model``: a loaded model of any family (the caller decides how a file may be loaded).
+    """
     import torch
     from tqdm.auto import tqdm
 
     from ltau_lmp.estimator import LTAUEstimator
     from ltau_lmp.evaluation import metrics, plots
-    from ltau_lmp.model import load_model
 
     if in_domain not in sets:
         raise ConfigError(f"in-domain set {in_domain!r} is not among the data sets ({', '.join(sets)})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_path)
     estimator = LTAUEstimator.load(estimator_path)
-    estimator.check_model(model.model_hash, str(model_path))
+    estimator.check_model(model.card, "the evaluated model")
     preds = {name: predict_set(model, estimator, path)
              for name, path in tqdm(sets.items(), desc="evaluating sets", disable=not progress)}
     edges = estimator.bin_edges

@@ -38,10 +38,13 @@ class FailureTimeline:
         return self.true_cross - self.predicted_cross
 
 
-def failure_timeline(dump_path, model_path, alarm_threshold: float, failure_threshold: float | None = None,
+def failure_timeline(dump_path, model, alarm_threshold: float, failure_threshold: float | None = None,
                      metric: str = "ltau_expected", potential: str = "Si.sw", pair_style: str = "sw",
                      elements=("Si",)) -> FailureTimeline:
-    """Predicted vs true max per-atom force error for every dumped frame."""
+    """Predicted vs true max per-atom force error for every dumped frame.
+
+    ``model``: a loaded model or a model file, as ``LTAUCalculator`` takes it (load a MACE file first).
+    """
     from ase.io import read
     from tqdm.auto import tqdm
 
@@ -49,7 +52,7 @@ def failure_timeline(dump_path, model_path, alarm_threshold: float, failure_thre
     from ltau_lmp.data.reference import reference_calculation
 
     frames = sorted(read(dump_path, ":"), key=lambda a: a.info["timestep"])
-    calc = LTAUCalculator(model_path)
+    calc = LTAUCalculator(model)
     truth = reference_calculation([a.copy() for a in frames], potential, pair_style, list(elements))
     steps, predicted, true = [], [], []
     for atoms, (_, ref_forces, _) in tqdm(list(zip(frames, truth)), desc="true errors", unit="frame"):

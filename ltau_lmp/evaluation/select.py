@@ -33,11 +33,8 @@ def read_dumps(paths) -> list:
     return frames
 
 
-def frame_fingerprints(model, frames, top_atoms: int = 16) -> np.ndarray:
-    """Mean latent vector of each frame's ``top_atoms`` most uncertain atoms."""
-    from ltau_lmp.calculator import LTAUCalculator
-
-    calc = LTAUCalculator(model)
+def frame_fingerprints(calc, frames, top_atoms: int = 16) -> np.ndarray:
+    """Mean latent vector (from the ``LTAUCalculator`` ``calc``) of each frame's ``top_atoms`` most uncertain atoms."""
     prints = []
     for atoms in frames:
         calc.calculate(atoms, ["energy"])
@@ -75,17 +72,20 @@ def select_frames(scores: np.ndarray, fingerprints_of, n: int, pool_factor: int 
     return [int(pool[i]) for i in farthest_point_order(fingerprints_of(pool), n)]
 
 
-def run_selection(dump_paths, model_path, n: int, out_path, pool_factor: int = 4) -> list:
-    """Select ``n`` frames and write them as unlabelled extxyz ready for reference calculations."""
+def run_selection(dump_paths, model, n: int, out_path, pool_factor: int = 4) -> list:
+    """Select ``n`` frames and write them as unlabelled extxyz ready for reference calculations.
+
+    ``model``: the model that ran the simulation, loaded (any family).
+    """
     from ase import Atoms
     from ase.io import write
 
-    from ltau_lmp.model import load_model
+    from ltau_lmp.calculator import LTAUCalculator
 
     frames = read_dumps(dump_paths)
-    model = load_model(model_path)
+    calc = LTAUCalculator(model)
     scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
-    picked = select_frames(scores, lambda pool: frame_fingerprints(model, [frames[i] for i in pool]), n,
+    picked = select_frames(scores, lambda pool: frame_fingerprints(calc, [frames[i] for i in pool]), n,
                            pool_factor)
     out = []
     for i in picked:

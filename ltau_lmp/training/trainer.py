@@ -267,7 +267,7 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
 def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset, fitted: FitResult,
            out_dir: Path, base_dir: Path) -> TrainResult:
     """Write model.pt, error_log.npz, descriptors.npy, estimator/ and summary.json (with test scores)."""
-    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator import LTAUEstimator, card_metadata
     from ltau_lmp.model import save_model
 
     error_log, metrics = fitted.error_log, fitted.metrics
@@ -277,7 +277,7 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
     np.save(out_dir / "descriptors.npy", features)  # lets `ltau-lmp build-estimator` rebuild with other options
     estimator = LTAUEstimator.build(
         features, error_log, index=cfg.estimator.index, k=cfg.estimator.k,
-        metadata={"model_hash": model_hash, "units": "eV/Angstrom", "error": "per-atom force error norm",
+        metadata={**card_metadata(model.card), "units": "eV/Angstrom", "error": "per-atom force error norm",
                   "train_file": str(data.path), "train_structures": data.train_idx.tolist(),
                   "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs})
     estimator.save(out_dir / "estimator")
