@@ -7,5 +7,5 @@ ltau-lmp generate "$here/config.yaml"            # -> $here/data/{train,test,liq
 ltau-lmp train "$here/config.yaml"               # -> $here/run/{model.pt,error_log.npz,estimator/,...}
 # Optional: rebuild the estimator with another index from the saved log and descriptors.
 ltau-lmp build-estimator --error-log "$here/run/error_log.npz" --descriptors "$here/run/descriptors.npy" \
-    --index hnsw -o "$here/run/estimator_hnsw" --model-hash "$(python -c "import json;print(json.load(open('$here/run/summary.json'))['model_hash'])")"
+    --index hnsw -o "$here/run/estimator_hnsw" --model "$here/run/model.pt"
 ltau-lmp evaluate --model "$here/run/model.pt" --estimator "$here/run/estimator" --data-dir "$here/data" -o "$here/run/evaluation"
