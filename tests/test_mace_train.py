@@ -150,7 +150,7 @@ def test_estimator_and_files(runs):
     model = load_model(result.model_path, allow_pickle=True)
     assert result.model_hash == model.card.model_hash
     est = LTAUEstimator.load(result.out_dir / "estimator")
-    assert est.metadata["model_hash"] == model.card.model_hash and est.metadata["model_family"] == "mace"
+    assert est.metadata["model_hash"] == model.card.model_hash and est.metadata["model_card"]["family"] == "mace"
     assert (est.dim, est.n_entries) == (model.card.latent_dim, 16 * 8) == (16, 128)
     assert np.load(result.out_dir / "descriptors.npy").shape == (128, 16)
     assert ErrorLog.load(result.out_dir / "error_log.npz").n_counted == EPOCHS * 128

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ltau_lmp.cli import add_model_options, load_model_option
 from ltau_lmp.errors import ConfigError
 
 
@@ -64,8 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-file", type=Path, required=True,
                    help="extxyz training set, in training order (mace-train writes train_set.xyz)")
     p.add_argument("--forces-key", default="REF_forces", help="per-atom array of the reference forces")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading a pickled model (MACE .model): it runs code from the file")
+    add_model_options(p)
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output directory")
     _add_log_options(p)
     p.set_defaults(func=_replay)
@@ -89,11 +89,10 @@ def _mace_train(args) -> int:
 def _replay(args) -> int:
     from ltau_lmp.estimator import ErrorLog
     from ltau_lmp.integrations.replay import read_training_set, replay, write_estimator
-    from ltau_lmp.model import load_model
 
     log_options, estimator_options = _options(args)
     estimator_options.validate("estimator")
-    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    model = load_model_option(args.model, args)
     frames = read_training_set(args.train_file, args.forces_key)
     log = ErrorLog.log_spaced(sum(len(a) for a in frames), lo=log_options.lo, hi=log_options.hi,
                               nbins=log_options.nbins, skip_epochs=log_options.skip_epochs)

@@ -164,15 +164,15 @@ def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], 
     """
     from ase.io import write
 
-    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator import LTAUEstimator, card_metadata
 
     card = model.card
     descriptors = latents(model, frames)
     try:
         estimator = LTAUEstimator.build(
             descriptors, error_log, index=index, k=k,
-            metadata={"model_hash": card.model_hash, "units": "eV/Angstrom",
-                      "error": "per-atom force error norm", "model_family": card.family, **metadata})
+            metadata={**card_metadata(card), "units": "eV/Angstrom",
+                      "error": "per-atom force error norm", **metadata})
     except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)
         raise LTAUError(f"cannot build the LTAU estimator: {exc}") from exc
     out_dir = Path(out_dir)
