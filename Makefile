@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo demo-mace test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 demo: setup
 	$(PY) examples/si/demo.py --out runs/demo
 
+# the same story with a MACE model trained by MACE's own trainer (~15 min on 2 cores)
+demo-mace: setup
+	$(PY) examples/mace_si/demo.py --out runs/mace_demo
+
 test: setup
 	$(PY) -m pytest
 
@@ -33,6 +37,7 @@ bench: setup
 	$(PY) benchmarks/estimator.py
 	$(PY) benchmarks/lammps_pair.py
 	$(PY) benchmarks/lammps_fix.py
+	$(PY) benchmarks/lammps_mace.py
 
 clean:
 	rm -rf build *.egg-info runs .pytest_cache

