@@ -4,7 +4,8 @@ Build: descriptors D (n_train x d, from the final model) and per-atom error PDFs
 (n_train x nbins, from the training-error log) on fixed bin edges. Query: the predicted error
 PDF of a new atom is the mean of its k nearest neighbours' PDFs (L2 in latent space).
 From that PDF: expected error, quantiles, P(err < tol); the mean kNN distance flags atoms far
-from the training data.
+from the training data, and its rank among held-out in-domain atoms' distances (``calibration``)
+turns it into a p-value with a stated false-alarm rate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator import calibration
 from ltau_lmp.estimator.errorlog import ErrorLog, validate_bin_edges
 from ltau_lmp.estimator.index import CHUNK_ROWS, DEFAULT_KIND, SearchIndex, set_threads
 
@@ -103,6 +105,18 @@ class LTAUResult:
             out[start:stop, 1] = pdf_quantile(block, self.estimator.bin_edges, hi)
         return out
 
+    @property
+    def ood(self) -> np.ndarray:
+        """(n,) conformal out-of-domain p-value of ``distance`` (small = unusual; ``calibration``).
+
+        Only for queries with the estimator's own k: the reference distances were measured with it.
+        """
+        k = self.neighbors.shape[1]
+        if k != self.estimator.k:
+            raise ConfigError(f"ood p-values are calibrated for the estimator's k={self.estimator.k}; "
+                              f"this query used k={k}")
+        return self.estimator.ood_pvalues(self.distance)
+
     def prob_below(self, tol) -> np.ndarray:
         """P(error < tol) from the predicted distribution (tol scalar or one per point)."""
         tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), (len(self),))
@@ -116,7 +130,8 @@ class LTAUEstimator:
     """kNN over training-atom descriptors + their training-error distributions."""
 
     def __init__(self, index: SearchIndex, pdfs: np.ndarray, bin_edges: np.ndarray, k: int = DEFAULT_K,
-                 weighting: str = "uniform", metadata: dict | None = None):
+                 weighting: str = "uniform", metadata: dict | None = None,
+                 reference_distances: np.ndarray | None = None, alarm_thresholds: dict | None = None):
         self.index = index
         self.pdfs = pdfs
         self.bin_edges = validate_bin_edges(bin_edges)
@@ -131,13 +146,27 @@ class LTAUEstimator:
                               f"x {self.nbins} bins")
         # Expected error is linear in the PDF: precompute it per training entry once.
         self.entry_expected = np.asarray(pdfs @ log_midpoints(self.bin_edges).astype(np.float32), np.float64)
+        if (reference_distances is None) != (alarm_thresholds is None):
+            raise ConfigError("reference_distances and alarm_thresholds come together (calibrate)")
+        self.reference_distances = None
+        self.alarm_thresholds = None
+        if reference_distances is not None:
+            self.reference_distances = calibration.check_reference(reference_distances)
+            self.alarm_thresholds = calibration.check_thresholds(alarm_thresholds, reference_distances.size)
 
     @classmethod
     def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, index: str = DEFAULT_KIND, k: int = DEFAULT_K,
               weighting: str = "uniform", metadata: dict | None = None, index_options: dict | None = None,
               use_gpu: bool | str = "auto", gpu_device: int = 0, threads: int | None = None,
-              progress: bool | None = None) -> "LTAUEstimator":
-        """From descriptors (n, d) and either an ``ErrorLog`` or PDFs (n, nbins) + ``bin_edges``."""
+              progress: bool | None = None, reference_descriptors=None,
+              false_alarm_rate: float = calibration.DEFAULT_FALSE_ALARM_RATE) -> "LTAUEstimator":
+        """From descriptors (n, d) and either an ``ErrorLog`` or PDFs (n, nbins) + ``bin_edges``.
+
+        ``reference_descriptors``: latents of held-out in-domain atoms (not among ``descriptors``),
+        for the ``ood`` p-value and the alarm thresholds at ``false_alarm_rate`` (``calibrate``).
+        """
+        if reference_descriptors is not None:
+            calibration.check_rate(false_alarm_rate)  # before the index is built, not after
         descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
         if descriptors.ndim != 2 or descriptors.shape[0] == 0:
             raise ConfigError(f"descriptors must be a non-empty (n, d) array, got shape {descriptors.shape}")
@@ -159,7 +188,40 @@ class LTAUEstimator:
         if progress is None:
             progress = descriptors.shape[0] >= PROGRESS_MIN_POINTS
         search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress)
-        return cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
+        estimator = cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
+        if reference_descriptors is not None:
+            estimator.calibrate(reference_descriptors, false_alarm_rate)
+        return estimator
+
+    def calibrate(self, reference_descriptors,
+                  false_alarm_rate: float = calibration.DEFAULT_FALSE_ALARM_RATE) -> dict:
+        """Measure held-out in-domain atoms as queries; keep their sorted kNN distances and the alarm
+        thresholds at ``false_alarm_rate`` (returned). Replaces an earlier calibration.
+
+        The atoms must not be in the index (their distance would be ~0) and should come from the
+        training distribution: validation structures, not training structures.
+        """
+        rate = calibration.check_rate(false_alarm_rate)
+        try:
+            res = self.query(reference_descriptors)
+        except ConfigError as exc:
+            raise ConfigError(f"reference descriptors: {exc}") from None
+        if len(res) == 0:
+            raise ConfigError("reference descriptors are empty: the ood calibration needs held-out atoms")
+        self.reference_distances = np.sort(res.distance)
+        self.alarm_thresholds = calibration.alarm_thresholds(self.reference_distances, res.expected, rate)
+        return self.alarm_thresholds
+
+    @property
+    def has_ood_reference(self) -> bool:
+        """Whether ``ood`` p-values are available (the estimator was calibrated on held-out atoms)."""
+        return self.reference_distances is not None
+
+    def ood_pvalues(self, distance) -> np.ndarray:
+        """Conformal p-values of mean kNN distances measured with this estimator's k (``calibration``)."""
+        if self.reference_distances is None:
+            raise ConfigError(calibration.NO_REFERENCE)
+        return calibration.ood_pvalues(self.reference_distances, distance)
 
     def check_model(self, card: "ModelCard", model_name: str = "this model") -> None:
         """Refuse a model whose latent space is not the one indexed (``card``: the model's ``ModelCard``).
@@ -254,6 +316,8 @@ class LTAUEstimator:
             "bin_range": [float(self.bin_edges[0]), float(self.bin_edges[-1])],
             "index": {"kind": self.index.kind, **self.index.options},
             "k": self.k, "weighting": self.weighting,
+            "n_reference": 0 if self.reference_distances is None else int(self.reference_distances.size),
+            "alarm_thresholds": self.alarm_thresholds,
             "search_device": "cpu" if self.index.gpu_device is None else f"gpu:{self.index.gpu_device}",
             "metadata": metadata,
         }

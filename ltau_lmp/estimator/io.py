@@ -5,6 +5,9 @@
     pdfs.npy        (n_entries, nbins) float32 per-entry error PDFs
     bin_edges.npy   (nbins + 1,) float64
     index.faiss     the CPU faiss index (``faiss.write_index``)
+    reference_distances.npy   (n_reference,) float64, sorted: kNN distances of held-out in-domain
+                    atoms (optional; with meta.json ``alarm_thresholds``, see ``calibration``).
+                    Estimators without it still load; they give no ``ood`` score.
 
 Loading validates everything it can and names the file and the problem; arrays are
 memory-mapped so MPI ranks on one node share their pages.
@@ -29,6 +32,7 @@ faiss = require_faiss()  # estimator files hold a faiss index: nothing here work
 ESTIMATOR_FORMAT = "ltau-estimator"
 ESTIMATOR_VERSION = 1
 FILES = {"pdfs": "pdfs.npy", "bin_edges": "bin_edges.npy", "index": "index.faiss"}
+REFERENCE_FILE = {"reference_distances": "reference_distances.npy"}  # only in calibrated estimators
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -48,12 +52,17 @@ def save_estimator(est: LTAUEstimator, path) -> Path:
     np.save(tmp / FILES["pdfs"], np.ascontiguousarray(est.pdfs, dtype=np.float32))
     np.save(tmp / FILES["bin_edges"], est.bin_edges)
     faiss.write_index(est.index.cpu_index, str(tmp / FILES["index"]))
+    files = dict(FILES)
+    if est.has_ood_reference:
+        files.update(REFERENCE_FILE)
+        np.save(tmp / REFERENCE_FILE["reference_distances"], est.reference_distances)
     meta = {
         "format": ESTIMATOR_FORMAT, "version": ESTIMATOR_VERSION,
         "n_entries": est.n_entries, "dim": est.dim, "nbins": est.nbins,
         "index": {"kind": est.index.kind, "options": est.index.options},
         "k": est.k, "weighting": est.weighting, "metadata": est.metadata,
-        "files": FILES, "sha256": {key: sha256_file(tmp / name) for key, name in FILES.items()},
+        "alarm_thresholds": est.alarm_thresholds,
+        "files": files, "sha256": {key: sha256_file(tmp / name) for key, name in files.items()},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if path.exists():
@@ -102,7 +111,11 @@ def load_estimator(path, mmap: bool = True, verify: bool = True, use_gpu: bool |
     """Load and validate (``verify`` also checks every file's sha256 against meta.json)."""
     path = Path(path)
     meta = read_meta(path)
-    files = {key: path / name for key, name in FILES.items()}
+    calibrated = "reference_distances" in meta["sha256"]
+    if calibrated != (meta.get("alarm_thresholds") is not None):
+        raise FileFormatError(f"{path / 'meta.json'}: reference_distances and alarm_thresholds must be "
+                              f"listed together")
+    files = {key: path / name for key, name in {**FILES, **(REFERENCE_FILE if calibrated else {})}.items()}
     for key, file in files.items():
         if not file.is_file():
             raise FileFormatError(f"{file}: missing")
@@ -124,12 +137,14 @@ def load_estimator(path, mmap: bool = True, verify: bool = True, use_gpu: bool |
     if index.d != dim or index.ntotal != n:
         raise FileFormatError(f"{files['index']}: index has {index.ntotal} vectors of dimension {index.d}, "
                               f"meta.json says {n} of dimension {dim}")
+    reference = _load_array(files["reference_distances"], mmap=False) if calibrated else None
     rows = np.unique(np.linspace(0, n - 1, num=min(n, 1000)).astype(np.int64))
     try:
         check_pdfs(pdfs, rows, where=str(files["pdfs"]))
         search_index = SearchIndex(meta["index"]["kind"], meta["index"]["options"], index)
         search_index.place(use_gpu, gpu_device)
         return LTAUEstimator(search_index, pdfs, edges, k=meta["k"], weighting=meta["weighting"],
-                             metadata=meta["metadata"])
+                             metadata=meta["metadata"], reference_distances=reference,
+                             alarm_thresholds=meta.get("alarm_thresholds"))
     except ConfigError as exc:
         raise FileFormatError(f"{path}: {exc}") from None
