@@ -24,6 +24,7 @@ def inputs(tmp_path):
     desc = rng.normal(size=(300, 8)).astype(np.float32)
     np.save(tmp_path / "train.npy", desc)
     np.save(tmp_path / "query.npy", desc[:25] + 0.05)
+    np.save(tmp_path / "held_out.npy", rng.normal(size=(200, 8)).astype(np.float32))
     return tmp_path, log_path
 
 
@@ -33,9 +34,15 @@ def test_build_predict_info(inputs, capsys):
     save_model(model, tmp / "model.pt")
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
                  "-o", str(tmp / "est"), "--index", "hnsw", "-k", "7", "--ef-search", "32",
-                 "--model", str(tmp / "model.pt")]) == 0
+                 "--model", str(tmp / "model.pt"), "--reference-descriptors", str(tmp / "held_out.npy"),
+                 "--false-alarm-rate", "0.01"]) == 0
+    printed = capsys.readouterr().out
     est = LTAUEstimator.load(tmp / "est")
     assert (est.k, est.index.kind, est.index.options["ef_search"]) == (7, "hnsw", 32)
+    thresholds = est.alarm_thresholds
+    assert thresholds["n_reference"] == 200 and thresholds["false_alarm_rate"] == 0.01
+    assert f"expected > {thresholds['expected']:.4g} eV/Angstrom, ood <= 0.01" in printed
+    assert est.metadata["reference_descriptors"] == str(tmp / "held_out.npy")
     assert est.metadata["model_hash"] == model.model_hash and est.metadata["model_card"] == model.card.to_dict()
 
     assert main(["predict", str(tmp / "est"), "--descriptors", str(tmp / "query.npy"),
@@ -45,16 +52,21 @@ def test_build_predict_info(inputs, capsys):
     np.testing.assert_allclose(out["expected"], res.expected)
     np.testing.assert_allclose(out["ci_high"], res.interval(0.1, 0.9)[:, 1])
     np.testing.assert_allclose(out["prob_below_tol"], res.prob_below(0.05))
+    np.testing.assert_array_equal(out["ood"], res.ood)
 
     assert main(["predict", str(tmp / "est"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "o.csv")]) == 0
     with open(tmp / "o.csv") as fh:
         rows = [r for r in csv.reader(fh) if not r[0].startswith("#")]
-    assert len(rows) == 25 and len(rows[0]) == 5
+    assert len(rows) == 25 and len(rows[0]) == 6
+    np.testing.assert_allclose([float(r[5]) for r in rows], res.ood, rtol=1e-5)
+    assert main(["predict", str(tmp / "est"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "k.npz"),
+                 "-k", "3"]) == 0
+    assert "ood" not in np.load(tmp / "k.npz") and "no ood column" in capsys.readouterr().out
 
-    capsys.readouterr()
     assert main(["info", str(tmp / "est")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_entries"] == 300 and info["dim"] == 8
+    assert info["n_reference"] == 200 and info["alarm_thresholds"] == thresholds
     assert info["model_card"] == model.card.to_dict() and "model_card" not in info["metadata"]
     assert main(["info", str(log_path)]) == 0
     assert json.loads(capsys.readouterr().out)["errors_counted"] == 1200
@@ -84,6 +96,13 @@ def test_bad_files_give_one_line_errors(inputs, capsys):
     assert "descriptors must have shape (n, 8), got (3, 5)" in capsys.readouterr().err
     assert main(["predict", str(tmp / "e"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "x.txt")]) == 2
     assert "must end in .npz or .csv" in capsys.readouterr().err
+    assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
+                 "-o", str(tmp / "e"), "--reference-descriptors", str(tmp / "wrongdim.npy")]) == 2
+    assert "reference descriptors: descriptors must have shape (n, 8), got (3, 5)" in capsys.readouterr().err
+    assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
+                 "-o", str(tmp / "e"), "--reference-descriptors", str(tmp / "held_out.npy"),
+                 "--false-alarm-rate", "0"]) == 2
+    assert "false_alarm_rate must lie strictly between 0 and 1, got 0.0" in capsys.readouterr().err
 
     save_model(LocalForceField(["Si"], hidden=[8], latent_dim=5, seed=0), tmp / "model5.pt")
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
@@ -115,3 +134,4 @@ def test_build_defaults_come_from_the_index_module(inputs, capsys):
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
                  "-o", str(tmp / "est"), "--index", "hnsw"]) == 0
     assert LTAUEstimator.load(tmp / "est").index.options == OPTION_DEFAULTS["hnsw"]
+    assert "no ood score and no recommended alarm thresholds (give --reference-descriptors)" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from ltau_lmp.errors import ConfigError, FileFormatError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ltau_lmp.estimator.calibration import DEFAULT_FALSE_ALARM_RATE
     from ltau_lmp.estimator.estimator import DEFAULT_K, WEIGHTINGS
     from ltau_lmp.estimator.index import AUTO_EXACT_LIMIT, DEFAULT_KIND, KIND_CHOICES, OPTION_DEFAULTS
 
@@ -22,10 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Build an LTAU estimator: the per-atom force-error distributions logged during training "
             "(an error-log .npz written by `ltau-lmp train` or ErrorLog.save) are attached to the "
             "latent descriptors of the same training atoms (an (n_atoms, dim) .npy from the final "
-            "model, same atom order), and a faiss nearest-neighbour index is built over the descriptors."),
+            "model, same atom order), and a faiss nearest-neighbour index is built over the descriptors. "
+            "With --reference-descriptors (held-out in-domain atoms, e.g. the reference_descriptors.npy "
+            "`ltau-lmp train` writes from its validation structures) it also stores their kNN distances, "
+            "which calibrate the per-atom out-of-domain p-value `ood`, and prints recommended alarm "
+            "thresholds for --false-alarm-rate."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--error-log", required=True, type=Path, help="error-log .npz")
     p.add_argument("--descriptors", required=True, type=Path, help="training-atom descriptors .npy (n_atoms x dim)")
+    p.add_argument("--reference-descriptors", type=Path,
+                   help="held-out in-domain atoms' descriptors .npy (same model, not in --descriptors)")
+    p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
+                   help="in-domain false-alarm rate per atom-evaluation of the recommended alarm thresholds")
     p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
     p.add_argument("--index", default=DEFAULT_KIND, choices=KIND_CHOICES,
                    help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "
@@ -54,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Query an LTAU estimator: for each descriptor row, average the error distributions of the "
             "k nearest training atoms and report the expected force error (eV/Angstrom), a confidence "
-            "interval, P(error < tol) and the mean kNN distance (large = far from the training data)."),
+            "interval, P(error < tol), the mean kNN distance (large = far from the training data) and, "
+            "for a calibrated estimator, the out-of-domain p-value ood (small = unusual)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("estimator", type=Path, help="estimator directory")
     p.add_argument("--descriptors", required=True, type=Path, help="query descriptors .npy (n x dim)")
@@ -91,13 +101,17 @@ def _load_npy(path: Path, what: str):
 
 def _build(args) -> int:
     from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+    from ltau_lmp.estimator.calibration import describe_thresholds
 
     log = ErrorLog.load(args.error_log)
     descriptors = _load_npy(args.descriptors, "descriptors")
     names = {"hnsw_m": "M", "ef_construction": "ef_construction", "ef_search": "ef_search",
              "nlist": "nlist", "nprobe": "nprobe"}
     options = {key: getattr(args, arg) for arg, key in names.items() if hasattr(args, arg)}
+    reference = _load_npy(args.reference_descriptors, "reference descriptors") if args.reference_descriptors else None
     metadata = {"units": "eV/Angstrom", "source_error_log": str(args.error_log)}
+    if reference is not None:
+        metadata["reference_descriptors"] = str(args.reference_descriptors)
     if args.model:
         from ltau_lmp.estimator import card_metadata
 
@@ -105,12 +119,14 @@ def _build(args) -> int:
     try:
         est = LTAUEstimator.build(descriptors, log, index=args.index, k=args.neighbors,
                                   weighting=args.weighting, metadata=metadata,
-                                  index_options=options, threads=args.threads)
+                                  index_options=options, threads=args.threads, reference_descriptors=reference,
+                                  false_alarm_rate=args.false_alarm_rate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     est.save(args.output)
     print(f"wrote {args.output}: {est.n_entries} entries x {est.dim} dims, {est.nbins} bins, "
           f"index {est.index.kind}, k={est.k}")
+    print(describe_thresholds(est.alarm_thresholds, remedy="give --reference-descriptors"))
     return 0
 
 
@@ -132,6 +148,10 @@ def _predict(args) -> int:
         raise ConfigError(f"--ci: {exc}") from None
     columns = {"expected": res.expected, "ci_low": interval[:, 0], "ci_high": interval[:, 1],
                "prob_below_tol": res.prob_below(args.tol), "knn_distance": res.distance}
+    if est.has_ood_reference and est.k == res.neighbors.shape[1]:
+        columns["ood"] = res.ood
+    elif est.has_ood_reference:
+        print(f"no ood column: it is calibrated for the estimator's k={est.k}, not -k {args.neighbors}")
     if suffix == ".npz":
         np.savez(args.output, **columns, ci_levels=np.array(args.ci), tol=np.array(args.tol))
     else:
