@@ -1,9 +1,12 @@
 """Trainer: per-atom error logging with stable ids, loss goes down, outputs, config errors."""
 
+import json
+
 import numpy as np
 import pytest
 
 from ltau_lmp.cli import main
+from ltau_lmp.data.datasets import AtomsDataset, read_frames
 from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator
@@ -114,6 +117,36 @@ def test_training_lowers_loss_and_writes_outputs(data, tmp_path):
     assert result.summary["test"]["test"]["force_rmse"] > 0
 
 
+def test_validation_atoms_calibrate_the_ood_score(data, tmp_path, capsys):
+    """The held-out validation atoms, under the final model, are the estimator's reference set."""
+    from ltau_lmp.model import load_model
+    from ltau_lmp.prediction import latent_features
+
+    result = train(small_config(data, tmp_path, epochs=2, estimator={"false_alarm_rate": 0.05}),
+                   show_progress=False)
+    val_idx = result.summary["val_structures"]
+    model = load_model(tmp_path / "model.pt")
+    frames = read_frames(data["train"])
+    val_set = AtomsDataset([frames[i] for i in val_idx], model.species, model.cutoff, model.dtype)
+    reference = np.load(tmp_path / "reference_descriptors.npy")
+    np.testing.assert_array_equal(reference, latent_features(model, val_set, 3))
+    est = LTAUEstimator.load(tmp_path / "estimator")
+    np.testing.assert_array_equal(est.reference_distances, np.sort(est.query(reference).distance))
+    thresholds = est.alarm_thresholds
+    assert thresholds == result.summary["alarm_thresholds"]
+    assert thresholds["n_reference"] == val_set.total_atoms and thresholds["false_alarm_rate"] == 0.05
+    assert est.metadata["reference_structures"] == val_idx
+
+    config = {"out_dir": str(tmp_path / "noval"), "epochs": 2, "model": SMALL_MODEL,
+              "data": {"train": str(data["train"]), "val_fraction": 0.0}}
+    (tmp_path / "noval.yaml").write_text(json.dumps({"train": config}))  # JSON is YAML
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "noval.yaml"), "--no-progress"]) == 0
+    assert "no ood score and no recommended alarm thresholds (set train.data.val_fraction > 0)" in capsys.readouterr().out
+    assert LTAUEstimator.load(tmp_path / "noval" / "estimator").alarm_thresholds is None
+    assert not (tmp_path / "noval" / "reference_descriptors.npy").exists()
+
+
 def test_train_is_reproducible(data, tmp_path):
     a = train(small_config(data, tmp_path / "a", epochs=2), show_progress=False)
     b = train(small_config(data, tmp_path / "b", epochs=2), show_progress=False)
@@ -134,6 +167,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         config_from_dict({"epochs": 2.5})
     with pytest.raises(ConfigError, match=r"train.estimator.index: 'kdtree' is not one of \['auto', 'flat'"):
         config_from_dict({"estimator": {"index": "kdtree"}})
+    with pytest.raises(ConfigError, match=r"train.estimator.false_alarm_rate must lie strictly between 0 and 1"):
+        config_from_dict({"estimator": {"false_alarm_rate": 0.0}})
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 2\n  optimizer: sgd\n")
     with pytest.raises(ConfigError, match="optimizer"):

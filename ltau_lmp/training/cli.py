@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train ltau_lmp's local force field on labelled extxyz data, logging every training atom's "
             "force error every epoch, then build the LTAU estimator from the final model's latent "
-            "features. Writes model.pt, error_log.npz, descriptors.npy, estimator/, metrics.csv and "
-            "summary.json into the config's out_dir. CONFIG is a YAML file with a `train:` section "
+            "features; the validation atoms calibrate its out-of-domain p-value and the recommended "
+            "alarm thresholds (printed). Writes model.pt, error_log.npz, descriptors.npy, "
+            "reference_descriptors.npy, estimator/, metrics.csv and summary.json into the config's out_dir. CONFIG is a YAML file with a `train:` section "
             "(every option is documented in examples/si/config.yaml)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config file")
@@ -29,6 +30,7 @@ def _train(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from ltau_lmp.estimator.calibration import describe_thresholds
     from ltau_lmp.training.config import load_train_config
     from ltau_lmp.training.trainer import train
 
@@ -43,5 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, base, show_progress=not args.no_progress)
     s = result.summary
     print(json.dumps({"out_dir": str(result.out_dir), "epochs": s["epochs"],
-                      "train_seconds": round(s["train_seconds"], 1), "test": s["test"]}, indent=1))
+                      "train_seconds": round(s["train_seconds"], 1), "test": s["test"],
+                      "alarm_thresholds": s["alarm_thresholds"]}, indent=1))
+    print(describe_thresholds(s["alarm_thresholds"], remedy="set train.data.val_fraction > 0"))
     return 0

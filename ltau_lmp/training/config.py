@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ltau_lmp.data.config import from_dict, load_section, resolve
 from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator.calibration import DEFAULT_FALSE_ALARM_RATE, check_rate
 from ltau_lmp.estimator.estimator import DEFAULT_K
 from ltau_lmp.estimator.index import DEFAULT_KIND, KIND_CHOICES
 
@@ -53,6 +54,9 @@ class ErrorLogOptions:
 class EstimatorOptions:
     index: str = DEFAULT_KIND  # faiss index kind: auto | flat (exact) | ivf | hnsw | ivfpq (ltau_lmp.estimator.index)
     k: int = DEFAULT_K  # nearest neighbours averaged per query
+    # in-domain false-alarm rate per atom-evaluation of the recommended alarm thresholds, which are
+    # calibrated on the validation atoms (ltau_lmp.estimator.calibration)
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
 
     def validate(self, where: str) -> None:
         """Checked before training: a bad index kind must not surface only after the last epoch."""
@@ -60,6 +64,10 @@ class EstimatorOptions:
             raise ConfigError(f"{where}.index: {self.index!r} is not one of {list(KIND_CHOICES)}")
         if self.k < 1:
             raise ConfigError(f"{where}.k must be >= 1, got {self.k}")
+        try:
+            check_rate(self.false_alarm_rate)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
 
 
 @dataclass

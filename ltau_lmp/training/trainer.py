@@ -3,7 +3,8 @@
 The per-atom errors come from the forward pass that computes the loss (detached, no extra
 model call), so logging costs only a norm and a histogram update per batch.  Atoms are keyed by
 their global id in the training set, so shuffling and batching do not matter.  After training,
-the final model's latent features of all training atoms and the error log make the estimator.
+the final model's latent features of all training atoms and the error log make the estimator;
+the validation atoms, held out of it, calibrate its out-of-domain p-value and alarm thresholds.
 
 External trainers reuse ``ErrorLogger``: call ``logger.log(atom_ids, predicted, reference)``
 after each loss evaluation and ``logger.end_epoch()`` after each epoch.
@@ -264,9 +265,10 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
     return FitResult(error_log, metrics, best_epoch, seconds)
 
 
-def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset, fitted: FitResult,
-           out_dir: Path, base_dir: Path) -> TrainResult:
-    """Write model.pt, error_log.npz, descriptors.npy, estimator/ and summary.json (with test scores)."""
+def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset, val_set: AtomsDataset | None,
+           fitted: FitResult, out_dir: Path, base_dir: Path) -> TrainResult:
+    """Write model.pt, error_log.npz, descriptors.npy, reference_descriptors.npy (validation atoms),
+    estimator/ and summary.json (with test scores and the recommended alarm thresholds)."""
     from ltau_lmp.estimator import LTAUEstimator, card_metadata
     from ltau_lmp.model import save_model
 
@@ -274,12 +276,19 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
     features = latent_features(model, train_set, cfg.batch_size)
     model_hash = save_model(model, out_dir / "model.pt")
     error_log.save(out_dir / "error_log.npz")
-    np.save(out_dir / "descriptors.npy", features)  # lets `ltau-lmp build-estimator` rebuild with other options
+    # Both let `ltau-lmp build-estimator` rebuild with other options.
+    np.save(out_dir / "descriptors.npy", features)
+    reference = None
+    if val_set is not None:
+        reference = latent_features(model, val_set, cfg.batch_size)
+        np.save(out_dir / "reference_descriptors.npy", reference)
     estimator = LTAUEstimator.build(
         features, error_log, index=cfg.estimator.index, k=cfg.estimator.k,
         metadata={**card_metadata(model.card), "units": "eV/Angstrom", "error": "per-atom force error norm",
                   "train_file": str(data.path), "train_structures": data.train_idx.tolist(),
-                  "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs})
+                  "reference_structures": data.val_idx.tolist(),
+                  "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs},
+        reference_descriptors=reference, false_alarm_rate=cfg.estimator.false_alarm_rate)
     estimator.save(out_dir / "estimator")
 
     summary = {
@@ -288,7 +297,7 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
         "n_val_structures": len(data.val_idx), "n_train_atoms": train_set.total_atoms,
         "train_structures": data.train_idx.tolist(), "val_structures": data.val_idx.tolist(),
         "log_overhead_fraction": sum(r["log_seconds"] for r in metrics) / sum(r["train_seconds"] for r in metrics),
-        "error_log": error_log.summary(), "test": {},
+        "error_log": error_log.summary(), "alarm_thresholds": estimator.alarm_thresholds, "test": {},
     }
     for name, path in cfg.data.test.items():
         test_set = AtomsDataset(read_frames(resolve(path, base_dir)), model.species, model.cutoff, model.dtype)
@@ -310,7 +319,7 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
     out_dir = resolve(cfg.out_dir, base_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fitted = fit(cfg, model, train_set, val_set, rng, out_dir / "metrics.csv", show_progress)
-    return export(cfg, model, data, train_set, fitted, out_dir, base_dir)
+    return export(cfg, model, data, train_set, val_set, fitted, out_dir, base_dir)
 
 
 def _write_metrics(path: Path, metrics: list[dict]) -> None:
