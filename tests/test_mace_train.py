@@ -166,6 +166,28 @@ def test_estimator_and_files(runs):
     assert cli_est.metadata["model_hash"] == cli_model.card.model_hash and cli_est.nbins == 50
 
 
+def test_mace_validation_set_calibrates_the_ood_score(runs, train_file):
+    """MACE's 4 validation structures (valid_fraction 0.2), none of them trained on, are the reference."""
+    from ase.io import read
+
+    from ltau_lmp.integrations.replay import latents
+
+    result = runs["logged"]
+    model = load_model(result.model_path, allow_pickle=True)
+    assert len(result.reference_frames) == N_FRAMES - 16
+    everything = read(train_file, index=":")
+    trained = {a.positions.tobytes() for a in result.frames}
+    assert all(a.positions.tobytes() not in trained for a in result.reference_frames)
+    assert {a.positions.tobytes() for a in result.reference_frames} | trained == {
+        a.positions.tobytes() for a in everything}
+    est = LTAUEstimator.load(result.out_dir / "estimator")
+    assert est.alarm_thresholds["n_reference"] == 4 * 8
+    reference = latents(model, result.reference_frames)
+    np.testing.assert_array_equal(np.load(result.out_dir / "reference_descriptors.npy"), reference)
+    np.testing.assert_array_equal(est.reference_distances, np.sort(est.query(reference).distance))
+    assert len(read(result.out_dir / "reference_set.xyz", index=":")) == 4
+
+
 def test_replay_agrees_with_the_live_log(runs):
     """Checkpoint t holds the weights the first step of epoch t + 1 started from."""
     result = runs["logged"]
@@ -194,6 +216,11 @@ def test_replay_cli(runs):
     log = ErrorLog.load(out / "error_log.npz")
     assert (log.epoch, log.n_counted) == (EPOCHS, (EPOCHS - 1) * 128)
     assert LTAUEstimator.load(out / "estimator").metadata["model_hash"] == result.model_hash
+    assert LTAUEstimator.load(out / "estimator").alarm_thresholds is None
+    args = parser.parse_args([*argv, "--allow-pickle", "--reference-file", str(result.out_dir / "reference_set.xyz"),
+                              "--false-alarm-rate", "0.1"])
+    assert args.func(args) == 0
+    assert LTAUEstimator.load(out / "estimator").alarm_thresholds["n_reference"] == 32
 
 
 def test_refusals(train_file, tmp_path):

@@ -22,13 +22,15 @@ def _add_log_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-epochs", type=int, default=log.skip_epochs, help="first epochs not counted")
     p.add_argument("--index", default=est.index, choices=KIND_CHOICES, help="estimator search backend")
     p.add_argument("-k", "--neighbors", type=int, default=est.k, help="neighbours averaged per query")
+    p.add_argument("--false-alarm-rate", type=float, default=est.false_alarm_rate,
+                   help="in-domain false-alarm rate per atom-evaluation of the recommended alarm thresholds")
 
 
 def _options(args):
     from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
 
     return (ErrorLogOptions(lo=args.lo, hi=args.hi, nbins=args.nbins, skip_epochs=args.skip_epochs),
-            EstimatorOptions(index=args.index, k=args.neighbors))
+            EstimatorOptions(index=args.index, k=args.neighbors, false_alarm_rate=args.false_alarm_rate))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "error from each training step, then build the LTAU estimator from the final model's latent "
             "features (invariant node features of all interaction layers). Options of this command come "
             "first, then `--` and the mace_run_train arguments, e.g. `ltau-lmp mace-train --skip-epochs 20 "
-            "-- --name si --train_file train.xyz --r_max 4.0 ...`. Writes error_log.npz, descriptors.npy, "
-            "estimator/, train_set.xyz and summary.json into --out-dir (default WORK_DIR/ltau). Needs "
-            "extxyz training data, one head, one process, no --lbfgs."),
+            "-- --name si --train_file train.xyz --r_max 4.0 ...`. MACE's validation configurations calibrate "
+            "the out-of-domain p-value and the recommended alarm thresholds (printed). Writes error_log.npz, "
+            "descriptors.npy, estimator/, train_set.xyz, reference_set.xyz, reference_descriptors.npy and "
+            "summary.json into --out-dir (default WORK_DIR/ltau). Needs extxyz training data, one head, one "
+            "process, no --lbfgs."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-o", "--out-dir", type=Path, help="output directory (default: MACE's --work_dir/ltau)")
     _add_log_options(p)
@@ -65,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-file", type=Path, required=True,
                    help="extxyz training set, in training order (mace-train writes train_set.xyz)")
     p.add_argument("--forces-key", default="REF_forces", help="per-atom array of the reference forces")
+    p.add_argument("--reference-file", type=Path,
+                   help="extxyz of held-out in-domain structures (e.g. the validation set; mace-train writes "
+                        "reference_set.xyz): they calibrate the ood p-value and the alarm thresholds")
     add_model_options(p)
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output directory")
     _add_log_options(p)
@@ -72,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _mace_train(args) -> int:
+    from ltau_lmp.estimator.calibration import describe_thresholds
     from ltau_lmp.integrations.mace import train_with_ltau
 
     mace_args = args.mace_args[1:] if args.mace_args[:1] == ["--"] else args.mace_args
@@ -83,25 +91,32 @@ def _mace_train(args) -> int:
     print(json.dumps({"out_dir": str(result.out_dir), "model_file": str(result.model_path),
                       "model_hash": result.model_hash, "atoms": result.error_log.n_samples,
                       "epochs": result.error_log.epoch}, indent=1))
+    print(describe_thresholds(result.estimator.alarm_thresholds,
+                              remedy="MACE had no validation configurations: give --valid_fraction or --valid_file"))
     return 0
 
 
 def _replay(args) -> int:
+    from ltau_lmp.data.datasets import read_extxyz
     from ltau_lmp.estimator import ErrorLog
+    from ltau_lmp.estimator.calibration import describe_thresholds
     from ltau_lmp.integrations.replay import read_training_set, replay, write_estimator
 
     log_options, estimator_options = _options(args)
     estimator_options.validate("estimator")
     model = load_model_option(args.model, args)
     frames = read_training_set(args.train_file, args.forces_key)
+    reference = read_extxyz(args.reference_file, "reference file") if args.reference_file else []
     log = ErrorLog.log_spaced(sum(len(a) for a in frames), lo=log_options.lo, hi=log_options.hi,
                               nbins=log_options.nbins, skip_epochs=log_options.skip_epochs)
     replay(model, args.checkpoints, frames, log)
-    write_estimator(args.out_dir, model, frames, log, estimator_options.index, estimator_options.k,
-                    metadata={"model_file": str(args.model), "epochs": log.epoch,
-                              "skip_epochs": log_options.skip_epochs, "replayed": True},
-                    summary={"model_file": str(args.model), "epochs": log.epoch,
-                             "checkpoints": [str(p) for p in args.checkpoints]})
+    estimator = write_estimator(
+        args.out_dir, model, frames, log, estimator_options, reference_frames=reference,
+        metadata={"model_file": str(args.model), "epochs": log.epoch,
+                  "skip_epochs": log_options.skip_epochs, "replayed": True},
+        summary={"model_file": str(args.model), "epochs": log.epoch,
+                 "checkpoints": [str(p) for p in args.checkpoints]})
     print(json.dumps({"out_dir": str(args.out_dir), "model_hash": model.card.model_hash,
                       "atoms": log.n_samples, "epochs": log.epoch}, indent=1))
+    print(describe_thresholds(estimator.alarm_thresholds, remedy="give --reference-file"))
     return 0

@@ -5,7 +5,9 @@ with two wrappers around module-level functions, no MACE code copied or changed:
 
 * ``mace.cli.run_train.get_dataset_from_xyz`` — after MACE has read the extxyz files and split
   off its validation set, every training configuration gets a per-atom property
-  ``ltau_atom_id`` (consecutive ids over the training set, in MACE's order).
+  ``ltau_atom_id`` (consecutive ids over the training set, in MACE's order); the validation
+  configurations are kept as the held-out atoms that calibrate the estimator's out-of-domain
+  p-value and alarm thresholds.
   ``AtomicData.from_config`` passes extra per-atom properties through as node attributes
   ((n, 1) int64), and MACE's ``Batch`` concatenates node attributes along the atom axis, so every
   training batch carries the ids of its atoms, whatever the shuffling.
@@ -54,19 +56,27 @@ ID_KEY = "ltau_atom_id"
 class MaceTrainResult:
     model_path: Path           # the MACE model file the estimator belongs to
     out_dir: Path              # error_log.npz, descriptors.npy, estimator/, train_set.xyz, summary.json
+                               # (+ reference_descriptors.npy, reference_set.xyz: MACE's validation set)
     model_hash: str            # MACEForceField(model).card.model_hash, recorded in the estimator
     error_log: object          # ErrorLog over the training atoms (ids = rows of descriptors.npy)
     estimator: object          # LTAUEstimator
     frames: list[Atoms]        # the training set in id order (also written to train_set.xyz)
+    reference_frames: list[Atoms]  # MACE's validation configurations (empty without validation data)
+
+
+def _config_atoms(config) -> Atoms:
+    """A MACE ``Configuration`` as ``ase.Atoms`` (structure only)."""
+    return Atoms(numbers=config.atomic_numbers, positions=config.positions, cell=config.cell, pbc=config.pbc)
 
 
 class _Logging:
-    """State shared by the two wrappers: the training set, its ids and the error log."""
+    """State shared by the two wrappers: the training set, its ids, the error log, the validation set."""
 
     def __init__(self, make_log: Callable[[int], object], on_step: Callable | None):
         self.make_log = make_log
         self.on_step = on_step
         self.frames: list[Atoms] | None = None
+        self.reference_frames: list[Atoms] = []
         self.logger = None
         self.epoch = 0
 
@@ -85,8 +95,7 @@ class _Logging:
             n = len(config.atomic_numbers)
             config.properties[ID_KEY] = np.arange(offset, offset + n, dtype=np.int64)
             offset += n
-            atoms = Atoms(numbers=config.atomic_numbers, positions=config.positions,
-                          cell=config.cell, pbc=config.pbc)
+            atoms = _config_atoms(config)
             atoms.arrays[REF_FORCES] = np.asarray(forces, dtype=np.float64)
             if config.properties.get("energy") is not None:
                 atoms.info["REF_energy"] = float(config.properties["energy"])
@@ -152,6 +161,7 @@ def _hooks(state: _Logging):
     def get_dataset_from_xyz(*args, **kwargs):
         collections, atomic_energies = get_dataset(*args, **kwargs)
         state.tag_training_set(collections.train)
+        state.reference_frames = [_config_atoms(config) for config in collections.valid]
         return collections, atomic_energies
 
     def logged_train_one_epoch(*args, **kwargs):
@@ -192,9 +202,11 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
 
     ``mace_args``: ``mace_run_train`` command-line arguments. ``out_dir`` (default
     ``WORK_DIR/ltau``) receives error_log.npz, descriptors.npy, estimator/, train_set.xyz (the
-    training set in id order, for ``ltau-lmp replay``) and summary.json. ``error_log`` /
-    ``estimator``: the same options as ``ltau-lmp train`` (bins, skipped epochs; index kind, k),
-    checked before training. ``on_step(epoch, atom_ids, errors)`` sees every training step's
+    training set in id order, for ``ltau-lmp replay``) and summary.json; MACE's validation
+    configurations calibrate the ``ood`` p-value and the alarm thresholds (reference_set.xyz,
+    reference_descriptors.npy). ``error_log`` / ``estimator``: the same options as
+    ``ltau-lmp train`` (bins, skipped epochs; index kind, k, false-alarm rate), checked before
+    training. ``on_step(epoch, atom_ids, errors)`` sees every training step's
     errors (0-based epoch of this run), e.g. to keep whole trajectories.
     """
     from mace.cli import run_train
@@ -221,9 +233,10 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
     out_dir = Path(args.work_dir) / "ltau" if out_dir is None else Path(out_dir)
     log = state.logger.error_log
     built = write_estimator(
-        out_dir, model, state.frames, log, estimator_options.index, estimator_options.k,
+        out_dir, model, state.frames, log, estimator_options, reference_frames=state.reference_frames,
         metadata={"model_file": str(model_path), "epochs": state.epoch,
                   "skip_epochs": log_options.skip_epochs},
         summary={"model_file": str(model_path), "epochs": state.epoch, "train_seconds": train_seconds,
                  "log_seconds": state.logger.seconds})
-    return MaceTrainResult(model_path, out_dir, built.metadata["model_hash"], log, built, state.frames)
+    return MaceTrainResult(model_path, out_dir, built.metadata["model_hash"], log, built, state.frames,
+                           state.reference_frames)

@@ -26,6 +26,7 @@ from ase import Atoms
 
 from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
 from ltau_lmp.model import MACEForceField, ModelOutput, evaluate, neighbor_list, species_indices
+from ltau_lmp.training.config import EstimatorOptions
 
 REF_FORCES = "REF_forces"
 CHECKPOINT_NAME = re.compile(r"_epoch-(\d+)(?:_swa)?\.pt$")  # MACE: {name}_run-{seed}_epoch-{N}[_swa].pt
@@ -153,13 +154,18 @@ def replay(model, checkpoints: Sequence[str | os.PathLike], frames: Sequence[Ato
     return error_log
 
 
-def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], error_log, index: str,
-                    k: int, metadata: dict, summary: dict):
+def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], error_log,
+                    options: EstimatorOptions, metadata: dict, summary: dict,
+                    reference_frames: Sequence[Atoms] = ()):
     """Build the estimator from ``model``'s latents over ``frames`` and ``error_log``; write the outputs.
 
+    ``options``: ``EstimatorOptions`` (index kind, k, false-alarm rate). ``reference_frames``:
+    held-out in-domain structures (a validation set) that calibrate the ``ood`` p-value and the
+    alarm thresholds; without them the estimator has neither.
     ``out_dir`` receives error_log.npz, descriptors.npy (``ltau-lmp build-estimator`` can rebuild
     with other options), estimator/, train_set.xyz (the training set in id order, with
-    ``REF_FORCES``) and summary.json (``summary`` plus the model card and the log's summary).
+    ``REF_FORCES``), with reference frames reference_set.xyz and reference_descriptors.npy, and
+    summary.json (``summary`` plus the model card, the log's summary and the alarm thresholds).
     Returns the estimator; its metadata records the card's ``model_hash``.
     """
     from ase.io import write
@@ -168,11 +174,13 @@ def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], 
 
     card = model.card
     descriptors = latents(model, frames)
+    reference = latents(model, reference_frames) if len(reference_frames) else None
     try:
         estimator = LTAUEstimator.build(
-            descriptors, error_log, index=index, k=k,
+            descriptors, error_log, index=options.index, k=options.k,
             metadata={**card_metadata(card), "units": "eV/Angstrom",
-                      "error": "per-atom force error norm", **metadata})
+                      "error": "per-atom force error norm", **metadata},
+            reference_descriptors=reference, false_alarm_rate=options.false_alarm_rate)
     except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)
         raise LTAUError(f"cannot build the LTAU estimator: {exc}") from exc
     out_dir = Path(out_dir)
@@ -181,7 +189,11 @@ def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], 
     np.save(out_dir / "descriptors.npy", descriptors)
     estimator.save(out_dir / "estimator")
     write(out_dir / "train_set.xyz", list(frames), format="extxyz")
+    if reference is not None:
+        np.save(out_dir / "reference_descriptors.npy", reference)
+        write(out_dir / "reference_set.xyz", list(reference_frames), format="extxyz")
     summary = {**summary, "model_card": card.to_dict(), "structures": len(frames),
-               "error_log": error_log.summary()}
+               "reference_structures": len(reference_frames), "error_log": error_log.summary(),
+               "alarm_thresholds": estimator.alarm_thresholds}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return estimator
