@@ -23,10 +23,12 @@ from ase.outputs import Properties, all_outputs
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ltau_lmp.errors import LTAUError
+from ltau_lmp.estimator.calibration import NO_REFERENCE
 from ltau_lmp.model import evaluate, load_model, neighbor_list, species_indices
 
 MODEL_PROPERTIES = ("energy", "free_energy", "energies", "forces", "latent")  # one model pass
 UNCERTAINTY_PROPERTIES = ("uncertainty", "uncertainty_ci", "knn_distance")    # one estimator query
+OOD_PROPERTY = "ood_pvalue"  # from knn_distance: needs an estimator calibrated on held-out atoms
 
 
 class CalculatorInputError(InputError, LTAUError):
@@ -90,12 +92,14 @@ class LTAUCalculator(Calculator):
     features) from one model pass; ``stress`` (ASE convention, eV/Angstrom^3; fully periodic cells
     only) adds the virial to that pass; with an estimator, ``uncertainty`` (expected force error,
     eV/Angstrom), ``uncertainty_ci`` (n, 2) between the quantiles ``ci`` and ``knn_distance``
-    come from one estimator query on the latent features. The neighbour list is built out to
-    ``cutoff + skin`` (Angstrom) and reused until an atom moved more than ``skin / 2`` or the
+    come from one estimator query on the latent features; ``ood_pvalue`` (per-atom conformal
+    out-of-domain p-value, small = unusual) follows from ``knn_distance`` when the estimator was
+    calibrated on held-out atoms (``estimator.has_ood_reference``). The neighbour list is built out
+    to ``cutoff + skin`` (Angstrom) and reused until an atom moved more than ``skin / 2`` or the
     atoms, cell or pbc changed.
     """
 
-    implemented_properties = [*MODEL_PROPERTIES, "stress", *UNCERTAINTY_PROPERTIES]
+    implemented_properties = [*MODEL_PROPERTIES, "stress", *UNCERTAINTY_PROPERTIES, OOD_PROPERTY]
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, estimator=None, allow_pickle: bool = False,
                  family: str | None = None, ci: tuple[float, float] = (0.05, 0.95), skin: float = 0.5, **kwargs):
@@ -131,17 +135,21 @@ class LTAUCalculator(Calculator):
         if system_changes:
             self.results = {}
         wanted = set(properties)
+        needs_query = wanted & {*UNCERTAINTY_PROPERTIES, OOD_PROPERTY}
         if "stress" in wanted and not self.atoms.pbc.all():
             raise PropertyNotImplementedError(
                 f"stress needs a cell periodic in all three directions, this one has pbc={self.atoms.pbc.tolist()}")
-        if wanted & set(UNCERTAINTY_PROPERTIES) and self.estimator is None:
+        if needs_query and self.estimator is None:
             raise PropertyNotImplementedError(
-                f"{', '.join(sorted(wanted & set(UNCERTAINTY_PROPERTIES)))} needs an LTAU estimator: "
-                "LTAUCalculator(model, estimator=...)")
+                f"{', '.join(sorted(needs_query))} needs an LTAU estimator: LTAUCalculator(model, estimator=...)")
+        if OOD_PROPERTY in wanted and not self.estimator.has_ood_reference:
+            raise PropertyNotImplementedError(f"{OOD_PROPERTY}: {NO_REFERENCE}")
         if "forces" not in self.results or ("stress" in wanted and "stress" not in self.results):
             self._run_model(virial="stress" in wanted)
-        if wanted & set(UNCERTAINTY_PROPERTIES) and "uncertainty" not in self.results:
+        if needs_query and "uncertainty" not in self.results:
             self._query_estimator()
+        if OOD_PROPERTY in wanted and OOD_PROPERTY not in self.results:
+            self.results[OOD_PROPERTY] = self.estimator.ood_pvalues(self.results["knn_distance"])
 
     def _run_model(self, virial: bool) -> None:
         """Energies, forces and latent features (and the virial when asked) in one pass."""
@@ -181,3 +189,8 @@ class LTAUCalculator(Calculator):
     def get_knn_distance(self, atoms=None) -> np.ndarray:
         """Per-atom mean latent distance to the k nearest training atoms (large = out of domain)."""
         return self.get_property("knn_distance", atoms)
+
+    def get_ood_pvalue(self, atoms=None) -> np.ndarray:
+        """Per-atom out-of-domain p-value: the fraction of held-out in-domain atoms at least as far
+        from the training data (conformal; small = unusual, >= 1/(n_reference + 1))."""
+        return self.get_property(OOD_PROPERTY, atoms)

@@ -33,20 +33,26 @@ def model():
     return model
 
 
-@pytest.fixture(scope="module")
-def estimator(model):
+def _latents(model, seeds):
     calc = LTAUCalculator(model)
     latent = []
-    for seed in range(4):
+    for seed in seeds:
         atoms = si_cell(seed=seed)
         atoms.calc = calc
         atoms.get_potential_energy()
         latent.append(calc.results["latent"])
-    latent = np.concatenate(latent)
+    return np.concatenate(latent)
+
+
+@pytest.fixture(scope="module")
+def estimator(model):
+    """Training atoms from 4 rattled cells, held-out reference atoms from 3 others."""
+    latent = _latents(model, range(4))
     edges = np.logspace(-3, 1, 21)
     pdfs = np.random.default_rng(0).dirichlet(np.ones(20), size=len(latent))
     return LTAUEstimator.build(latent, pdfs, bin_edges=edges, index="flat", k=5,
-                               metadata={"model_hash": model.model_hash, "units": "eV/Angstrom"})
+                               metadata={"model_hash": model.model_hash, "units": "eV/Angstrom"},
+                               reference_descriptors=_latents(model, range(20, 23)))
 
 
 def test_energy_forces_match_the_model(model):
@@ -91,6 +97,7 @@ def test_uncertainty_outputs(model, estimator, tmp_path):
     np.testing.assert_allclose(res["uncertainty"], direct.expected)
     np.testing.assert_allclose(res["uncertainty_ci"], direct.interval(0.1, 0.9))
     np.testing.assert_allclose(res["knn_distance"], direct.distance)
+    np.testing.assert_array_equal(atoms.calc.get_ood_pvalue(atoms), direct.ood)
     assert res["uncertainty_ci"].shape == (len(atoms), 2)
     assert np.all(res["uncertainty_ci"][:, 0] <= res["uncertainty_ci"][:, 1])
 
@@ -141,10 +148,20 @@ def test_every_result_is_an_implemented_property(model, estimator):
 def test_uncertainty_without_estimator_is_not_implemented(model):
     atoms = si_cell(seed=10)
     atoms.calc = LTAUCalculator(model)
-    for name in ("uncertainty", "uncertainty_ci", "knn_distance"):
+    for name in ("uncertainty", "uncertainty_ci", "knn_distance", "ood_pvalue"):
         with pytest.raises(PropertyNotImplementedError, match=f"{name} needs an LTAU estimator"):
             atoms.calc.get_property(name, atoms)
     assert np.isfinite(atoms.get_forces()).all()
+
+
+def test_ood_needs_a_calibrated_estimator(model, estimator):
+    uncalibrated = LTAUEstimator(estimator.index, estimator.pdfs, estimator.bin_edges, k=estimator.k,
+                                 metadata=estimator.metadata)
+    atoms = si_cell(seed=10)
+    atoms.calc = LTAUCalculator(model, uncalibrated)
+    with pytest.raises(PropertyNotImplementedError, match="ood_pvalue: this estimator has no reference distances"):
+        atoms.calc.get_ood_pvalue(atoms)
+    assert atoms.calc.get_uncertainty(atoms).shape == (len(atoms),)  # the rest still works
 
 
 def test_only_what_is_asked_is_computed(model, estimator, monkeypatch):
@@ -162,7 +179,9 @@ def test_only_what_is_asked_is_computed(model, estimator, monkeypatch):
     atoms.calc.get_property("latent", atoms)
     assert (calls, queries) == ([False], [])          # all from the same model pass
     atoms.calc.get_uncertainty(atoms)
+    assert "ood_pvalue" not in atoms.calc.results      # not asked for
     atoms.calc.get_knn_distance(atoms)
+    atoms.calc.get_ood_pvalue(atoms)
     assert (calls, queries) == ([False], [1])         # one query, no new model pass
     atoms.get_stress()
     assert (calls, queries) == ([False, True], [1])   # the virial needs a model pass

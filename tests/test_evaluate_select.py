@@ -31,7 +31,8 @@ def _labelled(n_frames, rattle, seed):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """A random model, an estimator over its latent features of 'training' atoms, and sets."""
+    """A random model, an estimator over its latent features of 'training' atoms (calibrated on
+    held-out ones; est_uncalibrated without them), and sets."""
     from ltau_lmp.evaluation.evaluate import predict_frames
 
     tmp = tmp_path_factory.mktemp("eval")
@@ -45,7 +46,10 @@ def pipeline(tmp_path_factory):
     for _ in range(5):
         log.update(np.arange(len(errors)), errors * rng.lognormal(0, 0.3, len(errors)))
         log.end_epoch()
-    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash}).save(tmp / "est")
+    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash}).save(tmp / "est_uncalibrated")
+    held_out = predict_frames(model, _labelled(6, 0.05, 4))[2]
+    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash}, reference_descriptors=held_out,
+                        false_alarm_rate=0.05).save(tmp / "est")
     write(tmp / "test.xyz", _labelled(3, 0.05, 2))
     write(tmp / "hot.xyz", _labelled(3, 0.4, 3))
     return tmp, model
@@ -61,9 +65,20 @@ def test_evaluate_writes_metrics_and_figures(pipeline, capsys):
     hot = report["sets"]["hot"]
     assert hot["n_atoms"] == 24 and 0.0 <= hot["auroc_distance"] <= 1.0
     assert hot["auroc_distance"] > 0.9  # strongly rattled atoms lie far from the training atoms
+    # -p ranks like the distance; only atoms beyond every reference atom tie (at 1/(n+1))
+    assert hot["auroc_ood"] > 0.9 and hot["auroc_ood"] <= hot["auroc_distance"]
+    assert report["alarm_thresholds"]["false_alarm_rate"] == 0.05
+    assert hot["alarm_rate_ood"] > 0.5 and report["sets"]["test"]["alarm_rate_ood"] < 0.25
+    assert "auroc_ood" not in report["sets"]["test"]
     for png in report["figures"].values():
         assert (tmp / "out" / png.split("/")[-1]).stat().st_size > 5000
     assert "| hot |" in (tmp / "out" / "table.md").read_text()
+
+    assert main(["evaluate", "--model", str(tmp / "model.pt"), "--estimator", str(tmp / "est_uncalibrated"),
+                 "--set", f"test={tmp / 'test.xyz'}", "--set", f"hot={tmp / 'hot.xyz'}",
+                 "-o", str(tmp / "out_uncalibrated")]) == 0
+    report = json.loads((tmp / "out_uncalibrated" / "metrics.json").read_text())
+    assert "auroc_ood" not in report["sets"]["hot"] and report["alarm_thresholds"] is None
 
 
 def test_evaluate_errors_are_one_line(pipeline, capsys):

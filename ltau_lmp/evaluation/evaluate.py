@@ -3,7 +3,9 @@
 For each labelled extxyz set the model predicts forces and latent features, the true
 per-atom force error ‖F_model − F_ref‖ is known from the labels, and the estimator predicts
 that error's distribution. Written: metrics.json, table.md and PNG figures (error scatter,
-calibration, P(err < tol) reliability, ROC of in-domain vs every other set).
+calibration, P(err < tol) reliability, ROC of in-domain vs every other set). With a calibrated
+estimator also the AUROC of the ood p-value and, per set, the fraction of atoms over the
+estimator's recommended alarm thresholds (on the in-domain set: the measured false-alarm rate).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class SetPrediction:
     expected: np.ndarray     # (n,) eV/Å
     pdf: np.ndarray          # (n, nbins)
     distance: np.ndarray     # (n,)
+    ood: np.ndarray | None   # (n,) conformal p-value; None when the estimator has no reference
     latent: np.ndarray       # (n, d) float32
 
 
@@ -52,7 +55,7 @@ def predict_set(model, estimator, path) -> SetPrediction:
     forces, reference, latent = predict_frames(model, read_frames(path))
     res = estimator.query(latent)
     return SetPrediction(np.linalg.norm(forces - reference, axis=1), res.expected, res.pdf,
-                         res.distance, latent)
+                         res.distance, res.ood if estimator.has_ood_reference else None, latent)
 
 
 def discover_sets(data_dir: Path, exclude=("train",)) -> dict[str, Path]:
@@ -73,6 +76,7 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
     from tqdm.auto import tqdm
 
     from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator.calibration import alarm
     from ltau_lmp.evaluation import metrics, plots
 
     if in_domain not in sets:
@@ -85,14 +89,20 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
              for name, path in tqdm(sets.items(), desc="evaluating sets", disable=not progress)}
     edges = estimator.bin_edges
     ref = preds[in_domain]
-    report = {"in_domain": in_domain, "tol": tol, "sets": {}}
+    thresholds = estimator.alarm_thresholds
+    report = {"in_domain": in_domain, "tol": tol, "alarm_thresholds": thresholds, "sets": {}}
     calibration = {}
     for name, p in preds.items():
         row = metrics.summarize(p.true_error, p.expected, p.pdf, edges, p.distance, tol=tol)
         row["force_rmse_component"] = float(np.sqrt(np.mean(p.true_error ** 2) / 3))
+        if thresholds is not None:
+            row["alarm_rate_expected"] = float(np.mean(alarm(thresholds, "expected", p.expected)))
+            row["alarm_rate_ood"] = float(np.mean(alarm(thresholds, "ood", p.ood)))
         if name != in_domain:
             row["auroc_expected"] = metrics.auroc(ref.expected, p.expected)
             row["auroc_distance"] = metrics.auroc(ref.distance, p.distance)
+            if ref.ood is not None:  # small p = unusual: -p ranks like a distance
+                row["auroc_ood"] = metrics.auroc(-ref.ood, -p.ood)
         report["sets"][name] = row
         calibration[name] = (metrics.DEFAULT_LEVELS, metrics.interval_coverage(p.pdf, edges, p.true_error))
     figures = {
