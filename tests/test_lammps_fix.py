@@ -71,8 +71,9 @@ def _latent(model, n_cells: int, seed: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _estimator(model, path: Path, seed: int = 0) -> Path:
-    """Estimator from the model's features; every entry has its own error scale."""
+def _estimator(model, path: Path, seed: int = 0, held_out: bool = False) -> Path:
+    """Estimator from the model's features; every entry has its own error scale. ``held_out``:
+    with the OOD reference distribution of two more rattled cells (and alarm thresholds)."""
     latent = _latent(model, 4, seed)
     rng = np.random.default_rng(seed)
     log = ErrorLog.log_spaced(len(latent), lo=1e-3, hi=10.0, nbins=50)
@@ -80,7 +81,9 @@ def _estimator(model, path: Path, seed: int = 0) -> Path:
     for _ in range(5):
         log.update(np.arange(len(latent)), scale * rng.lognormal(0.0, 0.3, len(latent)))
         log.end_epoch()
-    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash}).save(path)
+    reference = _latent(model, 2, seed + 100) if held_out else None
+    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash},
+                        reference_descriptors=reference).save(path)
     return path
 
 
@@ -98,12 +101,13 @@ def files(tmp_path_factory):
     other = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=16, seed=1)
     return {"root": root, "model": model, "model_file": str(root / "model.pt"), "est": str(est),
             "est_corrupt": str(corrupt), "est_dim32": str(_estimator(wide, root / "est_dim32")),
-            "est_other": str(_estimator(other, root / "est_other"))}
+            "est_other": str(_estimator(other, root / "est_other")),
+            "est_ood": str(_estimator(model, root / "est_ood", held_out=True))}
 
 
 def _read_log(path: Path) -> np.ndarray:
     lines = Path(path).read_text().splitlines()
-    assert lines[0] == "# step max mean quantile n_over_dump n_over_halt max_distance worst_tag"
+    assert lines[0] == "# step worst mean quantile n_over_dump n_over_halt max_distance worst_tag"
     return np.array([[float(v) for v in line.split()] for line in lines[1:]]).reshape(-1, 8)
 
 
@@ -265,8 +269,8 @@ def test_two_ranks_match_one_and_dump_follows_log(files, reference, tmp_path):
         np.testing.assert_array_equal(frame.arrays["tag"], np.arange(1, 65))
         for col, name in enumerate(("ltau_expected", "ltau_ci_low", "ltau_ci_high", "ltau_knn_distance"), 1):
             np.testing.assert_allclose(frame.arrays[name], custom[:, col], rtol=1e-6, atol=1e-7)  # %.8f
-        assert frame.info["ltau_max"] == pytest.approx(custom[:, 4].max(), rel=1e-6)
-        assert frame.info["ltau_max"] > dump_thresh and frame.info["ltau_metric"] == "distance"
+        assert frame.info["ltau_worst"] == pytest.approx(custom[:, 4].max(), rel=1e-6)
+        assert frame.info["ltau_worst"] > dump_thresh and frame.info["ltau_metric"] == "distance"
         assert frame.get_forces().shape == (64, 3) and np.abs(frame.get_forces()).max() > 0
         assert np.all(frame.pbc) and frame.cell.volume == pytest.approx(10.862 ** 3, rel=1e-6)
 
@@ -407,6 +411,11 @@ BAD = {
     "negative_dump": ("{est} dump f.xyz -1", "dump threshold must be >= 0"),
     "nonnumeric_halt": ("{est} halt high", "halt threshold must be a number, got 'high'"),
     "nonnumeric_dump": ("{est} dump f.xyz 1e-2x", "dump threshold must be a number"),
+    "ood_without_reference": ("{est} metric ood", "metric ood cannot use estimator"),
+    "ood_with_other_k": ("{est_ood} metric ood k 3", "measured with k = 5, not k = 3"),
+    "halt_auto_without_thresholds": ("{est} halt auto", "recommends no threshold for metric expected"),
+    "halt_auto_for_distance": ("{est_ood} metric distance halt auto", "recommends no threshold for metric distance"),
+    "ood_threshold_above_one": ("{est_ood} metric ood halt 2", "p-value in [0, 1]"),
 }
 NO_PAIR = BASE.replace("pair_style      ltau\npair_coeff      * * {model} Si\n",
                        "pair_style      zero 4.0\npair_coeff      * *\n") + "fix u all ltau {est}\n"
@@ -631,3 +640,95 @@ def test_extra_force_calls_within_a_step(files, tmp_path):
     assert float((tmp_path / "accepted.txt").read_text()) > 0        # swaps really happened
     _assert_values_describe(files, state)
     np.testing.assert_array_equal(_read_log(tmp_path / "swap.log")[:, 0], np.arange(0, 21, EVERY))
+
+
+# --------------------------------------------------------------------------------------------
+# persistence: halt ... over N
+# --------------------------------------------------------------------------------------------
+
+def _first_run_of(flags: list[bool], steps: list[int], n: int) -> int | None:
+    """Step of the n-th evaluation in a row with the flag set (None if there is none)."""
+    run = 0
+    for flag, step in zip(flags, steps):
+        run = run + 1 if flag else 0
+        if run >= n:
+            return step
+    return None
+
+
+@pytest.mark.mpi
+def test_halt_over_n_fires_at_the_nth_consecutive_evaluation_on_every_rank(files, reference, tmp_path):
+    """The condition's sequence comes from the 1-rank reference log (setup, step 0, never counts);
+    with `over 2` the halt must come at the second evaluation in a row over the threshold."""
+    log = reference["log"][1:]                        # step 0 is the setup evaluation
+    thresh = float(np.median(log[:, 1]))
+    steps, flags = log[:, 0].astype(int).tolist(), (log[:, 1] > thresh).tolist()
+    want = _first_run_of(flags, steps, 2)
+    assert want is not None and want != _first_run_of(flags, steps, 1), "the sequence must test persistence"
+    base = BASE.format(model=files["model_file"])
+    scripts = {
+        "in.over2": base + f"fix u all ltau {files['est']} every {EVERY} metric distance halt {thresh} over 2 "
+                           f"error hard\nrun {STEPS}\n",
+        "in.over3": base + f"fix u all ltau {files['est']} every {EVERY} halt 0.0 over 3 error hard\nrun {STEPS}\n",
+    }
+    got = per_rank(tmp_path, scripts)
+    for rank in (0, 1):
+        assert f"condition met on step {want} " in got["in.over2"][rank] and "2 evaluations in a row" in \
+            got["in.over2"][rank], (rank, want, got["in.over2"])
+        assert f"condition met on step {3 * EVERY} " in got["in.over3"][rank], (rank, got["in.over3"])
+
+
+# --------------------------------------------------------------------------------------------
+# out-of-domain p-values: column, metric ood, automatic thresholds
+# --------------------------------------------------------------------------------------------
+
+OOD_SCRIPT = BASE + """\
+fix             u all ltau {est} every {every} metric ood {halt} log {log}
+dump            d all custom {every} {dumps}.* id f_u[1] f_u[2] f_u[3] f_u[4] f_u[5]
+dump_modify     d format float %.17g
+run             {steps}
+"""
+
+
+@pytest.mark.mpi
+def test_ood_column_and_auto_halt_agree_on_one_and_two_ranks(files, tmp_path):
+    """f_u[5] = the estimator's p-value; 1 rank = 2 ranks by atom ID; `metric ood halt auto over 2`
+    stops both ranks at the step the 1-rank log predicts (p at or below the recommended one)."""
+    from ltau_lmp.lammps.driver import create_lammps
+
+    est = LTAUEstimator.load(files["est_ood"])
+    threshold = est.alarm_thresholds["ood"]
+    lmp = create_lammps(log="none", screen=False)
+    try:
+        lmp.commands_string(OOD_SCRIPT.format(model=files["model_file"], est=files["est_ood"], every=EVERY, halt="",
+                                              log=tmp_path / "one.log", dumps=tmp_path / "one", steps=STEPS))
+        state = _final_state(lmp)
+        assert lmp.extract_fix("u", 0, 0) == pytest.approx(state["peratom"][:, 4].min())      # f_u = min p
+        assert lmp.extract_fix("u", 0, 1, 5) == pytest.approx(state["peratom"][:, 4].min())   # f_u[6]
+    finally:
+        lmp.close()
+    atoms = Atoms("Si" * len(state["x"]), positions=state["x"], cell=state["cell"], pbc=True)
+    atoms.calc = LTAUCalculator(files["model"])
+    atoms.get_potential_energy()
+    np.testing.assert_allclose(state["peratom"][:, 4], est.query(atoms.calc.results["latent"]).ood, rtol=1e-12)
+
+    log = _read_log(tmp_path / "one.log")
+    steps, flags = log[1:, 0].astype(int).tolist(), (log[1:, 1] <= threshold * (1 + 1e-5)).tolist()  # %.6g
+    want = _first_run_of(flags, steps, 2)
+    assert want is not None, f"the p-values never reach {threshold}: {log[:, 1]}"
+    scripts = {name: OOD_SCRIPT.format(model=files["model_file"], est=files["est_ood"], every=EVERY, halt=halt,
+                                       log=f"{name}.log", dumps=name, steps=STEPS)
+               for name, halt in (("two", ""), ("halt", "halt auto over 2 error hard"))}
+    got = per_rank(tmp_path, scripts)
+    for rank in (0, 1):
+        assert got["two"][rank] == "OK", got["two"]
+        assert f"condition met on step {want} " in got["halt"][rank] and "ood uncertainty is at or below the " \
+            f"halt threshold {threshold:g}" in got["halt"][rank], (rank, want, got["halt"])
+    one, two = _custom_dumps(tmp_path, "one"), _custom_dumps(tmp_path, "two")
+    p_values = np.concatenate([rows[:, 5] for rows in one.values()])
+    assert np.all((p_values > 0) & (p_values <= 1)) and len(np.unique(p_values)) > 1
+    assert sorted(two) == sorted(one) == list(range(0, STEPS + 1, EVERY))
+    assert sorted(_custom_dumps(tmp_path, "halt")) == [s for s in sorted(one) if s < want]  # halt precedes output
+    for step, rows in two.items():
+        np.testing.assert_array_equal(rows[:, 0], one[step][:, 0])
+        np.testing.assert_allclose(rows[:, 1:], one[step][:, 1:], rtol=1e-6, atol=1e-9, err_msg=f"step {step}")

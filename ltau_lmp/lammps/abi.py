@@ -13,7 +13,7 @@ from ctypes import POINTER, Structure, c_char, c_char_p, c_double, c_int, c_int3
 
 from ltau_lmp.errors import LTAUError
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 MSGLEN = 2048
 
 # enum ltau_status
@@ -54,7 +54,7 @@ class FixInitArgs(Structure):
 class FixStepArgs(Structure):
     _fields_ = [("step", c_int64), ("nlocal", c_int32), ("groupbit", c_int32), ("x", _PD),
                 ("tag", _PI32), ("mask", _PI32), ("peratom", _PD), ("global_", _PD),
-                ("box", c_double * 9), ("periodic", c_int32 * 3), ("pad_", c_int32)]
+                ("box", c_double * 9), ("periodic", c_int32 * 3), ("check_halt", c_int32)]
 
 
 def _callback(args_type):

@@ -17,8 +17,23 @@ from ltau_lmp.lammps import abi
 from ltau_lmp.lammps import keywords as kw
 from ltau_lmp.lammps.keywords import Words
 
-METRICS = ("expected", "upper", "distance")
-LOG_COLUMNS = ["step", "max", "mean", "quantile", "n_over_dump", "n_over_halt", "max_distance", "worst_tag"]
+METRICS = ("expected", "upper", "distance", "ood")
+# the per-atom column f_ID[i + 1] holding each metric
+METRIC_COLUMN = {"expected": 0, "upper": 2, "distance": 3, "ood": 4}
+LOG_COLUMNS = ["step", "worst", "mean", "quantile", "n_over_dump", "n_over_halt", "max_distance", "worst_tag"]
+AUTO = "auto"
+
+
+def badness(metric: str, values: np.ndarray) -> np.ndarray:
+    """Values ordered so that larger is worse: an OOD p-value is worse when smaller."""
+    return -values if metric == "ood" else values
+
+
+def crossed(metric: str, score: np.ndarray, threshold: float) -> np.ndarray:
+    """Where the badness ``score`` crosses ``threshold``: a value above it, a p-value at or below
+    it (the estimator's thresholds bound the in-domain rate of exactly these events)."""
+    limit = badness(metric, np.float64(threshold))
+    return score >= limit if metric == "ood" else score > limit
 
 
 @dataclass
@@ -31,11 +46,12 @@ class FixOptions:
     metric: str = "expected"
     ci: tuple[float, float] = (0.05, 0.95)
     quantile: float = 0.99
-    halt: float | None = None
-    halt_mode: str = "soft"         # fix halt's default
+    halt: float | str | None = None  # a threshold, "auto" (the estimator's), or None
+    halt_over: int = 1                # consecutive evaluations over the threshold before halting
+    halt_mode: str = "soft"           # fix halt's default
     halt_message: bool = True
     dump_file: str | None = None
-    dump_threshold: float | None = None
+    dump_threshold: float | str | None = None
     dump_interval: int = 1
     dump_max: int | None = None
     log_file: str | None = None
@@ -65,7 +81,10 @@ class FixOptions:
                 if not 0.0 <= opts.quantile <= 1.0:
                     raise LTAUError(f"quantile must lie in [0, 1], got {opts.quantile}")
             elif keyword == "halt":
-                opts.halt = kw.threshold(words.take(keyword, "a threshold"), "halt")
+                opts.halt = _threshold_or_auto(words.take(keyword, "THRESH|auto"), "halt")
+                if words.peek() == "over":
+                    words.pop()
+                    opts.halt_over = kw.positive_int(words.take("halt ... over", "N"), "halt ... over")
             elif keyword == "error":
                 opts.halt_mode = kw.choice(words.take(keyword, "hard|soft|continue"), "error", tuple(abi.HALT_MODES))
                 given.add(keyword)
@@ -74,7 +93,7 @@ class FixOptions:
                 given.add(keyword)
             elif keyword == "dump":
                 opts.dump_file = words.take(keyword, "FILE THRESH")
-                opts.dump_threshold = kw.threshold(words.take(keyword, "FILE THRESH"), "dump")
+                opts.dump_threshold = _threshold_or_auto(words.take(keyword, "FILE THRESH|auto"), "dump")
                 while words.peek() in ("interval", "max"):
                     sub = words.pop()
                     value = kw.positive_int(words.take(f"dump ... {sub}", "a positive integer"), f"dump ... {sub}")
@@ -89,12 +108,19 @@ class FixOptions:
                                 "halt, error, message, dump, log)")
         if given and opts.halt is None:
             raise LTAUError(f"keyword {' and '.join(sorted(given))} needs halt THRESH")
+        for what, value in (("halt", opts.halt), ("dump", opts.dump_threshold)):
+            if opts.metric == "ood" and isinstance(value, float) and value > 1.0:
+                raise LTAUError(f"{what} threshold of metric ood is a p-value in [0, 1], got {value}")
         return opts
 
     @property
     def halt_mode_code(self) -> int:
         """The plugin's ``ltau_halt_mode``."""
         return abi.HALT_NONE if self.halt is None else abi.HALT_MODES[self.halt_mode]
+
+
+def _threshold_or_auto(text: str, what: str) -> float | str:
+    return AUTO if text == AUTO else kw.threshold(text, what)
 
 
 class PeerFailed(Exception):
@@ -125,10 +151,12 @@ def agree(comm, work):
 
 
 class FixLtau:
-    """Per-rank state of one ``fix ltau``: the estimator, the options, rank-0 output files."""
+    """Per-rank state of one ``fix ltau``: the estimator, the options, rank-0 output files.
 
-    n_peratom = 4   # f_ID[1..4]: expected, CI low, CI high, kNN distance
-    n_vector = 5    # f_ID[1..5]: max, mean, n over dump, n over halt, max distance
+    Outputs: per-atom f_ID[1..4] expected error, CI low, CI high, kNN distance, and f_ID[5] the
+    out-of-domain p-value when the estimator has a reference distribution; global f_ID[1..5]
+    worst metric value, mean, n over dump, n over halt, max distance, and f_ID[6] min p-value.
+    """
 
     def __init__(self, fix_id: str, args: list[str], comm, runtime):
         self.fix_id = fix_id
@@ -136,8 +164,11 @@ class FixLtau:
         self.rank = comm.Get_rank()
         self.runtime = runtime
         self.log = self.dump = None
+        self.consecutive = 0                 # evaluations in a row over the halt threshold
         self.opts = FixOptions.parse(args)   # identical words on every rank: fails on all or none
         agree(comm, self._setup)
+        self.n_peratom = 5 if self.has_ood else 4
+        self.n_vector = 6 if self.has_ood else 5
         # Rank 0 knows the dump's earlier frames; every rank must skip the same steps.
         self.dump_steps = comm.bcast(list(self.dump.steps) if self.dump else [], root=0)
 
@@ -154,6 +185,16 @@ class FixLtau:
         except FileFormatError as exc:
             raise LTAUError(f"cannot use estimator: {exc}") from None
         self.estimator.check_model(self.runtime.card, "the model of pair_style ltau")
+        # p-values exist for the k the reference distances were measured with
+        own_k = self.opts.k in (None, self.estimator.k)
+        self.has_ood = self.estimator.has_ood_reference and own_k
+        if self.opts.metric == "ood" and not self.has_ood:
+            why = (f"its reference distances were measured with k = {self.estimator.k}, not k = {self.opts.k}"
+                   if not own_k else "it has no reference distribution of held-out kNN distances "
+                   "(rebuild it with held-out atoms: ltau-lmp train, or build-estimator --reference-descriptors)")
+            raise LTAUError(f"metric ood cannot use estimator {self.opts.estimator}: {why}")
+        self.halt = self._resolve(self.opts.halt, "halt")
+        self.dump_threshold = self._resolve(self.opts.dump_threshold, "dump")
         if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
             raise LTAUError(f"k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
         if self.rank == 0:
@@ -164,6 +205,17 @@ class FixLtau:
             if self.opts.dump_file:
                 self.dump = FrameDump(self.opts.dump_file)
 
+    def _resolve(self, value, what: str) -> float | None:
+        """A threshold as given, or for ``auto`` the estimator's recommendation for the metric."""
+        if value != AUTO:
+            return value
+        recommended = self.estimator.alarm_thresholds
+        if recommended is None or self.opts.metric not in recommended:
+            have = ", ".join(k for k in METRICS if recommended and k in recommended) or "none"
+            raise LTAUError(f"{what} auto: estimator {self.opts.estimator} recommends no threshold for "
+                            f"metric {self.opts.metric} (it has: {have})")
+        return float(recommended[self.opts.metric])
+
     def bind(self, runtime) -> None:
         """Called at every ``init``: follow the current ``pair_style ltau`` (a new pair style, or
         a new model given to the same one by ``pair_coeff``) or stop now, before any step, when
@@ -173,14 +225,15 @@ class FixLtau:
 
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
-                    box: np.ndarray, periodic: tuple[bool, bool, bool]) -> None:
-        """Fill the per-atom array and global values; raises ``HaltCondition`` on every rank
-        together when the halt threshold is crossed."""
-        in_group, metric = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
-        self._decide(step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic)
+                    box: np.ndarray, periodic: tuple[bool, bool, bool], check_halt: bool) -> None:
+        """Fill the per-atom array and global values; with ``check_halt``, raises ``HaltCondition``
+        on every rank together once the halt threshold was crossed ``over`` evaluations in a row."""
+        in_group, score = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
+        self._decide(step, nlocal, x, tag, in_group, score, peratom, global_out, box, periodic, check_halt)
 
     def _evaluate(self, step, nlocal, tag, mask, groupbit, peratom):
-        """Rank-local part: query the estimator for this rank's group atoms."""
+        """Rank-local part: query the estimator for this rank's group atoms; returns the group
+        mask and the metric as badness (larger = worse) per atom."""
         cache = self.runtime.cache
         if cache.step != step:
             raise LTAUError(f"no features for step {step} (pair_style ltau last ran at step "
@@ -189,48 +242,58 @@ class FixLtau:
             raise LTAUError(f"atoms changed between the force call and the end of step {step}")
         in_group = (mask & groupbit) != 0
         peratom[:] = 0.0
-        metric = np.zeros(nlocal)
+        score = np.zeros(nlocal)
         if np.any(in_group):
             res = self.estimator.query(cache.latent[in_group], k=self.opts.k)
-            interval = res.interval(*self.opts.ci)
-            values = np.column_stack([res.expected, interval, res.distance])
-            peratom[in_group] = values
-            metric[in_group] = values[:, {"expected": 0, "upper": 2, "distance": 3}[self.opts.metric]]
-        return in_group, metric
+            columns = [res.expected, *res.interval(*self.opts.ci).T, res.distance]
+            if self.has_ood:
+                columns.append(res.ood)
+            peratom[in_group] = np.column_stack(columns)
+            metric = self.opts.metric
+            score[in_group] = badness(metric, peratom[in_group, METRIC_COLUMN[metric]])
+        return in_group, score
 
-    def _decide(self, step, nlocal, x, tag, in_group, metric, peratom, global_out, box, periodic) -> None:
+    def _decide(self, step, nlocal, x, tag, in_group, score, peratom, global_out, box, periodic, check_halt) -> None:
         """Collective part: global values, log, dump and halt, identical on every rank."""
         from mpi4py import MPI
 
-        o = self.opts
-        local = np.array([
-            metric[in_group].sum(), np.count_nonzero(in_group),
-            np.count_nonzero(metric[in_group] > o.dump_threshold) if o.dump_threshold is not None else 0,
-            np.count_nonzero(metric[in_group] > o.halt) if o.halt is not None else 0,
-        ])
+        o, metric = self.opts, self.opts.metric
+        over = {what: np.count_nonzero(crossed(metric, score[in_group], t)) if t is not None else 0
+                for what, t in (("dump", self.dump_threshold), ("halt", self.halt))}
+        local = np.array([badness(metric, score[in_group]).sum(), np.count_nonzero(in_group),
+                          over["dump"], over["halt"]], dtype=np.float64)
         sums = np.empty_like(local)
         self.comm.Allreduce(local, sums, op=MPI.SUM)
-        local_max = np.array([metric[in_group].max(initial=-np.inf), peratom[in_group, 3].max(initial=-np.inf)])
+        # maxima of badness, kNN distance and OOD badness (-p)
+        local_max = np.array([score[in_group].max(initial=-np.inf), peratom[in_group, 3].max(initial=-np.inf),
+                              (-peratom[in_group, 4]).max(initial=-np.inf) if self.has_ood else 0.0])
         maxima = np.empty_like(local_max)
         self.comm.Allreduce(local_max, maxima, op=MPI.MAX)
         total, n_group, n_dump, n_halt = sums
-        vmax, dmax = (maxima if n_group else np.zeros(2))
-        worst_tag = self._worst_tag(metric, in_group, tag, vmax) if n_group else 0
-        global_out[:] = [vmax, vmax, total / n_group if n_group else 0.0, n_dump, n_halt, dmax]
+        worst_score, dmax, worst_ood = maxima if n_group else np.zeros(3)
+        worst = float(badness(metric, worst_score))
+        worst_tag = self._worst_tag(score, in_group, tag, worst_score) if n_group else 0
+        values = [worst, worst, total / n_group if n_group else 0.0, n_dump, n_halt, dmax]
+        global_out[:] = values + ([-worst_ood] if self.has_ood else [])
 
-        quantile = self._global_quantile(metric[in_group]) if o.log_file else None
+        quantile = self._global_quantile(score[in_group]) if o.log_file else None
         frame = None
-        if o.dump_threshold is not None and n_dump > 0 and self._dump_allowed(step):
-            frame = self._gather_frame(step, nlocal, x, tag, in_group, peratom, box, periodic, vmax)
+        if self.dump_threshold is not None and n_dump > 0 and self._dump_allowed(step):
+            frame = self._gather_frame(step, nlocal, x, tag, in_group, peratom, box, periodic, worst)
             self.dump_steps.append(step)
-        log_values = [vmax, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag]
+        log_values = [worst, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag]
         # only rank 0 writes, but a failed write must stop every rank together
         agree(self.comm, lambda: self._write_outputs(step, log_values, frame))
-        if o.halt is not None and n_halt > 0:
+        if not check_halt or self.halt is None:
+            return
+        self.consecutive = self.consecutive + 1 if n_halt > 0 else 0
+        if self.consecutive >= o.halt_over:
+            side = "is at or below" if metric == "ood" else "exceeds"
+            held = f", {self.consecutive} evaluations in a row" if o.halt_over > 1 else ""
             raise HaltCondition(
-                f"{self.fix_id} condition met on step {step} with value {vmax:.6g}: {o.metric} "
-                f"uncertainty exceeds the halt threshold {o.halt:g} (atom tag {worst_tag}, "
-                f"{int(n_halt)} atoms over)")
+                f"{self.fix_id} condition met on step {step} with value {worst:.6g}: {metric} "
+                f"uncertainty {side} the halt threshold {self.halt:g} (atom tag {worst_tag}, "
+                f"{int(n_halt)} atoms over{held})")
 
     def _write_outputs(self, step: int, log_values: list, frame) -> None:
         if self.log is not None:
@@ -238,25 +301,25 @@ class FixLtau:
         if frame is not None:
             self.dump.write(frame, step)
 
-    def _worst_tag(self, metric, in_group, tag, vmax) -> int:
-        """Smallest tag among the atoms holding the global max: the same on 1 and N ranks."""
+    def _worst_tag(self, score, in_group, tag, worst_score) -> int:
+        """Smallest tag among the atoms holding the worst value: the same on 1 and N ranks."""
         from mpi4py import MPI
 
-        hits = tag[in_group & (metric == vmax)]
+        hits = tag[in_group & (score == worst_score)]
         mine = np.array([hits.min() if hits.size else np.iinfo(np.int64).max], dtype=np.int64)
         out = np.empty_like(mine)
         self.comm.Allreduce(mine, out, op=MPI.MIN)
         return int(out[0])
 
-    def _global_quantile(self, values: np.ndarray) -> float | None:
-        """Exact quantile of the metric over all group atoms (gathered to rank 0)."""
-        gathered = self.comm.gather(values, root=0)
+    def _global_quantile(self, score: np.ndarray) -> float | None:
+        """Exact quantile Q over all group atoms, on the bad side of the metric (gathered to rank 0)."""
+        gathered = self.comm.gather(score, root=0)
         if self.rank != 0:
             return None
         allv = np.concatenate(gathered)
-        return float(np.quantile(allv, self.opts.quantile)) if allv.size else 0.0
+        return float(badness(self.opts.metric, np.quantile(allv, self.opts.quantile))) if allv.size else 0.0
 
-    def _gather_frame(self, step, nlocal, x, tag, in_group, peratom, box, periodic, vmax):
+    def _gather_frame(self, step, nlocal, x, tag, in_group, peratom, box, periodic, worst):
         """The whole configuration as ASE Atoms on rank 0 (None elsewhere), sorted by tag."""
         cache = self.runtime.cache
         symbols = np.asarray(cache.symbols)[cache.species] if nlocal else np.empty(0, dtype="<U2")
@@ -274,11 +337,12 @@ class FixLtau:
         atoms = Atoms(symbols=syms[order].tolist(), positions=pos[order] - origin, cell=cell, pbc=periodic)
         atoms.arrays["forces"] = forces[order]
         atoms.arrays["tag"] = tags[order].astype(np.int64)
-        for i, name in enumerate(("ltau_expected", "ltau_ci_low", "ltau_ci_high", "ltau_knn_distance")):
+        for i, name in enumerate(("ltau_expected", "ltau_ci_low", "ltau_ci_high", "ltau_knn_distance",
+                                  "ltau_ood_pvalue")[:self.n_peratom]):
             atoms.arrays[name] = values[order, i]
         atoms.arrays["in_group"] = group[order]
-        atoms.info.update({"timestep": int(step), "ltau_metric": self.opts.metric, "ltau_max": float(vmax),
-                           "ltau_dump_threshold": float(self.opts.dump_threshold), "fix_id": self.fix_id})
+        atoms.info.update({"timestep": int(step), "ltau_metric": self.opts.metric, "ltau_worst": float(worst),
+                           "ltau_dump_threshold": float(self.dump_threshold), "fix_id": self.fix_id})
         return atoms
 
     def _dump_allowed(self, step: int) -> bool:

@@ -292,7 +292,7 @@ def _fix_step(handle, a: abi.FixStepArgs):
     fix.end_of_step(
         a.step, n, _view(a.x, (n, 3)), _view(a.tag, (n,), np.int32), _view(a.mask, (n,), np.int32),
         a.groupbit, _view(a.peratom, (n, fix.n_peratom)), _view(a.global_, (1 + fix.n_vector,)),
-        box=np.array(a.box[:]), periodic=tuple(bool(p) for p in a.periodic))
+        box=np.array(a.box[:]), periodic=tuple(bool(p) for p in a.periodic), check_halt=bool(a.check_halt))
 
 
 def _fix_destroy(handle):

@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 4
+#define LTAU_ABI_VERSION 5
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -109,7 +109,8 @@ typedef struct ltau_fix_init_args {
                                  is not ltau (then the callback reports the error) */
 } ltau_fix_init_args;
 
-/* One evaluation of fix ltau (setup, end of every nevery-th step, minimizer force calls). */
+/* One evaluation of fix ltau (setup, end of every nevery-th step, minimizer force calls).
+   Returns LTAU_HALT only when check_halt is set and the halt condition is met. */
 typedef struct ltau_fix_step_args {
   int64_t step;               /* in: update->ntimestep */
   int32_t nlocal;             /* in: atoms owned by this rank */
@@ -121,7 +122,8 @@ typedef struct ltau_fix_step_args {
   double *global;             /* out: (1 + size_vector) the scalar, then the vector */
   double box[9];              /* in: xlo ylo zlo xhi yhi zhi xy xz yz */
   int32_t periodic[3];        /* in: 1 = periodic in x, y, z */
-  int32_t pad_;               /* (alignment; unused) */
+  int32_t check_halt;         /* in: 1 = check the halt condition (end of step, minimizer force
+                                 calls); 0 in setup, whose values are for output only */
 } ltau_fix_step_args;
 
 typedef int (*ltau_pair_coeff_fn)(void *self, ltau_pair_coeff_args *args, char *msg);

@@ -465,7 +465,7 @@ class FixLTAU : public Fix {
     array_atom = values;
   }
 
-  void evaluate(bool may_halt)
+  void evaluate(bool check_halt)
   {
     if (atom->nmax > nmax) grow(atom->nmax);
     ltau_fix_step_args args = {};
@@ -484,10 +484,10 @@ class FixLTAU : public Fix {
     args.periodic[0] = domain->xperiodic;
     args.periodic[1] = domain->yperiodic;
     args.periodic[2] = domain->zperiodic;
+    args.check_halt = check_halt;
     char msg[LTAU_MSGLEN] = "";
     int status = cbs.fix_step(this, &args, msg);
-    if (reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_ERROR) == LTAU_HALT && may_halt)
-      halt(msg);
+    if (reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_ERROR) == LTAU_HALT) halt(msg);
   }
 
   // fix halt's semantics; the message is identical on all ranks (built from reduced values).
