@@ -8,7 +8,7 @@ from ase.io import read
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.lammps.events import FrameDump, StepLog
 from ltau_lmp.lammps import abi
-from ltau_lmp.lammps.fix import FixOptions
+from ltau_lmp.lammps.fix import FixOptions, Persistence
 from ltau_lmp.lammps.runtime import PairOptions
 
 
@@ -41,12 +41,26 @@ def test_parse_all_keywords():
     (["e", "halt", "1", "error", "maybe"], "error must be hard or soft or continue, got 'maybe'"),
     (["e", "halt", "1", "message", "maybe"], "message must be yes or no"),
     (["e", "error", "hard"], "keyword error needs halt THRESH"),
+    (["e", "halt", "1", "over", "3", "within", "2"], "N must be at least K"),
+    (["e", "halt", "1", "over", "0"], "halt ... over must be a positive integer"),
     (["e", "every"], "keyword every needs N"),
     (["e", "dump", "f", "1", "max", "0"], "dump ... max must be a positive integer"),
 ])
 def test_bad_keywords_are_named(args, message):
     with pytest.raises(LTAUError, match=message):
         FixOptions.parse(args)
+
+
+@pytest.mark.parametrize("k,n,fires_at", [
+    (1, None, [1, 3, 4, 6, 7, 8, 9]),      # every evaluation over the threshold
+    (3, None, [8]),                        # 3 in a row: evaluations 6, 7, 8
+    (2, 3, [3, 6, 8]),                     # 2 of the last 3, starting over after each alarm
+    (3, 5, [4, 8]),
+])
+def test_persistence_fires_exactly_at_the_kth_of_n(k, n, fires_at):
+    sequence = [False, True, False, True, True, False, True, True, True, True]
+    rule = Persistence(k, n)
+    assert [i for i, over in enumerate(sequence) if rule.update(over)] == fires_at
 
 
 def test_pair_style_keywords():

@@ -646,12 +646,12 @@ def test_extra_force_calls_within_a_step(files, tmp_path):
 # persistence: halt ... over N
 # --------------------------------------------------------------------------------------------
 
-def _first_run_of(flags: list[bool], steps: list[int], n: int) -> int | None:
-    """Step of the n-th evaluation in a row with the flag set (None if there is none)."""
-    run = 0
+def _first_run_of(flags: list[bool], steps: list[int], k: int, n: int | None = None) -> int | None:
+    """Step where the flag has been set in k of the last n evaluations (n = k: k in a row)."""
+    recent: list[bool] = []
     for flag, step in zip(flags, steps):
-        run = run + 1 if flag else 0
-        if run >= n:
+        recent = (recent + [flag])[-(n or k):]
+        if sum(recent) >= k:
             return step
     return None
 

@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--nvt-steps", type=int, default=100, help="steps of the NVT run")
     parser.add_argument("--heat-steps", type=int, default=3000, help="steps of the 300 -> 3000 K ramp")
     parser.add_argument("--every", type=int, default=10, help="fix ltau every N steps")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the data and the trained model of an earlier run in --out (MD and analysis only)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -66,16 +68,19 @@ def main() -> None:
     md.mkdir(exist_ok=True)
     model, estimator = work / f"{config['mace']['name']}.model", work / "ltau" / "estimator"
 
-    t = stage("1/5 reference data (LAMMPS, Stillinger-Weber; the sets of examples/si)")
-    generate = yaml.safe_load((HERE / config["data"]).read_text())
-    generate["generate"]["out_dir"] = str(data)
-    (out / "generate.yaml").write_text(yaml.safe_dump({"generate": generate["generate"]}, sort_keys=False))
-    sh(BIN / "ltau-lmp", "generate", out / "generate.yaml")
-    times = {"generate": time.perf_counter() - t}
+    reuse = args.reuse and (data / "test.xyz").is_file() and (estimator / "meta.json").is_file()
+    times = {}
+    if not reuse:
+        t = stage("1/5 reference data (LAMMPS, Stillinger-Weber; the sets of examples/si)")
+        generate = yaml.safe_load((HERE / config["data"]).read_text())
+        generate["generate"]["out_dir"] = str(data)
+        (out / "generate.yaml").write_text(yaml.safe_dump({"generate": generate["generate"]}, sort_keys=False))
+        sh(BIN / "ltau-lmp", "generate", out / "generate.yaml")
+        times["generate"] = time.perf_counter() - t
 
-    t = stage("2/5 MACE's own trainer, every training atom's force error logged every epoch")
-    sh(*mace_train_command(config, data, work))
-    times["train"] = time.perf_counter() - t
+        t = stage("2/5 MACE's own trainer, every training atom's force error logged every epoch")
+        sh(*mace_train_command(config, data, work))
+        times["train"] = time.perf_counter() - t
 
     t = stage("3/5 evaluate LTAU on the labelled sets")
     sh(BIN / "ltau-lmp", "evaluate", "--model", model, "--allow-pickle", "--estimator", estimator,

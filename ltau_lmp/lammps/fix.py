@@ -47,7 +47,8 @@ class FixOptions:
     ci: tuple[float, float] = (0.05, 0.95)
     quantile: float = 0.99
     halt: float | str | None = None  # a threshold, "auto" (the estimator's), or None
-    halt_over: int = 1                # consecutive evaluations over the threshold before halting
+    halt_over: int = 1                # evaluations over the threshold, among the last halt_within,
+    halt_within: int | None = None    # before halting (within None = over: that many in a row)
     halt_mode: str = "soft"           # fix halt's default
     halt_message: bool = True
     dump_file: str | None = None
@@ -84,7 +85,13 @@ class FixOptions:
                 opts.halt = _threshold_or_auto(words.take(keyword, "THRESH|auto"), "halt")
                 if words.peek() == "over":
                     words.pop()
-                    opts.halt_over = kw.positive_int(words.take("halt ... over", "N"), "halt ... over")
+                    opts.halt_over = kw.positive_int(words.take("halt ... over", "K"), "halt ... over")
+                    if words.peek() == "within":
+                        words.pop()
+                        opts.halt_within = kw.positive_int(words.take("halt ... within", "N"), "halt ... within")
+                        if opts.halt_within < opts.halt_over:
+                            raise LTAUError(f"halt ... over {opts.halt_over} within {opts.halt_within}: "
+                                            "N must be at least K")
             elif keyword == "error":
                 opts.halt_mode = kw.choice(words.take(keyword, "hard|soft|continue"), "error", tuple(abi.HALT_MODES))
                 given.add(keyword)
@@ -121,6 +128,27 @@ class FixOptions:
 
 def _threshold_or_auto(text: str, what: str) -> float | str:
     return AUTO if text == AUTO else kw.threshold(text, what)
+
+
+class Persistence:
+    """``halt ... over K within N``: fires once the condition held in K of the last N checks
+    (N = K: K in a row), then starts over, so that a later alarm needs new evidence."""
+
+    def __init__(self, k: int, n: int | None = None):
+        self.k, self.n = k, n or k
+        self.recent: list[bool] = []
+
+    def update(self, condition: bool) -> bool:
+        self.recent = (self.recent + [bool(condition)])[-self.n:]
+        if sum(self.recent) < self.k:
+            return False
+        self.recent = []
+        return True
+
+    def describe(self) -> str:
+        if self.n > self.k:
+            return f", {self.k} of the last {self.n} evaluations"
+        return f", {self.k} evaluations in a row" if self.k > 1 else ""
 
 
 class PeerFailed(Exception):
@@ -164,8 +192,8 @@ class FixLtau:
         self.rank = comm.Get_rank()
         self.runtime = runtime
         self.log = self.dump = None
-        self.consecutive = 0                 # evaluations in a row over the halt threshold
         self.opts = FixOptions.parse(args)   # identical words on every rank: fails on all or none
+        self.persistence = Persistence(self.opts.halt_over, self.opts.halt_within)
         agree(comm, self._setup)
         self.n_peratom = 5 if self.has_ood else 4
         self.n_vector = 6 if self.has_ood else 5
@@ -286,10 +314,9 @@ class FixLtau:
         agree(self.comm, lambda: self._write_outputs(step, log_values, frame))
         if not check_halt or self.halt is None:
             return
-        self.consecutive = self.consecutive + 1 if n_halt > 0 else 0
-        if self.consecutive >= o.halt_over:
+        if self.persistence.update(n_halt > 0):
             side = "is at or below" if metric == "ood" else "exceeds"
-            held = f", {self.consecutive} evaluations in a row" if o.halt_over > 1 else ""
+            held = self.persistence.describe()
             raise HaltCondition(
                 f"{self.fix_id} condition met on step {step} with value {worst:.6g}: {metric} "
                 f"uncertainty {side} the halt threshold {self.halt:g} (atom tag {worst_tag}, "
