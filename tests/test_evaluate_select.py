@@ -14,7 +14,6 @@ from ltau_lmp.estimator import ErrorLog, LTAUEstimator
 from ltau_lmp.evaluation.select import select_frames
 from ltau_lmp.lammps.events import FrameDump
 from ltau_lmp.model import LocalForceField, save_model
-from ltau_lmp.model.neighbors import neighbor_list
 
 
 def _labelled(n_frames, rattle, seed):

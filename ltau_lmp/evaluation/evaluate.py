@@ -72,7 +72,6 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
 
     ``model``: a loaded model of any family (the caller decides how a file may be loaded).
     """
-    import torch
     from tqdm.auto import tqdm
 
     from ltau_lmp.estimator import LTAUEstimator
