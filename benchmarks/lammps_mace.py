@@ -14,8 +14,10 @@ Interleaved rounds, the fastest counts (shared machines are noisy). The estimato
 synthetic entries: the model's own latent features of rattled / heated Si replicated with noise
 (examples/mace_si/ has the real one; pass it with --estimator).
 
-Usage: python benchmarks/lammps_mace.py [--model FILE.model] [--estimator DIR] [--cells 5]
-       [--steps 10] [--rounds 3] [--entries 100000] [--index hnsw]
+Usage: python benchmarks/lammps_mace.py [--model FILE.model --allow-pickle] [--estimator DIR]
+       [--cells 5] [--steps 10] [--rounds 3] [--entries 100000] [--index hnsw]
+A MACE .model is a pickled module (loading it runs code from the file): a --model of yours is
+loaded only with --allow-pickle; without --model the script builds and uses a random MACE.
 (the venv's bin first in PATH, so that `mpirun` is MPICH's).
 """
 
@@ -33,8 +35,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from si_cell import loop_time, ltau_pair, si_script  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "examples" / "mace_si" / "run" / "mace_si.model"
 
 def random_mace(path: Path) -> Path:
     """A randomly initialised MACE of the example's size (16 channels, L = 0, r_max 4 A, 2 layers)."""
@@ -66,13 +66,13 @@ def _atoms(cells: int):
     return atoms
 
 
-def mace_own_time(model_file: str, cells: int, rounds: int) -> float:
+def mace_own_time(adapter, cells: int, rounds: int) -> float:
     """Seconds of MACE's own forward + backward (forces) on the benchmark's atoms."""
     import torch
     from mace import data as mace_data
     from mace.tools import torch_geometric, utils
 
-    model = torch.load(model_file, weights_only=False)
+    model = adapter.mace    # the MACE module itself, called as MACE calls it
     torch.set_default_dtype(next(model.parameters()).dtype)    # MACE builds its graph in the default dtype
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
     config = mace_data.config_from_atoms(_atoms(cells))
@@ -86,15 +86,14 @@ def mace_own_time(model_file: str, cells: int, rounds: int) -> float:
     return best
 
 
-def latent_pool(model_file: str) -> tuple:
+def latent_pool(model):
     """The model's own latents of rattled / heated Si (0.02 - 0.25 A)."""
     import numpy as np
     import torch
     from ase.build import bulk
 
-    from ltau_lmp.model import evaluate, load_model, neighbor_list, species_indices
+    from ltau_lmp.model import evaluate, neighbor_list, species_indices
 
-    model = load_model(model_file, allow_pickle=True)
     rng, pool = np.random.default_rng(0), []
     for amp in (0.02, 0.05, 0.1, 0.15, 0.25):
         atoms = bulk("Si", "diamond", a=5.431 * (1 + amp / 20), cubic=True) * (4, 4, 4)
@@ -103,10 +102,10 @@ def latent_pool(model_file: str) -> tuple:
         out = evaluate(model, torch.tensor(atoms.positions), torch.from_numpy(species_indices(atoms, list(model.card.species))),
                        torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms), forces=False)
         pool.append(out.latent.detach().numpy().astype(np.float32))
-    return np.concatenate(pool), model.card
+    return np.concatenate(pool)
 
 
-def synthetic_estimator(model_file: str, entries: int, index: str, path: Path) -> Path:
+def synthetic_estimator(model, entries: int, index: str, path: Path) -> Path:
     import numpy as np
 
     from ltau_lmp.estimator import LTAUEstimator
@@ -114,7 +113,7 @@ def synthetic_estimator(model_file: str, entries: int, index: str, path: Path) -
 
     if (path / "meta.json").is_file():
         return path
-    pool, card = latent_pool(model_file)
+    pool = latent_pool(model)
     rng = np.random.default_rng(1)
     noise = 0.02 * pool.std(axis=0, keepdims=True)
     desc = pool[rng.integers(0, len(pool), entries)] + rng.normal(size=(entries, pool.shape[1])).astype(np.float32) * noise
@@ -124,7 +123,7 @@ def synthetic_estimator(model_file: str, entries: int, index: str, path: Path) -
     pdfs = np.exp(-0.5 * ((logmid[None, :] - mu) / 0.5) ** 2).astype(np.float32)
     pdfs /= pdfs.sum(axis=1, keepdims=True)
     LTAUEstimator.build(desc, pdfs, bin_edges=edges, k=10, index=index,
-                        metadata={"model_hash": card.model_hash, "synthetic": True}).save(path)
+                        metadata={"model_hash": model.card.model_hash, "synthetic": True}).save(path)
     return path
 
 
@@ -167,15 +166,17 @@ def worker(model_file: str, cells: int, steps: int, rounds: int, out: str) -> No
 
 def mpi_run(nprocs: int, model_file: str, cells: int, steps: int, rounds: int, tmp: Path) -> dict:
     out = tmp / f"np{nprocs}.json"
-    cmd = ["mpirun", "-np", str(nprocs), sys.executable, __file__, "--worker", "--model", model_file,
-           "--cells", str(cells), "--steps", str(steps), "--rounds", str(rounds), "--out", str(out)]
+    cmd = ["mpirun", "-np", str(nprocs), sys.executable, __file__, "--worker", "--allow-pickle",
+           "--model", model_file, "--cells", str(cells), "--steps", str(steps), "--rounds", str(rounds), "--out", str(out)]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a MACE .model file (loaded with allow_pickle)")
+    ap.add_argument("--model", help="a MACE .model file (default: a random MACE built here)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="load --model although it is a pickled module (it runs code from the file)")
     ap.add_argument("--estimator", help="an estimator of that model (default: synthetic, --entries)")
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--index", default="hnsw", help="index kind of the synthetic estimator")
@@ -188,18 +189,22 @@ def main() -> None:
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    model = args.model or str(DEFAULT_MODEL if DEFAULT_MODEL.is_file() else random_mace(cache / "random_mace.model"))
+    if args.model and not args.allow_pickle:
+        ap.error(f"{args.model} is a MACE .model, a pickled module: loading it runs code stored in the file; "
+                 "pass --allow-pickle if you trust it")
+    model = args.model or str(random_mace(cache / "random_mace.model"))
     if args.worker:
         worker(model, args.cells, args.steps, args.rounds, args.out)
         return
     from ltau_lmp.model import load_model
 
-    card = load_model(model, allow_pickle=True).card
+    adapter = load_model(model, family="mace", allow_pickle=True)   # the user's opt-in, or our own file
+    card = adapter.card
     estimator = args.estimator or str(synthetic_estimator(
-        model, args.entries, args.index, cache / f"est_{card.model_hash[:12]}_{args.entries}_{args.index}"))
+        adapter, args.entries, args.index, cache / f"est_{card.model_hash[:12]}_{args.entries}_{args.index}"))
     print(f"# model {model}: {card.latent}; receptive field {card.receptive_field:g} A; estimator {estimator}")
 
-    own = mace_own_time(model, args.cells, args.rounds)
+    own = mace_own_time(adapter, args.cells, args.rounds)
     one = step_times(model, estimator, args.cells, args.steps, args.rounds)
     ranks = {n: mpi_run(n, model, args.cells, args.steps, args.rounds, cache) for n in (1, 2)}
     natoms = one["natoms"]
