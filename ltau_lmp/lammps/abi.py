@@ -13,7 +13,7 @@ from ctypes import POINTER, Structure, c_char, c_char_p, c_double, c_int, c_int3
 
 from ltau_lmp.errors import LTAUError
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 MSGLEN = 2048
 
 # enum ltau_status
@@ -26,7 +26,7 @@ _PD, _PI32, _PI64 = POINTER(c_double), POINTER(c_int32), POINTER(c_int64)
 
 
 class PairCoeffArgs(Structure):
-    _fields_ = [("fcomm", c_int32), ("ntypes", c_int32), ("narg", c_int32), ("nsettings", c_int32),
+    _fields_ = [("ntypes", c_int32), ("narg", c_int32), ("nsettings", c_int32), ("pad0_", c_int32),
                 ("arg", POINTER(c_char_p)), ("settings", POINTER(c_char_p)), ("cutoff", c_double),
                 ("receptive_field", c_double), ("ghost_neighbors", c_int32), ("pad_", c_int32)]
 

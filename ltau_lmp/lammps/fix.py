@@ -255,7 +255,7 @@ class FixLtau:
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
                     box: np.ndarray, periodic: tuple[bool, bool, bool], check_halt: bool) -> None:
         """Fill the per-atom array and global values; with ``check_halt``, raises ``HaltCondition``
-        on every rank together once the halt threshold was crossed ``over`` evaluations in a row."""
+        on every rank together when the persistence rule (``over K within N``) fires."""
         in_group, score = agree(self.comm, lambda: self._evaluate(step, nlocal, tag, mask, groupbit, peratom))
         self._decide(step, nlocal, x, tag, in_group, score, peratom, global_out, box, periodic, check_halt)
 

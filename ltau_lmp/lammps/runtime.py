@@ -51,7 +51,6 @@ class ForceCache:
     species: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     forces: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))
     symbols: list[str] = field(default_factory=list)
-    model_hash: str = ""
     _latent: torch.Tensor | None = None
 
     @property
@@ -93,11 +92,10 @@ class PairRuntime:
     def __init__(self) -> None:
         self.model = None
         self.device = select_device()
-        self.comm = None
         self.cache = ForceCache()
         self.type2species = np.zeros(1, np.int64)
 
-    def coeff(self, comm, ntypes: int, model_file: str, elements: list[str], options: PairOptions):
+    def coeff(self, ntypes: int, model_file: str, elements: list[str], options: PairOptions):
         """Load the model and map LAMMPS types 1..ntypes to its species; returns its card."""
         from ltau_lmp.model import load_model
 
@@ -116,9 +114,8 @@ class PairRuntime:
             p.requires_grad_(False)
         self.card = card
         self.dtype = getattr(torch, card.dtype)
-        self.comm = comm
         self.type2species = np.array([0] + [card.species.index(e) for e in elements], np.int64)
-        self.cache = ForceCache(symbols=list(card.species), model_hash=card.model_hash)
+        self.cache = ForceCache(symbols=list(card.species))
         return card
 
     def compute(self, a: abi.PairComputeArgs) -> None:
@@ -240,7 +237,7 @@ def _pair_coeff(handle, a: abi.PairCoeffArgs):
     words = _words(a.narg, a.arg)
     options = PairOptions.parse(_words(a.nsettings, a.settings))
     runtime = _pairs.setdefault(handle, PairRuntime())
-    card = runtime.coeff(_comm(a.fcomm), a.ntypes, words[0], words[1:], options)
+    card = runtime.coeff(a.ntypes, words[0], words[1:], options)
     a.cutoff = card.cutoff
     a.receptive_field = card.receptive_field
     a.ghost_neighbors = int(card.num_layers > 1)

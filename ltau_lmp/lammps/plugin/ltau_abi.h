@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 5
+#define LTAU_ABI_VERSION 6
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -44,10 +44,10 @@ enum ltau_halt_mode {
 
 /* pair_coeff * * MODEL_FILE El1 ... ElN (with the keywords of the last pair_style command) */
 typedef struct ltau_pair_coeff_args {
-  int32_t fcomm;              /* in: MPI_Comm_c2f() of the LAMMPS world communicator */
   int32_t ntypes;             /* in: number of LAMMPS atom types */
   int32_t narg;               /* in: number of words in arg (1 + ntypes) */
   int32_t nsettings;          /* in: number of words in settings */
+  int32_t pad0_;              /* (alignment; unused) */
   const char *const *arg;     /* in: MODEL_FILE El1 ... ElN (the words after `* *`) */
   const char *const *settings;/* in: the words after `pair_style ltau` (keyword value ...) */
   double cutoff;              /* out: model cutoff (A) of one layer; LAMMPS's force cutoff */

@@ -217,7 +217,6 @@ class PairLTAU : public Pair {
     std::vector<const char *> words;
     for (const auto &w : settings_words) words.push_back(w.c_str());
     ltau_pair_coeff_args args = {};
-    args.fcomm = MPI_Comm_c2f(world);
     args.ntypes = ntypes;
     args.narg = narg - 2;
     args.nsettings = (int32_t) words.size();
