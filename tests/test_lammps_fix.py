@@ -27,6 +27,7 @@ from mpi_run import BIN, ENV, mpirun, per_rank
 
 from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.estimator import LTAUEstimator
+from ltau_lmp.estimator.calibration import thresholds_for
 from ltau_lmp.estimator.errorlog import ErrorLog
 from ltau_lmp.lammps.events import FrameDump
 from ltau_lmp.model import LocalForceField, save_model
@@ -73,7 +74,8 @@ def _latent(model, n_cells: int, seed: int) -> np.ndarray:
 
 def _estimator(model, path: Path, seed: int = 0, held_out: bool = False) -> Path:
     """Estimator from the model's features; every entry has its own error scale. ``held_out``:
-    with the OOD reference distribution of two more rattled cells (and alarm thresholds)."""
+    with the OOD reference distribution of eight more rattled cells (512 atoms: enough for a tail
+    fit) and alarm thresholds at a rate of 0.5 per evaluation (auto halts within a short test)."""
     latent = _latent(model, 4, seed)
     rng = np.random.default_rng(seed)
     log = ErrorLog.log_spaced(len(latent), lo=1e-3, hi=10.0, nbins=50)
@@ -81,9 +83,9 @@ def _estimator(model, path: Path, seed: int = 0, held_out: bool = False) -> Path
     for _ in range(5):
         log.update(np.arange(len(latent)), scale * rng.lognormal(0.0, 0.3, len(latent)))
         log.end_epoch()
-    reference = _latent(model, 2, seed + 100) if held_out else None
+    reference = _latent(model, 8, seed + 100) if held_out else None
     LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash},
-                        reference_descriptors=reference).save(path)
+                        reference_descriptors=reference, false_alarm_rate=0.5).save(path)
     return path
 
 
@@ -697,7 +699,8 @@ def test_ood_column_and_auto_halt_agree_on_one_and_two_ranks(files, tmp_path):
     from ltau_lmp.lammps.driver import create_lammps
 
     est = LTAUEstimator.load(files["est_ood"])
-    threshold = est.alarm_thresholds["ood"]
+    assert est.alarm_thresholds["distance_tail"] is not None
+    threshold = thresholds_for(est.alarm_thresholds, 64)["ood"]   # 64 watched atoms: each at rate 0.5 / 64
     lmp = create_lammps(log="none", screen=False)
     try:
         lmp.commands_string(OOD_SCRIPT.format(model=files["model_file"], est=files["est_ood"], every=EVERY, halt="",

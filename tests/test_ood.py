@@ -9,7 +9,7 @@ from scipy import stats
 
 from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.estimator import LTAUEstimator
-from ltau_lmp.estimator.calibration import alarm, alarm_thresholds, ood_pvalues
+from ltau_lmp.estimator.calibration import alarm, alarm_thresholds, ood_pvalues, thresholds_for
 
 EDGES = np.logspace(-3, 1, 11)
 DIM = 6
@@ -77,27 +77,54 @@ def test_pvalue_is_exactly_monotone_in_distance(calibrated):
     assert np.all(np.diff(res.ood[order]) <= 0)
 
 
-def test_far_points_get_the_smallest_pvalue(calibrated):
+def test_far_points_fall_along_the_fitted_tail(calibrated):
+    """Beyond the reference's reach p keeps falling (fitted tail) below the rank's floor 1/(n+1);
+    without enough reference atoms for a fit, far points get exactly that floor."""
     est, _ = calibrated
     n = est.reference_distances.size
-    far = np.full((3, DIM), 1e3, dtype=np.float32)
-    np.testing.assert_array_equal(est.query(far).ood, 1.0 / (n + 1))
     assert est.alarm_thresholds["n_reference"] == n == 20000
+    ray = np.outer([3.0, 5.0, 10.0, 1e3], np.ones(DIM)).astype(np.float32)
+    p = est.query(ray).ood
+    assert np.all(p < 1.0 / (n + 1)) and np.all(np.diff(p) <= 0) and p[0] > p[-1]
+    tail = est.alarm_thresholds["distance_tail"]
+    assert tail["n_tail"] == 2000 and tail["mass"] == pytest.approx(2001 / 20001)
+    # continuous at the tail's start: the rank just below it, the fit just above it
+    start = tail["start"]
+    below, above = est.ood_pvalues([start, np.nextafter(start, np.inf)])
+    assert above == pytest.approx(below, rel=2e-3)
+
+    rng = np.random.default_rng(4)
+    small = LTAUEstimator.build(_in_domain(rng, 500), _pdfs(rng, 500), EDGES, index="flat", k=10,
+                                reference_descriptors=_in_domain(rng, 300))
+    assert small.alarm_thresholds["distance_tail"] is None
+    np.testing.assert_array_equal(small.query(ray).ood, 1.0 / 301)
 
 
-def test_thresholds_by_rank_with_floor():
-    expected = np.arange(1.0, 10.0)[::-1].copy()  # 9 held-out atoms, expected errors 9..1
-    reference = np.arange(9.0)
-    t = alarm_thresholds(reference, expected, 0.25)  # rank ceil(0.75 * 10) = 8
-    assert t == {"false_alarm_rate": 0.25, "expected": 8.0, "ood": 0.25, "n_reference": 9}
-    t = alarm_thresholds(reference, expected, 0.1)  # rank ceil(0.9 * 10) = 9 exactly (round-off guarded)
-    assert t["expected"] == 9.0 and t["ood"] == 0.1
-    t = alarm_thresholds(reference, expected, 1e-3)  # below 1/(n+1): the maximum, p floored
-    assert t["expected"] == 9.0 and t["ood"] == 0.1
-    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
-        alarm_thresholds(reference, expected, 0.0)
-    with pytest.raises(ConfigError, match="no alarm threshold for metric 'distance'"):
-        alarm(t, "distance", [1.0])
+def test_fitted_tail_holds_below_the_rank_floor():
+    """The tail is a model: check it where the rank cannot reach. 2,000 held-out atoms (floor
+    5e-4) and 200,000 fresh in-domain atoms: the fraction at p <= 1e-4 is 1e-4 (20 expected)."""
+    rng = np.random.default_rng(5)
+    est = LTAUEstimator.build(_in_domain(rng, 4000), _pdfs(rng, 4000), EDGES, index="flat", k=10,
+                              reference_descriptors=_in_domain(rng, 2000), false_alarm_rate=0.01)
+    p = est.query(_in_domain(rng, 200_000)).ood
+    for level, low, high in ((1e-3, 140, 270), (1e-4, 7, 40)):   # Poisson(200k x level), ~ +-3 sd and fit error
+        assert low <= np.count_nonzero(p <= level) <= high, (level, np.count_nonzero(p <= level))
+
+
+def test_group_thresholds_bound_the_rate_per_evaluation():
+    """halt auto watching M atoms: each atom at rate / M, so in-domain evaluations of M atoms
+    alarm at most at the stated rate (union bound), for both metrics; more atoms, stricter limits."""
+    rng = np.random.default_rng(6)
+    est = LTAUEstimator.build(_in_domain(rng, 4000), _pdfs(rng, 4000), EDGES, index="flat", k=10,
+                              reference_descriptors=_in_domain(rng, 5000), false_alarm_rate=0.05)
+    t = est.alarm_thresholds
+    few, many = thresholds_for(t, 10), thresholds_for(t, 1000)
+    assert many["ood"] == pytest.approx(5e-5) and few["ood"] == pytest.approx(5e-3)
+    assert many["expected"] > few["expected"] > t["expected"] == thresholds_for(t, 1)["expected"]
+    res = est.query(_in_domain(rng, 100_000))
+    for metric, values in (("ood", res.ood), ("expected", res.expected)):
+        groups = alarm(t, metric, values, n_atoms=50).reshape(2000, 50).any(axis=1)
+        assert groups.mean() <= 0.05 + 0.015, (metric, groups.mean())   # binomial sd 0.005
 
 
 def test_thresholds_and_reference_survive_save_and_load(calibrated, tmp_path):

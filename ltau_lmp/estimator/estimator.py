@@ -148,11 +148,10 @@ class LTAUEstimator:
         self.entry_expected = np.asarray(pdfs @ log_midpoints(self.bin_edges).astype(np.float32), np.float64)
         if (reference_distances is None) != (alarm_thresholds is None):
             raise ConfigError("reference_distances and alarm_thresholds come together (calibrate)")
-        self.reference_distances = None
-        self.alarm_thresholds = None
+        self.reference_distances = self.alarm_thresholds = self._distance_tail = None
         if reference_distances is not None:
-            self.reference_distances = calibration.check_reference(reference_distances)
-            self.alarm_thresholds = calibration.check_thresholds(alarm_thresholds, reference_distances.size)
+            self._set_reference(calibration.check_reference(reference_distances),
+                                calibration.check_thresholds(alarm_thresholds, reference_distances.size))
 
     @classmethod
     def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, index: str = DEFAULT_KIND, k: int = DEFAULT_K,
@@ -208,9 +207,13 @@ class LTAUEstimator:
             raise ConfigError(f"reference descriptors: {exc}") from None
         if len(res) == 0:
             raise ConfigError("reference descriptors are empty: the ood calibration needs held-out atoms")
-        self.reference_distances = np.sort(res.distance)
-        self.alarm_thresholds = calibration.alarm_thresholds(self.reference_distances, res.expected, rate)
+        reference = np.sort(res.distance)
+        self._set_reference(reference, calibration.alarm_thresholds(reference, res.expected, rate))
         return self.alarm_thresholds
+
+    def _set_reference(self, reference: np.ndarray, thresholds: dict) -> None:
+        self.reference_distances, self.alarm_thresholds = reference, thresholds
+        self._distance_tail = calibration.stored_tail(thresholds, "distance_tail")
 
     @property
     def has_ood_reference(self) -> bool:
@@ -218,10 +221,11 @@ class LTAUEstimator:
         return self.reference_distances is not None
 
     def ood_pvalues(self, distance) -> np.ndarray:
-        """Conformal p-values of mean kNN distances measured with this estimator's k (``calibration``)."""
+        """p-values of mean kNN distances measured with this estimator's k: the conformal rank among
+        the reference distances, continued by their fitted tail (``calibration``)."""
         if self.reference_distances is None:
             raise ConfigError(calibration.NO_REFERENCE)
-        return calibration.ood_pvalues(self.reference_distances, distance)
+        return calibration.ood_pvalues(self.reference_distances, distance, self._distance_tail)
 
     def check_model(self, card: "ModelCard", model_name: str = "this model") -> None:
         """Refuse a model whose latent space is not the one indexed (``card``: the model's ``ModelCard``).

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ltau_lmp.errors import LTAUError
+from ltau_lmp.estimator.calibration import ALARM_METRICS, thresholds_for
 from ltau_lmp.lammps import abi
 from ltau_lmp.lammps import keywords as kw
 from ltau_lmp.lammps.keywords import Words
@@ -233,16 +234,25 @@ class FixLtau:
             if self.opts.dump_file:
                 self.dump = FrameDump(self.opts.dump_file)
 
-    def _resolve(self, value, what: str) -> float | None:
-        """A threshold as given, or for ``auto`` the estimator's recommendation for the metric."""
-        if value != AUTO:
-            return value
-        recommended = self.estimator.alarm_thresholds
-        if recommended is None or self.opts.metric not in recommended:
-            have = ", ".join(k for k in METRICS if recommended and k in recommended) or "none"
+    def _resolve(self, value, what: str) -> float | str | None:
+        """A threshold as given, or ``auto`` once the estimator is known to recommend one for the metric."""
+        if value == AUTO and (self.estimator.alarm_thresholds is None or self.opts.metric not in ALARM_METRICS):
+            have = ", ".join(ALARM_METRICS) if self.estimator.alarm_thresholds else "none"
             raise LTAUError(f"{what} auto: estimator {self.opts.estimator} recommends no threshold for "
                             f"metric {self.opts.metric} (it has: {have})")
-        return float(recommended[self.opts.metric])
+        return value
+
+    def _thresholds(self, in_group: np.ndarray) -> dict:
+        """Dump and halt thresholds of this evaluation: ``auto`` is the estimator's recommendation
+        for the number of atoms watched now (its false-alarm rate is per evaluation of them all)."""
+        from mpi4py import MPI
+
+        chosen = {"dump": self.dump_threshold, "halt": self.halt}
+        if AUTO in chosen.values():
+            n_watched = self.comm.allreduce(int(np.count_nonzero(in_group)), op=MPI.SUM)
+            auto = thresholds_for(self.estimator.alarm_thresholds, n_watched)[self.opts.metric]
+            chosen = {what: auto if t == AUTO else t for what, t in chosen.items()}
+        return chosen
 
     def bind(self, runtime) -> None:
         """Called at every ``init``: follow the current ``pair_style ltau`` (a new pair style, or
@@ -286,8 +296,9 @@ class FixLtau:
         from mpi4py import MPI
 
         o, metric = self.opts, self.opts.metric
+        thresholds = self._thresholds(in_group)
         over = {what: np.count_nonzero(crossed(metric, score[in_group], t)) if t is not None else 0
-                for what, t in (("dump", self.dump_threshold), ("halt", self.halt))}
+                for what, t in thresholds.items()}
         local = np.array([badness(metric, score[in_group]).sum(), np.count_nonzero(in_group),
                           over["dump"], over["halt"]], dtype=np.float64)
         sums = np.empty_like(local)
@@ -307,7 +318,8 @@ class FixLtau:
         quantile = self._global_quantile(score[in_group]) if o.log_file else None
         frame = None
         if self.dump_threshold is not None and n_dump > 0 and self._dump_allowed(step):
-            frame = self._gather_frame(step, nlocal, x, tag, in_group, peratom, box, periodic, worst)
+            frame = self._gather_frame(step, nlocal, x, tag, in_group, peratom, box, periodic, worst,
+                                       thresholds["dump"])
             self.dump_steps.append(step)
         log_values = [worst, global_out[2], quantile, int(n_dump), int(n_halt), dmax, worst_tag]
         # only rank 0 writes, but a failed write must stop every rank together
@@ -319,7 +331,7 @@ class FixLtau:
             held = self.persistence.describe()
             raise HaltCondition(
                 f"{self.fix_id} condition met on step {step} with value {worst:.6g}: {metric} "
-                f"uncertainty {side} the halt threshold {self.halt:g} (atom tag {worst_tag}, "
+                f"uncertainty {side} the halt threshold {thresholds['halt']:g} (atom tag {worst_tag}, "
                 f"{int(n_halt)} atoms over{held})")
 
     def _write_outputs(self, step: int, log_values: list, frame) -> None:
@@ -346,7 +358,7 @@ class FixLtau:
         allv = np.concatenate(gathered)
         return float(badness(self.opts.metric, np.quantile(allv, self.opts.quantile))) if allv.size else 0.0
 
-    def _gather_frame(self, step, nlocal, x, tag, in_group, peratom, box, periodic, worst):
+    def _gather_frame(self, step, nlocal, x, tag, in_group, peratom, box, periodic, worst, threshold):
         """The whole configuration as ASE Atoms on rank 0 (None elsewhere), sorted by tag."""
         cache = self.runtime.cache
         symbols = np.asarray(cache.symbols)[cache.species] if nlocal else np.empty(0, dtype="<U2")
@@ -369,7 +381,7 @@ class FixLtau:
             atoms.arrays[name] = values[order, i]
         atoms.arrays["in_group"] = group[order]
         atoms.info.update({"timestep": int(step), "ltau_metric": self.opts.metric, "ltau_worst": float(worst),
-                           "ltau_dump_threshold": float(self.dump_threshold), "fix_id": self.fix_id})
+                           "ltau_dump_threshold": float(threshold), "fix_id": self.fix_id})
         return atoms
 
     def _dump_allowed(self, step: int) -> bool:
