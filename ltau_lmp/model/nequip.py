@@ -1,0 +1,156 @@
+"""NequIP and Allegro models (nequip 0.19 / nequip-allegro 0.8) behind ltau_lmp's model contract.
+
+``NequIPForceField`` wraps a nequip ``GraphModel`` (what ``nequip.model.NequIPGNNModel``,
+``allegro.model.AllegroModel``, a training checkpoint or a ``nequip-package`` file give) so that
+it is called like the built-in model::
+
+    atom_energy, latent = model(positions, species, centers, neighbors, shifts, n_local)
+
+nequip's own graph conventions match ours: ``edge_index[0]`` is the centre that gathers the
+messages and ``edge_vectors = x[edge_index[1]] - x[edge_index[0]] + shift``, so pair ``i -> j``
+enters as edge ``(i, j)``. The edge vectors are formed here, differentiably in ``positions`` and
+``shifts`` (forces and the runtime's per-pair offsets both work), and handed to nequip's energy
+model (the module inside ``ForceStressOutput``), which then takes them as given, as in its
+LAMMPS ML-IAP path. Species index k is nequip atom type k: the model's type names must be
+chemical symbols.
+
+* **NequIP** (message passing): ``num_layers`` = its convolution layers, receptive field
+  ``r_max x num_layers``; it runs on all ``n_all`` nodes, node i gathering over the pairs it
+  centres (ghost atoms out to the receptive field make local energies exact: the thick ghost
+  shell). ``latent``: the node features after the last convolution (its invariant ``0e``
+  channels, the input of the energy readout).
+* **Allegro** (strictly local): ``num_layers`` 1, receptive field ``r_max``: one cutoff of ghost
+  atoms, pairs centred on local atoms only. Allegro has no node features; ``latent`` is, per
+  atom, the sum over the pairs it centres of the scalar edge features that Allegro hands its
+  edge-energy readout (whose outputs, summed over the same pairs, are the atom's energy).
+
+``atom_energy`` is nequip's per-atom energy (scale, shift and any pair potential included): it
+sums to nequip's total energy. The energy model's stages run one by one (``forward``), so a
+per-layer ghost exchange between MPI ranks can later be inserted after each NequIP convolution.
+
+nequip itself is imported only when a model is wrapped or loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from ase.data import atomic_numbers
+from torch import Tensor, nn
+
+from ltau_lmp.errors import ConfigError
+from ltau_lmp.model.card import ModelCard, hash_state
+
+# class names, not isinstance: a model from a nequip-package file brings its own copies of the classes
+_CONVOLUTION = "ConvNetLayer"
+_ALLEGRO = "Allegro_Module"
+
+
+class NequIPForceField(nn.Module):
+    """A nequip ``GraphModel`` (NequIP or Allegro) honouring the forward contract (module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from nequip.data import AtomicDataDict
+
+        if not getattr(model, "is_graph_model", False):
+            raise ConfigError(f"expected a nequip GraphModel (NequIPGNNModel, AllegroModel, ...), got "
+                              f"{type(model).__module__}.{type(model).__qualname__}")
+        if getattr(model, "is_compile_graph_model", False):
+            raise ConfigError("this nequip model was built with compile_mode 'compile' (torch.compile for "
+                              "training); build or load it in 'eager' mode")
+        energy_model = getattr(model.model, "func", model.model)  # inside ForceStressOutput, if any
+        if not isinstance(energy_model, nn.Sequential):
+            raise ConfigError(f"unsupported nequip model structure: expected a SequentialGraphNetwork energy "
+                              f"model, found {type(energy_model).__qualname__}")
+        stages = [type(m).__name__ for m in energy_model]
+        convolutions = stages.count(_CONVOLUTION)
+        if convolutions and _ALLEGRO not in stages:
+            family, num_layers = "nequip", convolutions
+        elif stages.count(_ALLEGRO) == 1 and not convolutions:
+            family, num_layers = "allegro", 1
+        else:
+            raise ConfigError(f"a nequip model that is neither NequIP nor Allegro (stages: {', '.join(stages)})")
+        metadata = model.metadata
+        species = tuple(str(metadata["type_names"]).split())
+        unknown = [t for t in species if t not in atomic_numbers]
+        if unknown:
+            raise ConfigError(f"nequip type names {unknown} are not chemical symbols: ltau_lmp maps LAMMPS "
+                              f"types to species by chemical symbol (train with type names = symbols)")
+        self.graph_model = model
+        self.energy_model = energy_model
+        self.family = family
+        self.num_layers = num_layers
+        self.species = species
+        self.cutoff = float(metadata["r_max"])
+        self._metadata = {k: str(v) for k, v in metadata.items()}
+        self._keys = AtomicDataDict
+        # the stage after which the latent is read: the last convolution / the Allegro layers
+        self._latent_stage, last = [(name, m) for name, m in energy_model.named_children()
+                                    if type(m).__name__ in (_CONVOLUTION, _ALLEGRO)][-1]
+        if family == "nequip":
+            irreps = last.irreps_out[AtomicDataDict.NODE_FEATURES_KEY]
+            if any(ir.l != 0 or ir.p != 1 for _, ir in irreps):
+                raise ConfigError(f"the last NequIP convolution outputs {irreps}, not only invariant (0e) "
+                                  f"features")
+            self._latent_dim = irreps.dim
+            self._latent = (f"NequIP node features after the last of {num_layers} convolutions "
+                            f"({irreps.dim} invariant channels, the energy readout's input)")
+        else:
+            self._latent_dim = last.irreps_out[AtomicDataDict.EDGE_FEATURES_KEY].dim
+            self._latent = (f"Allegro scalar edge features (the edge-energy readout's input) summed over "
+                            f"the atom's pairs ({self._latent_dim} channels)")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.graph_model.model_dtype
+
+    @property
+    def latent_dim(self) -> int:
+        return self._latent_dim
+
+    @property
+    def model_hash(self) -> str:
+        """sha256 over the architecture (family, module tree, nequip metadata) and every weight."""
+        architecture = {"family": self.family, "modules": repr(self.graph_model), "metadata": self._metadata}
+        return hash_state(hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()),
+                          self.graph_model.state_dict())
+
+    @property
+    def card(self) -> ModelCard:
+        """The declared contract. Built on access (the hash reads every weight): read it once per setup."""
+        return ModelCard(
+            family=self.family, species=self.species, cutoff=self.cutoff, num_layers=self.num_layers,
+            receptive_field=self.cutoff * self.num_layers, latent_dim=self.latent_dim, latent=self._latent,
+            dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash)
+
+    def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
+                shifts: Tensor | None, n_local: int) -> tuple[Tensor, Tensor]:
+        """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
+        keys = self._keys
+        positions = positions.to(self.dtype)
+        if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
+            return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
+        vectors = positions.index_select(0, neighbors) - positions.index_select(0, centers)
+        if shifts is not None:
+            vectors = vectors + shifts.to(self.dtype)
+        data = {
+            keys.POSITIONS_KEY: positions,
+            keys.ATOM_TYPE_KEY: species,
+            keys.EDGE_INDEX_KEY: torch.stack([centers, neighbors]),
+            keys.EDGE_VECTORS_KEY: vectors,
+        }
+        latent = None
+        # Stage by stage (the energy model is an nn.Sequential of graph modules): the latent is
+        # taken where it is formed, and a per-layer ghost exchange would go after each convolution.
+        for name, stage in self.energy_model.named_children():
+            data = stage(data)
+            if name == self._latent_stage:
+                if self.family == "nequip":
+                    latent = data[keys.NODE_FEATURES_KEY]
+                else:
+                    features = data[keys.EDGE_FEATURES_KEY]
+                    latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
+        return data[keys.PER_ATOM_ENERGY_KEY][:n_local, 0], latent[:n_local]
