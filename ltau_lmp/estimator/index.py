@@ -3,9 +3,16 @@
 Four backends, all L2 on float32 vectors, built through ``faiss.index_factory``:
 ``flat`` (exact), ``ivf`` (inverted lists of exact vectors: scans ``nprobe`` of ``nlist``
 clusters, several times faster than flat at recall ~0.99 on clustered latent spaces),
-``hnsw`` (graph, fast and accurate up to tens of millions of entries) and ``ivfpq``
-(compressed, for very large sets). With faiss-gpu and a visible GPU, ``flat``, ``ivf`` and
-``ivfpq`` are searched on the GPU; faiss has no GPU HNSW, so ``hnsw`` stays on the CPU.
+``hnsw`` (graph) and ``ivfpq`` (compressed, for very large sets). With faiss-gpu and a
+visible GPU, ``flat``, ``ivf`` and ``ivfpq`` are searched on the GPU; faiss has no GPU HNSW,
+so ``hnsw`` stays on the CPU.
+
+``auto`` (the default) is exact below ``AUTO_EXACT_LIMIT`` entries and IVF-Flat above, with
+``nlist`` from the size and ``nprobe`` the smallest that reaches ``AUTO_RECALL`` recall@10
+against exact search on a fixed sample of the data, measured at build and recorded in the
+options (``recall_at_10``). Measured on real latents replicated to 1M
+(``benchmarks/knn_index.py``, doc/validation/knn_index.json): HNSW and IVF with SQ8, fp16 or
+fast-scan PQ + exact refinement were no faster than IVF-Flat at the same recall in 32 dimensions.
 
 faiss is imported on first use (``require_faiss``), not with this module: the kinds and defaults
 declared here feed the command line, which must start (and print its help) without faiss.
@@ -14,6 +21,7 @@ declared here feed the command line, which must start (and print its help) witho
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +31,16 @@ from ltau_lmp.errors import ConfigError
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 KIND_CHOICES = ("auto", *INDEX_KINDS)  # what users may ask for; "auto" resolves by size
 DEFAULT_KIND = "auto"
-AUTO_EXACT_LIMIT = 200_000
+AUTO_EXACT_LIMIT = 20_000  # below: flat, exact and still >= ~20k queries/s per core
+AUTO_RECALL = 0.95  # recall@10 that auto's nprobe must reach on the build-time sample
+AUTO_HNSW_QUANTIZER_NLIST = 2048  # from here the centroid scan costs as much as the lists: HNSW over centroids
+RECALL_K = 10
+RECALL_QUERIES = 1000  # sample rows for the build-time recall: ~±0.005, ~1.5 s of exact search at 1M
+RECORDED = ("auto", "recall_at_10")  # written by the build (how the options were chosen, what they reach)
 CHUNK_ROWS = 65_536  # rows per block of work over (n, dim) or (n, nbins) arrays, package-wide: bounded temporaries
 OPTION_DEFAULTS = {  # per kind; None = derived from the data in resolve_options
     "flat": {},
-    "ivf": {"nlist": None, "nprobe": 8},
+    "ivf": {"nlist": None, "nprobe": 8, "quantizer": "flat", "target_recall": None},
     "hnsw": {"M": 32, "ef_construction": 40, "ef_search": 16},
     "ivfpq": {"nlist": None, "pq_m": None, "nbits": 8, "nprobe": 16},
 }
@@ -49,24 +62,45 @@ def require_faiss():
 
 
 def resolve_kind(kind: str, n_entries: int) -> str:
-    """``auto`` means exact search below ``AUTO_EXACT_LIMIT`` entries and HNSW above."""
+    """``auto`` means exact search below ``AUTO_EXACT_LIMIT`` entries and tuned IVF-Flat above."""
     if kind == "auto":
-        return "flat" if n_entries < AUTO_EXACT_LIMIT else "hnsw"
+        return "flat" if n_entries < AUTO_EXACT_LIMIT else "ivf"
     if kind not in INDEX_KINDS:
         raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(KIND_CHOICES)}")
     return kind
 
 
-def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -> dict:
-    """Fill defaults; for IVF-PQ derive nlist (≈ √n, cheap to train) and the PQ sub-vector count."""
+def auto_options(kind: str, n_entries: int, options: dict | None) -> dict:
+    """``options`` over what ``auto`` picks: nlist ≈ 4√n as a power of two (the fastest at recall
+    0.95 at 100k and 1M), nprobe tuned to ``AUTO_RECALL`` unless given."""
     options = dict(options or {})
-    unknown = set(options) - set(OPTION_DEFAULTS[kind])
+    if kind == "flat":
+        return {"auto": True, **options}
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n_entries)))
+    tuned = {} if options.get("nprobe") is not None else {"nprobe": None, "target_recall": AUTO_RECALL}
+    return {"auto": True, "nlist": nlist, "quantizer": "hnsw" if nlist >= AUTO_HNSW_QUANTIZER_NLIST else "flat",
+            **tuned, **options}
+
+
+def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -> dict:
+    """Fill defaults; for IVF-PQ derive nlist (≈ √n, cheap to train) and the PQ sub-vector count.
+
+    IVF with ``target_recall`` (and no ``nprobe``) leaves nprobe to ``SearchIndex.build``'s tuning.
+    """
+    options = dict(options or {})
+    unknown = set(options) - set(OPTION_DEFAULTS[kind]) - set(RECORDED)
     if unknown:
         raise ConfigError(f"unknown option(s) for index {kind!r}: {', '.join(sorted(unknown))}; "
                           f"valid: {', '.join(OPTION_DEFAULTS[kind]) or 'none'}")
+    if kind == "ivf" and options.get("target_recall") is not None:
+        if options.get("nprobe") is not None:
+            raise ConfigError("ivf: give nprobe or target_recall (nprobe tuned to reach it), not both")
+        options["nprobe"] = None
     resolved = {**OPTION_DEFAULTS[kind], **options}
     if kind in ("ivf", "ivfpq") and resolved["nlist"] is None:
         resolved["nlist"] = int(max(1, min(n_entries // 64, math.isqrt(n_entries))))
+    if kind == "ivf":
+        _check_ivf(resolved)
     if kind == "ivfpq":
         if resolved["pq_m"] is None:
             resolved["pq_m"] = next(m for m in (dim // 2, dim // 4, dim, 1) if m >= 1 and dim % m == 0)
@@ -75,13 +109,27 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
     return resolved
 
 
+def _check_ivf(opts: dict) -> None:
+    if opts["quantizer"] not in ("flat", "hnsw"):
+        raise ConfigError(f"ivf quantizer must be 'flat' or 'hnsw', got {opts['quantizer']!r}")
+    target = opts["target_recall"]
+    if target is not None and not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
+        raise ConfigError(f"ivf target_recall must lie in (0, 1], got {target!r}")
+    if opts["nprobe"] is None and target is None:
+        raise ConfigError("ivf nprobe=None needs a target_recall to tune it to")
+    for key in ("nlist", "nprobe"):
+        if opts[key] is not None and (not isinstance(opts[key], numbers.Integral) or opts[key] < 1):
+            raise ConfigError(f"ivf {key} must be a positive integer, got {opts[key]!r}")
+
+
 def factory_string(kind: str, opts: dict) -> str:
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
         return f"HNSW{int(opts['M'])},Flat"
     if kind == "ivf":
-        return f"IVF{int(opts['nlist'])},Flat"
+        quantizer = "_HNSW32" if opts["quantizer"] == "hnsw" else ""
+        return f"IVF{int(opts['nlist'])}{quantizer},Flat"
     return f"IVF{int(opts['nlist'])},PQ{int(opts['pq_m'])}x{int(opts['nbits'])}"
 
 
@@ -121,10 +169,17 @@ class SearchIndex:
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = DEFAULT_KIND, options: dict | None = None,
               use_gpu: bool | str = "auto", gpu_device: int = 0, progress: bool = False) -> "SearchIndex":
-        """Build from (n, d) float32 vectors; entries keep their row number as id."""
+        """Build from (n, d) float32 vectors; entries keep their row number as id.
+
+        ``auto`` resolves kind and options from the size, tunes nprobe and records the recall.
+        """
         n, dim = vectors.shape
+        given = set(options or {}) & set(RECORDED)
+        if given:
+            raise ConfigError(f"index option(s) {', '.join(sorted(given))} are recorded by the build, not inputs")
+        auto = kind == "auto"
         kind = resolve_kind(kind, n)
-        opts = resolve_options(kind, dim, n, options)
+        opts = resolve_options(kind, dim, n, auto_options(kind, n, options) if auto else options)
         faiss = require_faiss()
         index = faiss.index_factory(dim, factory_string(kind, opts), faiss.METRIC_L2)
         if kind == "hnsw":
@@ -134,17 +189,20 @@ class SearchIndex:
                 raise ConfigError(f"{kind} with nlist={opts['nlist']} needs at least that many entries, got {n}")
             index.train(vectors[_training_subset(n, opts["nlist"])])
         _add_in_chunks(index, vectors, progress)
+        if kind == "ivf" and (auto or opts["nprobe"] is None):
+            opts.update(_tune_nprobe(index, vectors, opts))
         search_index = cls(kind, opts, index)
         search_index.place(use_gpu, gpu_device)
         return search_index
 
     def place(self, use_gpu: bool | str = "auto", gpu_device: int = 0) -> None:
-        """Choose where searches run: GPU copy for flat / ivfpq when asked for (or auto) and available."""
+        """Choose where searches run: GPU copy for flat / ivf / ivfpq when asked for (or auto) and
+        available; HNSW graphs (also an IVF's HNSW quantizer) stay on the CPU."""
         apply_search_options(self.cpu_index, self.kind, self.options)
         want_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
         if want_gpu and not gpu_available():
             raise ConfigError("a GPU index was requested but faiss reports no GPU (is faiss-gpu installed?)")
-        if want_gpu and self.kind != "hnsw":
+        if want_gpu and self.kind != "hnsw" and self.options.get("quantizer") != "hnsw":  # no GPU HNSW
             faiss = require_faiss()
             resources = faiss.StandardGpuResources()
             self._search_index = faiss.index_cpu_to_gpu(resources, int(gpu_device), self.cpu_index)
@@ -163,8 +221,14 @@ class SearchIndex:
         return self.cpu_index.ntotal
 
     def set_search_options(self, **overrides) -> None:
-        """Change e.g. ``ef_search`` or ``nprobe`` without rebuilding."""
-        self.options = resolve_options(self.kind, self.dim, self.ntotal, {**self.options, **overrides})
+        """Change e.g. ``ef_search`` or ``nprobe`` without rebuilding (drops the build's recall: stale)."""
+        fixed = set(overrides) & {"target_recall", "nlist", "quantizer", *RECORDED}
+        if fixed:
+            raise ConfigError(f"{', '.join(sorted(fixed))} cannot change without rebuilding the index")
+        kept = {key: value for key, value in self.options.items() if key != "recall_at_10"}
+        if "target_recall" in kept and overrides.get("nprobe") is not None:
+            kept["target_recall"] = None
+        self.options = resolve_options(self.kind, self.dim, self.ntotal, {**kept, **overrides})
         apply_search_options(self.cpu_index, self.kind, self.options)
         if self._search_index is not self.cpu_index:
             self.place(True, self.gpu_device)
@@ -177,6 +241,48 @@ class SearchIndex:
                                f"(index of {self.ntotal} entries; raise nprobe / ef_search)")
         np.maximum(sq, 0.0, out=sq)
         return np.sqrt(sq, out=sq), ids
+
+
+def _tune_nprobe(index, vectors: np.ndarray, opts: dict) -> dict:
+    """The smallest nprobe whose recall@10 reaches ``target_recall`` (or the given nprobe's recall).
+
+    Queries: ``RECALL_QUERIES`` rows of the data (fixed seed), each left out of its own answer,
+    against exact search. IVF recall grows with nprobe, so doubling then bisection finds it.
+    """
+    faiss = require_faiss()
+    n = vectors.shape[0]
+    k = min(RECALL_K, n - 1)
+    if k < 1:
+        return {"nprobe": opts["nprobe"] or 1}
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, RECALL_QUERIES), replace=False))
+    queries = np.ascontiguousarray(vectors[rows])
+    exact = _without_self(faiss.knn(queries, vectors, k + 1)[1], rows, k)
+    ivf = faiss.extract_index_ivf(index)
+    cache = {}
+
+    def recall(nprobe: int) -> float:
+        if nprobe not in cache:
+            ivf.nprobe = nprobe
+            found = _without_self(index.search(queries, k + 1)[1], rows, k)
+            cache[nprobe] = float(np.mean((found[:, :, None] == exact[:, None, :]).any(axis=2)))
+        return cache[nprobe]
+
+    if opts["nprobe"] is not None:
+        return {"recall_at_10": round(recall(int(opts["nprobe"])), 4)}
+    target, nlist = opts["target_recall"], int(opts["nlist"])
+    lo, hi = 0, 1  # invariant: recall(lo) < target (lo = 0: nothing probed), hi not yet known to fail
+    while hi < nlist and recall(hi) < target:
+        lo, hi = hi, min(2 * hi, nlist)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
+    return {"nprobe": hi, "recall_at_10": round(recall(hi), 4)}
+
+
+def _without_self(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """First k of each row's k + 1 neighbours other than the query row itself (a held-out query)."""
+    order = np.argsort(ids == rows[:, None], axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)[:, :k]
 
 
 def _training_subset(n: int, nlist: int) -> np.ndarray:
