@@ -13,7 +13,7 @@ from ctypes import POINTER, Structure, c_char, c_char_p, c_double, c_int, c_int3
 
 from ltau_lmp.errors import LTAUError
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 MSGLEN = 2048
 
 # enum ltau_status
@@ -21,20 +21,26 @@ OK, HALT, ERROR = 0, 1, 2
 # enum ltau_halt_mode
 HALT_NONE, HALT_HARD, HALT_SOFT, HALT_CONTINUE = 0, 1, 2, 3
 HALT_MODES = {"hard": HALT_HARD, "soft": HALT_SOFT, "continue": HALT_CONTINUE}
+# enum ltau_message_passing
+MP_LOCAL, MP_SHELL, MP_EXCHANGE = 0, 1, 2
+# enum ltau_exchange_direction
+EXCHANGE_FORWARD, EXCHANGE_REVERSE = 0, 1
 
 _PD, _PI32, _PI64 = POINTER(c_double), POINTER(c_int32), POINTER(c_int64)
+
+EXCHANGE = ctypes.CFUNCTYPE(c_int32, c_void_p, _PD, c_int32, c_int32)   # ltau_exchange_fn
 
 
 class PairCoeffArgs(Structure):
     _fields_ = [("ntypes", c_int32), ("narg", c_int32), ("nsettings", c_int32), ("pad0_", c_int32),
                 ("arg", POINTER(c_char_p)), ("settings", POINTER(c_char_p)), ("cutoff", c_double),
-                ("receptive_field", c_double), ("ghost_neighbors", c_int32), ("pad_", c_int32)]
+                ("receptive_field", c_double), ("message_passing", c_int32), ("pad_", c_int32)]
 
 
 class PairComputeArgs(Structure):
     _fields_ = [("step", c_int64), ("nlocal", c_int32), ("nghost", c_int32), ("x", _PD),
                 ("type", _PI32), ("tag", _PI32), ("nedges", c_int64), ("centers", _PI64),
-                ("neighbors", _PI64), ("shifts", _PD), ("cutghost", c_double), ("eflag_atom", c_int32),
+                ("neighbors", _PI64), ("shifts", _PD), ("exchange", EXCHANGE), ("cutghost", c_double), ("eflag_atom", c_int32),
                 ("vflag_atom", c_int32), ("f", _PD), ("eatom", _PD), ("vatom", _PD),
                 ("vflag_global", c_int32), ("pad_", c_int32), ("energy", c_double),
                 ("virial", c_double * 6)]

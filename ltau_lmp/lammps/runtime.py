@@ -63,12 +63,16 @@ class ForceCache:
         return self._latent
 
 
+MESSAGE_PASSING = ("exchange", "shell")
+
+
 @dataclass
 class PairOptions:
     """Keywords of ``pair_style ltau`` (see doc/pair_ltau.md)."""
 
     allow_pickle: bool = False       # a pickled model file (MACE .model) runs code when loaded
     family: str | None = None        # None: detected from the file
+    message_passing: str | None = None   # None: exchange when the model declares it, else shell
 
     @classmethod
     def parse(cls, words: list[str]) -> "PairOptions":
@@ -81,9 +85,67 @@ class PairOptions:
                 opts.allow_pickle = kw.yes_no(words.take(keyword, "yes|no"), "allow_pickle")
             elif keyword == "family":
                 opts.family = kw.choice(words.take(keyword, "|".join(FAMILIES)), "family", FAMILIES)
+            elif keyword == "message_passing":
+                opts.message_passing = kw.choice(words.take(keyword, "|".join(MESSAGE_PASSING)),
+                                                 "message_passing", MESSAGE_PASSING)
             else:
-                raise LTAUError(f"pair_style ltau: unknown keyword {keyword!r} (valid: allow_pickle, family)")
+                raise LTAUError(f"pair_style ltau: unknown keyword {keyword!r} "
+                                f"(valid: allow_pickle, family, message_passing)")
         return opts
+
+
+def message_passing_mode(card, requested: str | None) -> int:
+    """The ``ltau_message_passing`` of a model on several ranks (one rank always folds).
+
+    Exchange is the default: exact like the ghost shell, with one cutoff of ghosts instead of
+    the receptive field. A model whose card does not declare ``ghost_exchange`` gets the shell,
+    or an error when exchange was asked for. A strictly local model needs neither.
+    """
+    if card.num_layers == 1:
+        return abi.MP_LOCAL
+    if requested == "exchange" and not card.ghost_exchange:
+        raise LTAUError(f"pair_style ltau message_passing exchange: this {card.family} model cannot "
+                        f"exchange ghost node features (its model card does not declare "
+                        f"ghost_exchange); use message_passing shell")
+    if requested == "shell" or not card.ghost_exchange:
+        return abi.MP_SHELL
+    return abi.MP_EXCHANGE
+
+
+class _GhostRows(torch.autograd.Function):
+    """Forward: ghost rows := their owners' rows. Backward, its transpose: ghost-row gradients
+    summed onto the owners, ghost rows 0. Both are LAMMPS communications, collective over ranks."""
+
+    @staticmethod
+    def forward(ctx, rows, exchange):
+        ctx.exchange = exchange
+        return exchange.communicate(rows, abi.EXCHANGE_FORWARD)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.exchange.communicate(grad, abi.EXCHANGE_REVERSE), None
+
+
+class GhostExchange:
+    """The model contract's ``exchange=`` for one force call: Tensor (n_all, F) -> (n_all, F)
+    with the ghost rows refreshed from their owners on other ranks (differentiable)."""
+
+    def __init__(self, fn, handle, n_all: int):
+        self.fn, self.handle, self.n_all = fn, handle, n_all
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.dim() != 2 or rows.shape[0] != self.n_all:
+            raise LTAUError(f"exchange= takes an (n_all, F) = ({self.n_all}, F) tensor, got shape "
+                            f"{tuple(rows.shape)}")
+        return _GhostRows.apply(rows, self)
+
+    def communicate(self, rows: torch.Tensor, direction: int) -> torch.Tensor:
+        buf = rows.detach().to("cpu", torch.float64, copy=True).contiguous()
+        status = self.fn(self.handle, ctypes.cast(buf.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+                         buf.shape[1], direction)
+        if status != abi.OK:
+            raise PeerFailed()
+        return buf.to(rows.device, rows.dtype)
 
 
 class PairRuntime:
@@ -109,6 +171,7 @@ class PairRuntime:
         if missing:
             raise LTAUError(f"element(s) {', '.join(missing)} not in model {model_file} "
                             f"(its species: {', '.join(card.species)})")
+        self.message_passing = message_passing_mode(card, options.message_passing)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -118,12 +181,15 @@ class PairRuntime:
         self.cache = ForceCache(symbols=list(card.species))
         return card
 
-    def compute(self, a: abi.PairComputeArgs) -> None:
+    def compute(self, a: abi.PairComputeArgs, handle) -> None:
         """One force call: forces on every node, the energy, per-atom and global virials, all
         written into LAMMPS's arrays and ``a`` (``ltau_pair_compute_args``).
 
         ``a.centers``/``a.neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim;
-        with ``a.shifts`` the graph is folded onto the local atoms (one rank, message passing).
+        with ``a.shifts`` the graph is folded onto the local atoms (one rank, message passing);
+        with ``a.exchange`` the model refreshes ghost node features through it after each layer
+        (``handle``, the plugin's pair, is its first argument), on every rank, even one without
+        local atoms, since the exchanges are collective.
 
         The gradient is taken with respect to the per-pair offset (zero, or the folding shift)
         added to every pair vector, which gives g_ij = dE/dr_ij in one backward pass: forces
@@ -134,8 +200,10 @@ class PairRuntime:
         if model is None:
             raise LTAUError("pair_coeff * * MODEL_FILE ... was not given")
         step, nlocal, nghost, nedges = a.step, a.nlocal, a.nghost, a.nedges
-        folded = bool(a.shifts)
-        needed = self.card.receptive_field
+        folded, exchange = bool(a.shifts), None
+        if a.exchange:
+            exchange = GhostExchange(a.exchange, handle, nlocal + nghost)
+        needed = self.card.cutoff if exchange or self.card.num_layers == 1 else self.card.receptive_field
         if not folded and a.cutghost < needed:   # the shim raises the ghost cutoff at init: a safety net
             raise LTAUError(f"model {self.card.model_hash[:12]} needs ghost atoms out to "
                             f"{needed:g} A but LAMMPS communicates only {a.cutghost:g} A; "
@@ -146,7 +214,7 @@ class PairRuntime:
         self.cache.forces = _view(a.f, (nlocal, 3))
         a.energy = 0.0
         a.virial[:] = [0.0] * 6
-        if nlocal == 0:
+        if nlocal == 0 and exchange is None:
             self.cache._latent, self.cache.species = None, np.empty(0, np.int64)
             return
         dev, dtype = self.device, self.dtype
@@ -162,7 +230,10 @@ class PairRuntime:
             offset = torch.zeros((nedges, 3), dtype=dtype, device=dev)
         offset.requires_grad_()
         with torch.enable_grad():
-            atom_energy, latent = model(pos, species, c, n, offset, nlocal)
+            if exchange is None:
+                atom_energy, latent = model(pos, species, c, n, offset, nlocal)
+            else:
+                atom_energy, latent = model(pos, species, c, n, offset, nlocal, exchange=exchange)
             (g,) = torch.autograd.grad(atom_energy.sum(), offset)
         self.cache._latent = latent
         g = g.to(torch.float64)
@@ -240,7 +311,7 @@ def _pair_coeff(handle, a: abi.PairCoeffArgs):
     card = runtime.coeff(a.ntypes, words[0], words[1:], options)
     a.cutoff = card.cutoff
     a.receptive_field = card.receptive_field
-    a.ghost_neighbors = int(card.num_layers > 1)
+    a.message_passing = runtime.message_passing
 
 
 @_guarded
@@ -248,7 +319,7 @@ def _pair_compute(handle, a: abi.PairComputeArgs):
     runtime = _pairs.get(handle)
     if runtime is None:
         raise LTAUError("pair_coeff * * MODEL_FILE El1 El2 ... was not given")
-    runtime.compute(a)
+    runtime.compute(a, handle)
 
 
 def _pair_destroy(handle):

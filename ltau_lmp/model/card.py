@@ -8,7 +8,9 @@ The fields that matter for correctness across MPI ranks are ``cutoff`` and
 ``receptive_field``: an atom's energy depends on atoms up to ``receptive_field`` away, so ghost
 atoms must reach that far; with ``num_layers > 1`` (message passing) the model also needs the
 pairs centred on ghost atoms (a graph over local *and* ghost atoms), while a strictly local model
-(``num_layers == 1``) takes only pairs centred on local atoms.
+(``num_layers == 1``) takes only pairs centred on local atoms. A message-passing model that
+declares ``ghost_exchange`` can instead run on one cutoff of ghosts and pairs centred on local
+atoms, refreshing ghost node features from their owners after each layer (``exchange=``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class ModelCard:
     model_hash: sha256 (hex) over the architecture and every weight; an estimator built from
         this model's latents records it, and ``fix ltau`` refuses an estimator of another model.
     energy_unit, length_unit: units of the outputs and inputs (LAMMPS ``metal``: eV, Angstrom).
+    ghost_exchange: the forward takes ``exchange=`` and applies it to the node features before
+        every layer after the first (doc/architecture.md, "Model contract"), so one cutoff of
+        ghosts suffices across MPI ranks.
     """
 
     family: str
@@ -55,6 +60,7 @@ class ModelCard:
     model_hash: str
     energy_unit: str = "eV"
     length_unit: str = "Angstrom"
+    ghost_exchange: bool = False
 
     def __post_init__(self):
         # Normalise sequences to a tuple so cards compare equal however they were built.

@@ -22,6 +22,11 @@ passing:
 * ``latent`` is the invariant (``0e``) part of the node features of the selected interaction
   layers, all of them by default: the LTAU-FF reference convention, the same numbers as
   ``MACECalculator.get_descriptors(invariants_only=True, num_layers=-1)``.
+* ``exchange=`` (per-layer ghost exchange, ``card.ghost_exchange``): with pairs centred on the
+  local atoms only and ghost atoms out to one cutoff, MACE runs its own LAMMPS ML-IAP code path
+  (``lammps_mliap=True``): every layer's messages reach the local atoms only, and before each
+  layer after the first the ghost rows of the node features are refreshed from their owners by
+  ``exchange``, so the local energies are exact without a thick ghost shell.
 
 Edge vectors are formed inside MACE's differentiable graph as ``x[j] - x[i] + shift_ij`` (MACE's
 ``get_edge_vectors_and_lengths`` from ``positions``, ``edge_index`` and ``shifts``), so the energy
@@ -115,6 +120,9 @@ class MACEForceField(nn.Module):
         self.num_layers = num_layers
         self.register_buffer("head_index", torch.tensor([heads.index(head)]), persistent=False)
         self.register_buffer("latent_columns", torch.tensor(columns), persistent=False)
+        # widths of the node features MACE exchanges before each layer after the first (ML-IAP path)
+        self.exchange_widths = tuple(o3.Irreps(str(block.linear_up.irreps_out)).dim
+                                     for block in model.interactions[1:])
         per_layer = " + ".join(str(len(invariant_columns(irreps, [k]))) for k in chosen)
         self._latent = (f"MACE invariant (0e) node features of interaction layer(s) "
                         f"{', '.join(str(k + 1) for k in chosen)} of {num_layers} ({per_layer} channels)")
@@ -144,36 +152,82 @@ class MACEForceField(nn.Module):
         return ModelCard(
             family="mace", species=self.species, cutoff=self.cutoff, num_layers=self.num_layers,
             receptive_field=self.cutoff * self.num_layers, latent_dim=self.latent_dim,
-            latent=self._latent, dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash)
+            latent=self._latent, dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash,
+            ghost_exchange=True)
 
     def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
-                shifts: Tensor | None, n_local: int) -> tuple[Tensor, Tensor]:
+                shifts: Tensor | None, n_local: int, exchange=None) -> tuple[Tensor, Tensor]:
         """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
         dtype = self.dtype
         positions = positions.to(dtype)
         if not positions.requires_grad:
             # MACE calls requires_grad_() on its input: give it a fresh leaf, not the caller's tensor.
             positions = positions.detach()
-        if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
-            return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
         n_all = positions.shape[0]
+        if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
+            if exchange is not None:
+                return self._relay(positions, shifts, exchange)
+            return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
         # MACE sums messages at edge_index[1] with vector x[edge_index[1]] - x[edge_index[0]] + shift,
         # so pair i -> j enters as edge j -> i with shift -s_ij: node i gathers over its own list.
         edge_index = torch.stack([neighbors, centers])
-        if shifts is None:
-            edge_shifts = positions.new_zeros(len(centers), 3)
+        node_attrs = nn.functional.one_hot(species, len(self.species)).to(dtype)
+        if exchange is not None:
+            vectors = positions[centers] - positions[neighbors]
+            if shifts is not None:
+                vectors = vectors - shifts.to(dtype)
+            data = {"vectors": vectors, "node_attrs": node_attrs, "edge_index": edge_index,
+                    "batch": torch.zeros(n_local, dtype=torch.int64, device=positions.device),
+                    "head": self.head_index, "natoms": (n_local, n_all - n_local),
+                    "lammps_class": _MLIAPExchange(exchange)}
+            out = self.mace(data, training=False, compute_force=False, lammps_mliap=True)
         else:
-            edge_shifts = -shifts.to(dtype)
-        data = {
-            "positions": positions,
-            "node_attrs": nn.functional.one_hot(species, len(self.species)).to(dtype),
-            "edge_index": edge_index,
-            "shifts": edge_shifts,
-            "batch": torch.zeros(n_all, dtype=torch.int64, device=positions.device),
-            "ptr": torch.tensor([0, n_all], device=positions.device),
-            "cell": positions.new_zeros(3, 3),
-            "head": self.head_index,
-        }
-        out = self.mace(data, training=False, compute_force=False)
+            data = {
+                "positions": positions,
+                "node_attrs": node_attrs,
+                "edge_index": edge_index,
+                "shifts": positions.new_zeros(len(centers), 3) if shifts is None else -shifts.to(dtype),
+                "batch": torch.zeros(n_all, dtype=torch.int64, device=positions.device),
+                "ptr": torch.tensor([0, n_all], device=positions.device),
+                "cell": positions.new_zeros(3, 3),
+                "head": self.head_index,
+            }
+            out = self.mace(data, training=False, compute_force=False)
         latent = out["node_feats"][:n_local].index_select(1, self.latent_columns)
         return out["node_energy"][:n_local], latent
+
+    def _relay(self, positions: Tensor, shifts: Tensor | None, exchange) -> tuple[Tensor, Tensor]:
+        """No local atoms (MACE cannot run on zero nodes), but this rank must still make every
+        exchange, forward and (in the backward) reverse, as the others do: they are collective,
+        and its ghost rows may relay other ranks' rows. Zeros go through; the calls are chained
+        so the backward visits them in reverse order, and the empty outputs depend on them."""
+        link = positions.sum() * 0 + (0 if shifts is None else shifts.sum() * 0)
+        for width in self.exchange_widths:
+            link = exchange(positions.new_zeros(positions.shape[0], width) + link).sum() * 0
+        return positions[:0, 0] + link, positions.new_zeros(0, self.latent_dim)
+
+
+class _MLIAPExchange:
+    """MACE's ML-IAP exchange protocol over the contract's differentiable ``exchange``.
+
+    MACE's ``LAMMPS_MP`` calls ``forward_exchange`` in its forward and ``reverse_exchange`` in its
+    backward. The forward keeps the graph of each ``exchange`` call; the backward, which visits
+    the layers in reverse order, takes the gradient through the latest one (a reverse exchange),
+    so each layer costs one forward and one reverse communication, as in ML-IAP.
+    """
+
+    def __init__(self, exchange):
+        self.exchange = exchange
+        self.pending: list[tuple[Tensor, Tensor]] = []
+
+    def forward_exchange(self, feats: Tensor, out: Tensor, vec_len: int) -> None:
+        with torch.enable_grad():
+            x = feats.detach().requires_grad_()
+            y = self.exchange(x)
+        out.copy_(y.detach())
+        self.pending.append((x, y))
+
+    def reverse_exchange(self, grad: Tensor, gout: Tensor, vec_len: int) -> None:
+        x, y = self.pending.pop()
+        (g,) = torch.autograd.grad(y, x, grad)
+        gout.copy_(g)

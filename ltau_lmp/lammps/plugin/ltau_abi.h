@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 6
+#define LTAU_ABI_VERSION 7
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -42,6 +42,31 @@ enum ltau_halt_mode {
   LTAU_HALT_CONTINUE = 3  /* the run ends cleanly; later `run` commands go ahead */
 };
 
+/* How a model's graph is distributed over MPI ranks (on one rank, message-passing graphs are
+   always folded onto the local atoms, see ltau_pair_compute_args.shifts). */
+enum ltau_message_passing {
+  LTAU_MP_LOCAL = 0,     /* strictly local model: one cutoff of ghosts, pairs centred on local atoms */
+  LTAU_MP_SHELL = 1,     /* thick ghost shell: ghosts out to the receptive field, pairs centred on
+                            local and ghost atoms */
+  LTAU_MP_EXCHANGE = 2   /* one cutoff of ghosts, pairs centred on local atoms, ghost node features
+                            refreshed from their owners after each layer (ltau_exchange_fn) */
+};
+
+/* Direction of one ltau_exchange_fn call. */
+enum ltau_exchange_direction {
+  LTAU_EXCHANGE_FORWARD = 0,  /* every ghost row := its owner's row (LAMMPS forward comm) */
+  LTAU_EXCHANGE_REVERSE = 1   /* every ghost row is added to its owner's row, then set to 0
+                                 (LAMMPS reverse comm): the transpose of the forward exchange */
+};
+
+/* Exchange of per-atom rows between ranks, called by the runtime during pair_compute (message
+   passing mode LTAU_MP_EXCHANGE only). self is the pair_compute callback's self; data is a
+   (nlocal+nghost, ncols) row-major float64 array, any ncols >= 0, changed in place. Collective:
+   every rank makes the same calls in the same order with the same ncols. Each call first
+   learns whether another rank failed in this force call: then it returns LTAU_ERROR without
+   communicating, and the runtime must return from pair_compute (that rank's message is shown). */
+typedef int32_t (*ltau_exchange_fn)(void *self, double *data, int32_t ncols, int32_t direction);
+
 /* pair_coeff * * MODEL_FILE El1 ... ElN (with the keywords of the last pair_style command) */
 typedef struct ltau_pair_coeff_args {
   int32_t ntypes;             /* in: number of LAMMPS atom types */
@@ -52,7 +77,7 @@ typedef struct ltau_pair_coeff_args {
   const char *const *settings;/* in: the words after `pair_style ltau` (keyword value ...) */
   double cutoff;              /* out: model cutoff (A) of one layer; LAMMPS's force cutoff */
   double receptive_field;     /* out: how far (A) an atom's energy reaches: cutoff x layers */
-  int32_t ghost_neighbors;    /* out: 1 = message passing: pairs centred on ghost atoms too */
+  int32_t message_passing;    /* out: an ltau_message_passing (keyword message_passing, model card) */
   int32_t pad_;               /* (alignment; unused) */
 } ltau_pair_coeff_args;
 
@@ -66,13 +91,16 @@ typedef struct ltau_pair_compute_args {
   const int32_t *tag;         /* in: (nlocal+nghost) atom IDs */
   int64_t nedges;             /* in: number of directed pairs i -> j below */
   const int64_t *centers;     /* in: (nedges) i of each pair with r_ij < cutoff: a local atom, or
-                                 also a ghost atom when ghost_neighbors was set by pair_coeff */
+                                 also a ghost atom in message passing mode LTAU_MP_SHELL */
   const int64_t *neighbors;   /* in: (nedges) j, a local or ghost atom (full list: both i->j and j->i) */
   const double *shifts;       /* in: NULL, or (nedges, 3) when the graph is folded onto the local
                                  atoms: every j is then a local atom (the owner of the periodic
                                  image LAMMPS listed) and r_ij = x_j - x_i + shift_ij. The plugin
                                  folds message-passing models on one rank, where every ghost is an
                                  image of a local atom, so no node is computed twice. */
+  ltau_exchange_fn exchange;  /* in: NULL, or the ghost-row exchange in mode LTAU_MP_EXCHANGE on
+                                 several ranks: the runtime must then call the model on every rank,
+                                 even one without local atoms (the calls are collective) */
   double cutghost;            /* in: how far (A) LAMMPS communicates ghost atoms */
   int32_t eflag_atom;         /* in: 1 = add per-atom energies to eatom */
   int32_t vflag_atom;         /* in: 1 = add per-atom virials to vatom */

@@ -180,6 +180,10 @@ int reduce_status(LAMMPS *lmp, MPI_Comm world, int status, const char *msg, cons
    pair_style ltau
 --------------------------------------------------------------------------------------------- */
 
+// Columns per LAMMPS communication round of an exchange (comm_forward/comm_reverse, which size
+// LAMMPS's buffers at init): wider arrays go in several rounds.
+static constexpr int EXCHANGE_COLUMNS = 128;
+
 class PairLTAU : public Pair {
  public:
   explicit PairLTAU(LAMMPS *lmp) : Pair(lmp)
@@ -227,7 +231,8 @@ class PairLTAU : public Pair {
     reduce_status(lmp, world, status, msg, "Pair style ltau", LTAU_HALT);
     cutoff = args.cutoff;
     receptive_field = args.receptive_field;
-    ghost_neighbors = args.ghost_neighbors;
+    message_passing = args.message_passing;
+    announced = false;
     if (!allocated) {
       allocated = 1;
       memory->create(setflag, ntypes + 1, ntypes + 1, "pair:setflag");
@@ -245,22 +250,96 @@ class PairLTAU : public Pair {
                  update->unit_style);
     if (atom->tag_enable == 0) error->all(FLERR, "Pair style ltau requires atom IDs");
     // One rank holds every atom: a message-passing graph is folded onto the local atoms (each
-    // ghost is a periodic image), exactly the periodic graph, with no thick ghost shell.
-    fold = ghost_neighbors && comm->nprocs == 1;
-    bool graph_over_ghosts = ghost_neighbors && !fold;
-    neighbor->add_request(this, graph_over_ghosts ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST
-                                                  : NeighConst::REQ_FULL);
-    if (graph_over_ghosts) ensure_ghost_cutoff();
+    // ghost is a periodic image), exactly the periodic graph, with no ghost nodes at all.
+    fold = message_passing != LTAU_MP_LOCAL && comm->nprocs == 1;
+    shell = message_passing == LTAU_MP_SHELL && !fold;
+    exchange_mode = message_passing == LTAU_MP_EXCHANGE && !fold;
+    neighbor->add_request(this, shell ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST
+                                      : NeighConst::REQ_FULL);
+    if (shell) ensure_ghost_cutoff();
+    // comm->init() runs after this and sizes its buffers for these widths
+    comm_forward = comm_reverse = exchange_mode ? EXCHANGE_COLUMNS : 0;
+    if (exchange_mode && !announced && comm->me == 0)
+      utils::logmesg(lmp, "Pair style ltau: message passing with ghost atoms out to one cutoff and "
+                     "a ghost exchange after each layer (pair_style ltau message_passing exchange)\n");
+    announced = exchange_mode;
   }
 
   double init_one(int, int) override { return cutoff; }
+
+  // Exchange rounds: columns [xcol, xcol + xwidth) of the (nall, xcols) array xdata.
+  int pack_forward_comm(int n, int *list, double *buf, int, int *) override
+  {
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+      const double *row = xdata + (int64_t) list[i] * xcols + xcol;
+      for (int k = 0; k < xwidth; k++) buf[m++] = row[k];
+    }
+    return m;
+  }
+
+  void unpack_forward_comm(int n, int first, double *buf) override
+  {
+    int m = 0;
+    for (int i = first; i < first + n; i++) {
+      double *row = xdata + (int64_t) i * xcols + xcol;
+      for (int k = 0; k < xwidth; k++) row[k] = buf[m++];
+    }
+  }
+
+  int pack_reverse_comm(int n, int first, double *buf) override
+  {
+    int m = 0;
+    for (int i = first; i < first + n; i++) {
+      const double *row = xdata + (int64_t) i * xcols + xcol;
+      for (int k = 0; k < xwidth; k++) buf[m++] = row[k];
+    }
+    return m;
+  }
+
+  void unpack_reverse_comm(int n, int *list, double *buf) override
+  {
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+      double *row = xdata + (int64_t) list[i] * xcols + xcol;
+      for (int k = 0; k < xwidth; k++) row[k] += buf[m++];
+    }
+  }
+
+  // ltau_exchange_fn (ltau_abi.h): collective over the ranks, in chunks of EXCHANGE_COLUMNS.
+  int exchange(double *data, int ncols, int direction)
+  {
+    if (failure_check(0)) {
+      peer_failed = true;
+      return LTAU_ERROR;
+    }
+    xdata = data;
+    xcols = ncols;
+    for (xcol = 0; xcol < ncols; xcol += EXCHANGE_COLUMNS) {
+      xwidth = std::min(EXCHANGE_COLUMNS, ncols - xcol);
+      if (direction == LTAU_EXCHANGE_FORWARD)
+        comm->forward_comm(this, xwidth);
+      else
+        comm->reverse_comm(this, xwidth);
+    }
+    if (direction == LTAU_EXCHANGE_REVERSE)
+      std::fill(data + (int64_t) atom->nlocal * ncols,
+                data + (int64_t) (atom->nlocal + atom->nghost) * ncols, 0.0);
+    xdata = nullptr;
+    return LTAU_OK;
+  }
+
+  static int32_t exchange_callback(void *self, double *data, int32_t ncols, int32_t direction)
+  {
+    return static_cast<PairLTAU *>(self)->exchange(data, ncols, direction);
+  }
 
   void compute(int eflag, int vflag) override
   {
     ev_init(eflag, vflag);
     // Flatten the full list into int64 pairs, keeping only r < cutoff: the list carries the
     // neighbour skin too, and those pairs contribute exactly 0 but would cost the model time.
-    int inum = list->inum + (ghost_neighbors && !fold ? list->gnum : 0);
+    int inum = list->inum + (shell ? list->gnum : 0);
     int *ilist = list->ilist, *numneigh = list->numneigh, **firstneigh = list->firstneigh;
     double **x = atom->x, cutsq_model = cutoff * cutoff;
     int64_t maxedges = 0;
@@ -299,6 +378,7 @@ class PairLTAU : public Pair {
     args.centers = centers.data();
     args.neighbors = neighbors.data();
     args.shifts = fold ? shifts.data() : nullptr;
+    args.exchange = exchange_mode ? &exchange_callback : nullptr;
     args.cutghost = comm->get_comm_cutoff();
     args.eflag_atom = eflag_atom;
     args.vflag_atom = vflag_atom;
@@ -307,7 +387,11 @@ class PairLTAU : public Pair {
     args.vatom = vflag_atom ? vatom[0] : nullptr;
     args.vflag_global = vflag_global;
     char msg[LTAU_MSGLEN] = "";
+    peer_failed = false;
     int status = cbs.pair_compute(this, &args, msg);
+    // A rank that failed between two exchanges meets the others, waiting in their next exchange,
+    // here: they learn of the failure and return. A rank that learnt of one already skips it.
+    if (exchange_mode && !peer_failed) failure_check(status >= LTAU_ERROR);
     reduce_status(lmp, world, status, msg, "Pair style ltau", LTAU_HALT);
     if (eflag_global) eng_vdwl += args.energy;
     if (vflag_global)
@@ -316,8 +400,19 @@ class PairLTAU : public Pair {
 
  private:
   double cutoff = 0.0, receptive_field = 0.0;
-  int ghost_neighbors = 0;
-  bool raised_cutghost = false, fold = false;
+  int message_passing = LTAU_MP_LOCAL;
+  bool raised_cutghost = false, fold = false, shell = false, exchange_mode = false;
+  bool announced = false, peer_failed = false;
+  double *xdata = nullptr;    // the array of the exchange in progress
+  int xcols = 0, xcol = 0, xwidth = 0;
+
+  // One step of the exchange's failure protocol: true when any rank reports a failure.
+  bool failure_check(int failed)
+  {
+    int any = 0;
+    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, world);
+    return any != 0;
+  }
   std::vector<double> shifts;
   std::vector<int> local_of_tag;
 

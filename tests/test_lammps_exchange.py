@@ -1,0 +1,200 @@
+"""Per-layer ghost exchange for message-passing models (pair_style ltau message_passing exchange).
+
+With one cutoff of ghost atoms and pairs centred on local atoms, the runtime refreshes the ghost
+rows of MACE's node features from their owners after each layer (LAMMPS forward communication)
+and sums their gradients back (reverse communication). It must give the same numbers as the
+thick ghost shell and as one rank (folded graph): forces, energy, virial, per-atom energy and
+virial, and fix ltau's per-atom values, by atom ID, on 2 and 3 ranks (3 ranks on a 10.9 A box
+make subdomains thinner than the ghost cutoff, so ghosts of ghosts are relayed), through
+re-neighbouring and atoms migrating between ranks. A failure on one rank, between two
+exchanges or inside one, stops every rank with its message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.io.lammpsdata import write_lammps_data
+
+pytest.importorskip("mace")
+from mpi_run import mpirun  # noqa: E402
+from test_mace_adapter import si_c_cell, tiny_mace  # noqa: E402
+
+from ltau_lmp.errors import LTAUError  # noqa: E402
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
+from ltau_lmp.lammps import abi  # noqa: E402
+from ltau_lmp.lammps.runtime import PairOptions, message_passing_mode  # noqa: E402
+from ltau_lmp.model import MACEForceField, ModelCard, evaluate, neighbor_list, species_indices  # noqa: E402
+
+SCRIPT = """\
+units           metal
+atom_style      atomic
+boundary        p p p
+read_data       {data}
+mass            1 12.011
+mass            2 28.0855
+pair_style      ltau allow_pickle yes message_passing {mode}
+pair_coeff      * * {model} C Si
+neigh_modify    every 5 delay 0 check no
+velocity        all create 1500 4928459 mom yes rot yes dist gaussian loop geom
+timestep        0.002
+fix             md all nve
+fix             u all ltau {est} every 10 metric distance
+compute         pe all pe/atom
+compute         s all stress/atom NULL
+thermo_style    custom step pe pxx pyy pzz pxy pxz pyz
+dump            d all custom 20 final.{mode}.* id fx fy fz f_u[1] f_u[2] f_u[3] f_u[4] &
+                c_pe c_s[1] c_s[2] c_s[3] c_s[4] c_s[5] c_s[6]
+dump_modify     d format float %.17g
+run             20
+"""
+
+RUNNER = r"""
+import json, sys
+from mpi4py import MPI
+from ltau_lmp.lammps import driver
+
+for mode in sys.argv[1:]:
+    lmp = driver.create_lammps(log=f"log.{mode}", screen=False)
+    lmp.file(f"in.{mode}")
+    thermo = {k: lmp.get_thermo(k) for k in ("pe", "pxx", "pyy", "pzz", "pxy", "pxz", "pyz")}
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        with open(f"thermo.{mode}.json", "w") as out:
+            json.dump(thermo, out)
+    lmp.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exchange")
+    model = tiny_mace(seed=3)
+    torch.save(model, root / "tiny.model")
+    atoms = si_c_cell((2, 2, 2), rattle=0.08, seed=11)
+    write_lammps_data(root / "cell.lmp", atoms, specorder=["C", "Si"], masses=False, units="metal")
+    adapter = MACEForceField(model)
+    c, n, s = neighbor_list(atoms, adapter.card.cutoff)
+    latent = evaluate(adapter, torch.tensor(atoms.positions), torch.from_numpy(species_indices(atoms, ["C", "Si"])),
+                      torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms),
+                      forces=False).latent.numpy().astype(np.float32)
+    log = ErrorLog.log_spaced(len(latent), lo=1e-3, hi=10.0, nbins=20)
+    log.update(np.arange(len(latent)), np.exp(np.random.default_rng(0).normal(-3.0, 0.7, len(latent))))
+    log.end_epoch()
+    LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": adapter.card.model_hash}).save(root / "est")
+    return {"model": str(root / "tiny.model"), "data": str(root / "cell.lmp"), "est": str(root / "est")}
+
+
+def _run(files, cwd, nprocs, modes):
+    cwd.mkdir()
+    for mode in modes:
+        (cwd / f"in.{mode}").write_text(SCRIPT.format(mode=mode, **files))
+    (cwd / "runner.py").write_text(RUNNER)
+    res = mpirun([sys.executable, "runner.py", *modes], cwd, nprocs, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = {}
+    for mode in modes:
+        lines = (cwd / f"final.{mode}.20").read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
+        rows = np.loadtxt(lines[start:], ndmin=2)
+        thermo = json.loads((cwd / f"thermo.{mode}.json").read_text())
+        out[mode] = (rows[np.argsort(rows[:, 0])], thermo, (cwd / f"log.{mode}").read_text())
+    return out
+
+
+@pytest.mark.mpi
+def test_exchange_equals_shell_and_one_rank(files, tmp_path):
+    reference, thermo1, _ = _run(files, tmp_path / "np1", 1, ["exchange"])["exchange"]
+    assert np.abs(reference[:, 1:4]).max() > 0.1                        # a real, moving system
+    for nprocs in (2, 3):
+        runs = _run(files, tmp_path / f"np{nprocs}", nprocs, ["exchange", "shell"])
+        for mode, (rows, thermo, log) in runs.items():
+            where = f"{nprocs} ranks, {mode}"
+            np.testing.assert_array_equal(rows[:, 0], reference[:, 0])
+            assert np.abs(rows[:, 1:4] - reference[:, 1:4]).max() <= 1e-10, where       # forces
+            np.testing.assert_allclose(rows[:, 4:8], reference[:, 4:8], rtol=1e-6, atol=1e-9, err_msg=where)
+            np.testing.assert_allclose(rows[:, 8], reference[:, 8], rtol=0, atol=1e-10, err_msg=where)  # eV
+            virial = reference[:, 9:]                                                    # bar A^3
+            np.testing.assert_allclose(rows[:, 9:], virial, rtol=1e-10, atol=1e-10 * np.abs(virial).max(), err_msg=where)
+            assert thermo["pe"] == pytest.approx(thermo1["pe"], rel=1e-12, abs=1e-10), where
+            for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz"):
+                assert thermo[k] == pytest.approx(thermo1[k], rel=1e-9, abs=1e-6), (where, k)
+        assert "ghost exchange after each layer" in runs["exchange"][2]
+        assert "ghost atoms out to 10 A" not in runs["exchange"][2]
+        assert "ghost atoms out to 10 A (receptive field 8 A + skin 2 A)" in runs["shell"][2]
+
+
+FAILING = r"""
+import sys
+from mpi4py import MPI
+from ltau_lmp.lammps import driver, runtime
+
+rank = MPI.COMM_WORLD.Get_rank()
+real_call, real_backward = runtime.GhostExchange.__call__, runtime._GhostRows.backward
+calls = {"n": 0}
+
+def fail_between(self, rows):              # rank 1, before its 2nd exchange
+    calls["n"] += 1
+    if rank == 1 and calls["n"] == 2:
+        raise RuntimeError("injected failure between exchanges")
+    return real_call(self, rows)
+
+def fail_in_backward(ctx, grad):           # rank 0, in the backward, before its reverse exchange
+    if rank == 0:
+        raise ValueError("injected failure in the backward")
+    return real_backward(ctx, grad)
+
+with open(f"results.{rank}", "w") as out:
+    for name, cls, attr, patch in (("between", runtime.GhostExchange, "__call__", fail_between),
+                                   ("backward", runtime._GhostRows, "backward", staticmethod(fail_in_backward))):
+        original = cls.__dict__[attr]
+        setattr(cls, attr, patch)
+        lmp = driver.create_lammps(log="none", screen=False)
+        try:
+            lmp.file("in.exchange")
+            out.write(f"{name} OK\n")
+        except Exception as exc:
+            out.write(f"{name} ERROR " + " ".join(str(exc).split()) + "\n")
+        out.flush()
+        lmp.close()
+        setattr(cls, attr, original)
+"""
+
+
+@pytest.mark.mpi
+def test_failure_on_one_rank_stops_every_rank(files, tmp_path):
+    (tmp_path / "in.exchange").write_text(SCRIPT.format(mode="exchange", **files))
+    (tmp_path / "failing.py").write_text(FAILING)
+    res = mpirun([sys.executable, "failing.py"], tmp_path, 2, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    expected = {"between": "RuntimeError: injected failure between exchanges",
+                "backward": "ValueError: injected failure in the backward"}
+    for rank in (0, 1):
+        got = dict(line.split(" ", 1) for line in (tmp_path / f"results.{rank}").read_text().splitlines())
+        for case, message in expected.items():
+            assert got[case].startswith("ERROR") and "Pair style ltau" in got[case] and message in got[case], \
+                (rank, case, got[case])
+
+
+def _card(num_layers=2, ghost_exchange=False):
+    return ModelCard(family="test", species=("Si",), cutoff=4.0, num_layers=num_layers,
+                     receptive_field=4.0 * num_layers, latent_dim=4, latent="test", dtype="float64",
+                     model_hash="0" * 64, ghost_exchange=ghost_exchange)
+
+
+def test_message_passing_keyword_and_mode():
+    assert PairOptions.parse([]).message_passing is None
+    assert PairOptions.parse(["message_passing", "shell"]).message_passing == "shell"
+    with pytest.raises(LTAUError, match="message_passing must be exchange or shell, got 'thick'"):
+        PairOptions.parse(["message_passing", "thick"])
+    able, unable = _card(ghost_exchange=True), _card()
+    assert message_passing_mode(able, None) == message_passing_mode(able, "exchange") == abi.MP_EXCHANGE
+    assert message_passing_mode(able, "shell") == abi.MP_SHELL
+    assert message_passing_mode(unable, None) == message_passing_mode(unable, "shell") == abi.MP_SHELL
+    with pytest.raises(LTAUError, match="cannot exchange ghost node features .* use message_passing shell"):
+        message_passing_mode(unable, "exchange")
+    for requested in (None, "exchange", "shell"):           # a strictly local model needs neither
+        assert message_passing_mode(_card(num_layers=1), requested) == abi.MP_LOCAL
