@@ -1,4 +1,5 @@
-"""Force fields behind one contract: the built-in local model, the MACE adapter, files, neighbour lists.
+"""Force fields behind one contract: the built-in local model, the MACE and NequIP/Allegro adapters,
+files, neighbour lists.
 
 Contract (see doc/architecture.md)::
 
@@ -7,15 +8,16 @@ Contract (see doc/architecture.md)::
 
 ``evaluate`` adds forces (all atoms, ghosts included) and the virial; the ASE calculator, the
 trainer and the LAMMPS runtime all go through it. ``load_model`` reads any supported family
-(``MACEForceField`` imports mace-torch only when a MACE model is wrapped).
+(``MACEForceField`` / ``NequIPForceField`` import mace-torch / nequip only when a model is wrapped).
 """
 
 from ltau_lmp.model.card import ModelCard
 from ltau_lmp.model.io import FAMILIES, PickleRefusedError, detect_family, load_model, save_model
 from ltau_lmp.model.local import LocalForceField, ModelOutput, evaluate
 from ltau_lmp.model.mace import MACEForceField
+from ltau_lmp.model.nequip import NequIPForceField
 from ltau_lmp.model.neighbors import neighbor_list, species_indices
 
-__all__ = ["FAMILIES", "LocalForceField", "MACEForceField", "ModelCard", "ModelOutput",
+__all__ = ["FAMILIES", "LocalForceField", "MACEForceField", "ModelCard", "ModelOutput", "NequIPForceField",
            "PickleRefusedError", "detect_family", "evaluate", "load_model", "save_model",
            "neighbor_list", "species_indices"]

@@ -4,6 +4,10 @@
   pickled classes), read with ``weights_only=True``.
 * ``mace``: a MACE ``.model`` file, ``torch.save`` of the whole module. Unpickling it imports and
   runs code named in the file, so it is loaded only with ``allow_pickle=True``.
+* ``nequip`` / ``allegro``: a nequip 0.19 training checkpoint (Lightning ``.ckpt``, e.g. the
+  ``model.ckpt`` of ``ltau_lmp.integrations.nequip.LTAUCallback``) or a ``nequip-package``
+  file (``.nequip.zip``), read by nequip's own loaders, which unpickle (a package also runs the
+  Python code stored in it): loaded only with ``allow_pickle=True``.
 
 The family is read from the pickle's opcode stream without executing it (the classes a pickle
 names are visible as strings), so a refused file is never unpickled.
@@ -23,7 +27,8 @@ from ltau_lmp.model.local import LocalForceField
 FORMAT = "ltau_lmp.model.local"
 VERSION = 1
 _KEYS = ("format", "version", "config", "state_dict", "model_hash")
-FAMILIES = ("ltau_local", "mace")
+FAMILIES = ("ltau_local", "mace", "nequip", "allegro")
+_PACKAGE_METADATA = "/model/package_metadata.txt"
 TRUST_OPTIONS = ("allow_pickle=True (Python), `pair_style ltau allow_pickle yes` (LAMMPS) "
                  "or --allow-pickle (ltau-lmp commands)")
 
@@ -64,10 +69,16 @@ def detect_family(path: str | os.PathLike) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            metadata = [name for name in names if name.endswith(_PACKAGE_METADATA)]
+            if metadata:  # a nequip-package file (torch.package): its model config is plain text
+                config = metadata[0].removesuffix(_PACKAGE_METADATA) + "/model/config.yaml"
+                text = archive.read(config).decode() if config in names else ""
+                return "allegro" if "allegro.model." in text else "nequip"
             if any("/code/" in name for name in names):
                 raise FileFormatError(
-                    f"model file {path} is a TorchScript archive (e.g. MACE's *_compiled.model), "
-                    f"which ltau_lmp does not run; give the torch.save'd model (e.g. MACE's NAME.model)")
+                    f"model file {path} is a TorchScript archive (e.g. MACE's *_compiled.model, nequip-compile's "
+                    f"*.nequip.pth), which ltau_lmp does not run; give the torch.save'd model (MACE's NAME.model) "
+                    f"or the nequip checkpoint (.ckpt) or package (.nequip.zip)")
             pickles = [name for name in names if name.endswith("data.pkl")]
             if len(pickles) != 1:
                 raise FileFormatError(f"model file {path}: a zip archive but not a torch file")
@@ -76,15 +87,22 @@ def detect_family(path: str | os.PathLike) -> str:
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise FileFormatError(f"model file {path}: unreadable torch archive ({exc})") from exc
     # GLOBAL opcodes carry "module name"; STACK_GLOBAL takes its module from a preceding string.
-    return "mace" if any(text.startswith("mace.") for text in strings) else "ltau_local"
+    # A nequip checkpoint names its model builder as a string (hydra "_target_").
+    if any(text.startswith("mace.") for text in strings):
+        return "mace"
+    if any(text.startswith("allegro.model.") for text in strings):
+        return "allegro"
+    if any(text.startswith("nequip.model.") for text in strings):
+        return "nequip"
+    return "ltau_local"
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", family: str | None = None,
                allow_pickle: bool = False) -> torch.nn.Module:
     """Load a force field of any supported family; the result honours the forward contract and has ``.card``.
 
-    ``family`` (one of ``FAMILIES``) skips the detection. A MACE file is unpickled only with
-    ``allow_pickle=True``; otherwise ``PickleRefusedError`` names the option. Every other defect
+    ``family`` (one of ``FAMILIES``) skips the detection. A MACE or nequip file is unpickled only
+    with ``allow_pickle=True``; otherwise ``PickleRefusedError`` names the option. Every other defect
     raises ``FileFormatError`` naming the file.
     """
     path = os.fspath(path)
@@ -96,7 +114,51 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise FileFormatError(f"model file {path}: no such file")
     if family == "mace":
         return _load_mace(path, map_location, allow_pickle)
+    if family in ("nequip", "allegro"):
+        return _load_nequip(path, map_location, allow_pickle, family)
     return _load_local(path, map_location)
+
+
+def _is_nequip_package(path: str) -> bool:
+    """A ``nequip-package`` file (a torch.package zip holding ``<name>/model/package_metadata.txt``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith(_PACKAGE_METADATA) for name in archive.namelist())
+
+
+def _load_nequip(path: str, map_location, allow_pickle: bool, family: str) -> torch.nn.Module:
+    kind = "package" if _is_nequip_package(path) else "checkpoint"
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"model file {path} is a nequip {kind} ({family}): nequip's loader unpickles it"
+            f"{' and runs the Python code stored in it' if kind == 'package' else ''}. Load it only if you "
+            f"trust its source, with {TRUST_OPTIONS}")
+    from ltau_lmp.model.nequip import NequIPForceField
+
+    try:
+        from nequip.model.saved_models.load_utils import load_saved_model
+        from nequip.utils.global_state import global_state_initialized, set_global_state
+    except ImportError as exc:
+        raise LTAUError(f"model file {path} is a nequip model but nequip is not installed "
+                        f"(pip install 'ltau-lmp[nequip]'): {exc}") from exc
+    if kind == "package" and not path.endswith(".nequip.zip"):
+        raise FileFormatError(f"model file {path} is a nequip package: nequip loads packages only from files "
+                              f"named *.nequip.zip; rename it")
+    if not global_state_initialized():
+        set_global_state()  # nequip's model builders refuse to run before it (dtype and TF32 defaults)
+    try:
+        module = load_saved_model(path)
+    except Exception as exc:  # arbitrary code ran: report whatever it raised
+        raise FileFormatError(f"model file {path}: nequip could not load the {kind} "
+                              f"({type(exc).__name__}: {exc})") from exc
+    try:
+        model = NequIPForceField(module.eval())
+    except ConfigError as exc:
+        raise FileFormatError(f"model file {path}: {exc}") from exc
+    if model.family != family:
+        raise FileFormatError(f"model file {path} holds a {model.family} model, not {family}")
+    return model.to(map_location)
 
 
 def _load_mace(path: str, map_location, allow_pickle: bool) -> torch.nn.Module:

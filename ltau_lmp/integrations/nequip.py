@@ -1,0 +1,192 @@
+"""LTAU from nequip's own, unchanged trainer (nequip 0.19, Lightning): a callback for its config.
+
+Add to the ``trainer.callbacks`` list of a ``nequip-train`` config::
+
+    - _target_: ltau_lmp.integrations.nequip.LTAUCallback
+      out_dir: ${hydra:runtime.output_dir}/ltau
+      skip_epochs: 3
+
+What it does, with Lightning hooks only (no nequip code copied or changed):
+
+* ``setup("fit")`` (after nequip's data module has built its datasets, before any dataloader):
+  one pass over the training datasets gives every training atom a stable id (consecutive over
+  the training set in dataset order) and the training set as ``ase.Atoms`` with reference
+  forces; each training dataset is wrapped so that its items carry the ids as an extra per-atom
+  field ``ltau_atom_id`` (registered with ``nequip.data.register_fields``, so nequip's batching
+  concatenates it and its model never sees it). The validation datasets are kept as held-out
+  structures that calibrate the estimator's ``ood`` p-value and alarm thresholds.
+* A forward hook on the model records ‖F_pred − F_ref‖ per atom from each training step's own
+  forward pass (live weights, not EMA) against the batch's reference forces, keyed by the ids;
+  ``on_train_epoch_end`` closes the epoch. Validation forwards are not logged.
+* ``on_fit_end`` saves the final state as a Lightning checkpoint ``out_dir/model.ckpt`` (what
+  ``load_model`` / ``pair_style ltau`` load: nequip's evaluation model, EMA weights if the
+  training module keeps them) and builds the estimator from that model's latents over the
+  training set (``ltau_lmp.integrations.replay.write_estimator``: error_log.npz,
+  descriptors.npy, estimator/, train_set.xyz, reference_set.xyz, summary.json).
+
+The wrapper and the hook draw no random numbers and change no tensor the trainer uses, so
+training is unchanged (same losses and validation metrics as a plain run). Not supported
+(refused): several processes (DDP; per-rank logs would need merging), several models in one
+training module, training items without reference forces.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning
+import numpy as np
+import torch
+from ase import Atoms
+from torch.utils.data import Dataset
+
+from ltau_lmp.errors import LTAUError
+from ltau_lmp.integrations.replay import REF_FORCES, write_estimator
+from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+
+ID_KEY = "ltau_atom_id"
+
+
+class _TaggedDataset(Dataset):
+    """A training dataset whose items carry their atoms' LTAU ids (``ID_KEY``, int64 per atom)."""
+
+    def __init__(self, base: Dataset, offsets: np.ndarray):
+        self.base = base
+        self.offsets = offsets  # (len(base) + 1,): item k holds ids offsets[k] .. offsets[k+1]-1
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        data = dict(self.base[index])
+        data[ID_KEY] = torch.arange(int(self.offsets[index]), int(self.offsets[index + 1]), dtype=torch.int64)
+        return data
+
+
+def _atoms(data: dict, type_names, what: str) -> Atoms:
+    """One nequip data item as ``ase.Atoms`` with its reference forces in ``arrays[REF_FORCES]``."""
+    from nequip.data import AtomicDataDict as K
+
+    types = data[K.ATOM_TYPE_KEY].reshape(-1).tolist()
+    cell = data[K.CELL_KEY].reshape(3, 3).numpy() if K.CELL_KEY in data else None
+    pbc = data[K.PBC_KEY].reshape(3).numpy() if K.PBC_KEY in data else False
+    atoms = Atoms(symbols=[type_names[t] for t in types], positions=data[K.POSITIONS_KEY].numpy(),
+                  cell=cell, pbc=pbc)
+    if K.FORCE_KEY not in data:
+        raise LTAUError(f"{what} has no reference forces ({K.FORCE_KEY!r}): LTAU logs per-atom force errors")
+    atoms.arrays[REF_FORCES] = data[K.FORCE_KEY].detach().numpy().astype(np.float64)
+    return atoms
+
+
+class LTAUCallback(lightning.Callback):
+    """Per-atom force-error logging during ``nequip-train`` and the LTAU estimator at its end.
+
+    ``out_dir``: where model.ckpt, error_log.npz, descriptors.npy, estimator/, train_set.xyz,
+    reference_set.xyz and summary.json go. ``lo``, ``hi``, ``nbins``, ``skip_epochs``: the error
+    histograms (as ``ltau-lmp train``); ``index``, ``k``, ``false_alarm_rate``: the estimator.
+    ``build_estimator=False`` writes only the error log and model.ckpt.
+    """
+
+    def __init__(self, out_dir: str, lo: float = ErrorLogOptions.lo, hi: float = ErrorLogOptions.hi,
+                 nbins: int = ErrorLogOptions.nbins, skip_epochs: int = ErrorLogOptions.skip_epochs,
+                 index: str = EstimatorOptions.index, k: int = EstimatorOptions.k,
+                 false_alarm_rate: float = EstimatorOptions.false_alarm_rate, build_estimator: bool = True):
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.log_options = ErrorLogOptions(lo=lo, hi=hi, nbins=nbins, skip_epochs=skip_epochs)
+        self.estimator_options = EstimatorOptions(index=index, k=k, false_alarm_rate=false_alarm_rate)
+        self.estimator_options.validate("LTAUCallback")
+        self.build_estimator = build_estimator
+        self.frames: list[Atoms] = []
+        self.reference_frames: list[Atoms] = []
+        self.logger = None  # ErrorLogger, from setup
+        self.setup_seconds = 0.0
+        self._batch = None
+        self._hook = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from nequip.data import register_fields
+
+        from ltau_lmp.estimator import ErrorLog
+        from ltau_lmp.training.trainer import ErrorLogger
+
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise LTAUError(f"LTAUCallback: training on {trainer.world_size} processes is not supported "
+                            f"(per-rank error logs are not merged); train on one process")
+        start = time.perf_counter()
+        datamodule = trainer.datamodule
+        type_names = self._model(pl_module).type_names
+        tagged, offset = [], 0
+        for d, dataset in enumerate(datamodule.train_dataset):
+            offsets = [offset]
+            for k in range(len(dataset)):
+                self.frames.append(_atoms(dataset[k], type_names, f"training item {k} of dataset {d}"))
+                offset += len(self.frames[-1])
+                offsets.append(offset)
+            tagged.append(_TaggedDataset(dataset, np.asarray(offsets)))
+        if offset == 0:
+            raise LTAUError("LTAUCallback: the training set is empty")
+        self.reference_frames = [_atoms(dataset[k], type_names, f"validation item {k} of dataset {d}")
+                                 for d, dataset in enumerate(datamodule.val_dataset) for k in range(len(dataset))]
+        register_fields(node_fields=[ID_KEY], long_fields=[ID_KEY])
+        datamodule.train_dataset = tagged
+        options = self.log_options
+        self.logger = ErrorLogger(ErrorLog.log_spaced(offset, lo=options.lo, hi=options.hi, nbins=options.nbins,
+                                                      skip_epochs=options.skip_epochs))
+        self.setup_seconds = time.perf_counter() - start
+
+    @staticmethod
+    def _model(pl_module):
+        models = list(pl_module.model.values())
+        if len(models) != 1:
+            raise LTAUError(f"LTAUCallback: the training module holds {len(models)} models; one is supported")
+        return models[0]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._hook = self._model(pl_module).register_forward_hook(self._log_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from nequip.data import AtomicDataDict as K
+
+        if ID_KEY not in batch:
+            raise LTAUError(f"LTAUCallback: a training batch carries no {ID_KEY} (its dataloader did not come "
+                            f"from the data module's train_dataset)")
+        self._batch = (batch[ID_KEY], batch[K.FORCE_KEY])  # the references, before the step touches the batch
+
+    def _log_step(self, module, inputs, output) -> None:
+        from nequip.data import AtomicDataDict as K
+
+        if self._batch is None:  # not a training step (validation, or a second forward in one step)
+            return
+        ids, reference = self._batch
+        self._batch = None
+        self.logger.log(ids.cpu().numpy(), output[K.FORCE_KEY], reference)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.logger.end_epoch()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from ltau_lmp.model import load_model
+
+        if self._hook is not None:
+            self._hook.remove()
+        log = self.logger.error_log
+        if log.epoch == 0:
+            raise LTAUError("LTAUCallback: no training epoch ran: nothing was logged")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        model_path = self.out_dir / "model.ckpt"
+        trainer.save_checkpoint(model_path)
+        if not self.build_estimator:
+            log.save(self.out_dir / "error_log.npz")
+            return
+        # the checkpoint this callback just wrote, loaded the way pair_style ltau loads it
+        model = load_model(model_path, map_location=pl_module.device, allow_pickle=True)
+        write_estimator(
+            self.out_dir, model, self.frames, log, self.estimator_options, reference_frames=self.reference_frames,
+            metadata={"model_file": str(model_path), "epochs": log.epoch,
+                      "skip_epochs": self.log_options.skip_epochs},
+            summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.logger.seconds,
+                     "setup_seconds": self.setup_seconds})
