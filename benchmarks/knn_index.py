@@ -1,0 +1,174 @@
+"""kNN index benchmark on real latents: flat (exact) vs the old default vs ``auto``, side by side.
+
+    python benchmarks/knn_index.py                                  # si, 3bpa, gap20 at 100k and 1M
+    python benchmarks/knn_index.py --datasets 3bpa --sizes 100000 --out /tmp/knn.json
+
+Index vectors: the real training latents of a data set (90 % of its atoms; for ``si`` all the
+training atoms of the built-in Si model in ``--si-run``), replicated with Gaussian noise to each
+size (σ per dimension = half the median nearest-neighbour distance of the originals / √d: MD-like
+near-duplicates). Queries: held-out atoms (the other 10 %; for ``si`` the model's validation
+atoms, reference_descriptors.npy) with the same noise, so none of them is in the index.
+
+Per-entry expected errors: ``si`` its real training-error PDFs, the others log-normal
+(median 0.05 eV/Å, σ_log 0.7) per original atom; each replica scales its original's value by
+exp(N(0, 0.2)) (near-duplicates have close, not equal, errors). A query's expected error is
+the mean over its k = 10 neighbours, as ``LTAUEstimator`` computes it with uniform weights.
+
+Everything runs with faiss at 1 thread; q/s are raw ``SearchIndex.search`` throughputs
+(best of 3) for batches of 4096 and 512 queries, like one MD evaluation per rank. The machine
+is shared: compare the columns of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ltau_lmp.estimator.index import (AUTO_EXACT_LIMIT, SearchIndex, auto_options, require_faiss,
+                                      set_threads)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path("/work/shared/data")
+DATASETS = ("si", "3bpa", "gap20")
+K = 10
+N_QUERIES = 4096
+N_TRUTH = 2048  # queries searched exactly: the reference for recall and expected-error differences
+OLD_DEFAULT = {"limit": 200_000, "kind": "hnsw"}  # before auto: flat below 200k, HNSW (M 32, efS 16) above
+
+
+def load_dataset(name: str, si_run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index originals, held-out originals, per-original expected error)."""
+    rng = np.random.default_rng(0)
+    if name == "si":
+        from ltau_lmp.estimator.estimator import log_midpoints
+
+        base = np.load(si_run / "descriptors.npy").astype(np.float32)
+        held = np.load(si_run / "reference_descriptors.npy").astype(np.float32)
+        pdfs = np.load(si_run / "estimator" / "pdfs.npy")
+        edges = np.load(si_run / "estimator" / "bin_edges.npy")
+        return base, held, pdfs @ log_midpoints(edges)
+    file = {"3bpa": "3bpa/descriptors.npy", "gap20": "gap20/descriptors_sample_215.npy"}[name]
+    data = np.load(SHARED / file).astype(np.float32)
+    perm = rng.permutation(len(data))
+    n_held = max(1, len(data) // 10)
+    base, held = data[perm[n_held:]], data[perm[:n_held]]
+    return base, held, np.exp(rng.normal(np.log(0.05), 0.7, len(base)))
+
+
+def noise_sigma(base: np.ndarray) -> float:
+    sample = base[np.random.default_rng(1).choice(len(base), min(2000, len(base)), replace=False)]
+    dist = require_faiss().knn(sample, base, 2)[0][:, 1]
+    return 0.5 * float(np.median(np.sqrt(dist))) / np.sqrt(base.shape[1])
+
+
+def replicate(base: np.ndarray, n: int, sigma: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n noisy copies of random rows of ``base`` (each original at least once when n allows)."""
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.permutation(len(base))[:n], rng.integers(0, len(base), max(0, n - len(base)))])
+    out = base[rows]
+    out += rng.normal(scale=sigma, size=out.shape).astype(np.float32)
+    return out, rows
+
+
+def search_rate(index: SearchIndex, queries: np.ndarray, batch: int, repeats: int = 3) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for start in range(0, len(queries), batch):
+            index.search(queries[start:start + batch], K)
+        best = max(best, len(queries) / (time.perf_counter() - t0))
+    return best
+
+
+def compare(ids: np.ndarray, exact: np.ndarray, entry_expected: np.ndarray) -> dict:
+    recall = float(np.mean((ids[:, :, None] == exact[:, None, :]).any(axis=2)))
+    expected, reference = entry_expected[ids].mean(axis=1), entry_expected[exact].mean(axis=1)
+    diff = np.abs(expected - reference)
+    return {"recall_at_10": round(recall, 4), "max_abs_expected_diff": float(diff.max()),
+            "mean_abs_expected_diff": float(diff.mean()), "mean_rel_expected_diff": float(np.mean(diff / reference))}
+
+
+def run_case(name: str, size: int, si_run: Path) -> list[dict]:
+    base, held, base_expected = load_dataset(name, si_run)
+    sigma = noise_sigma(base)
+    vectors, rows = replicate(base, size, sigma, seed=2)
+    entry_expected = base_expected[rows] * np.exp(np.random.default_rng(3).normal(0.0, 0.2, size))
+    queries = replicate(held, N_QUERIES, sigma, seed=4)[0]
+    t0 = time.perf_counter()
+    flat = SearchIndex.build(vectors, "flat", use_gpu=False)
+    flat_build = time.perf_counter() - t0
+    exact = flat.search(queries[:N_TRUTH], K)[1]
+    truth_rate = search_rate(flat, queries[:1024 if size > 200_000 else N_TRUTH], batch=1024, repeats=1)
+    common = {"dataset": name, "n_entries": size, "n_originals": len(base), "noise_sigma": sigma}
+    rows_out = [{**common, "index": "flat", "kind": "flat", "options": {}, "build_s": round(flat_build, 2),
+                 "qps_batch4096": round(truth_rate), "qps_batch512": None,
+                 **compare(exact, exact, entry_expected)}]
+    old = ("flat", {}) if size < OLD_DEFAULT["limit"] else (OLD_DEFAULT["kind"], {})
+    candidates = {"old default": old, "auto": ("auto", None)}
+    if size < AUTO_EXACT_LIMIT:  # what auto would build above the limit, to show why it stays exact here
+        candidates["ivf (auto's tuning)"] = ("ivf", {k: v for k, v in auto_options("ivf", size, None).items()
+                                                     if k != "auto"})
+    for label, (kind, options) in candidates.items():
+        if kind == "flat":
+            rows_out.append({**rows_out[0], "index": label})
+            continue
+        t0 = time.perf_counter()
+        index = SearchIndex.build(vectors, kind, options, use_gpu=False)
+        build_s = time.perf_counter() - t0
+        rows_out.append({**common, "index": label, "kind": index.kind, "options": index.options,
+                         "build_s": round(build_s, 2), "qps_batch4096": round(search_rate(index, queries, 4096)),
+                         "qps_batch512": round(search_rate(index, queries, 512)),
+                         **compare(index.search(queries[:N_TRUTH], K)[1], exact, entry_expected)})
+    return rows_out
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        opts = {k: v for k, v in r["options"].items() if k not in ("auto", "recall_at_10")}
+        built = r["options"].get("recall_at_10")
+        print(f"{r['dataset']:6s} {r['n_entries']:>9,} {r['index']:20s} {r['kind']:5s} {r['build_s']:7.1f} "
+              f"{r['qps_batch4096']:>9,} {r['qps_batch512'] or 0:>9,} {r['recall_at_10']:7.3f} "
+              f"{'' if built is None else f'{built:.3f}':>6s} {r['max_abs_expected_diff']:9.2e} "
+              f"{r['mean_abs_expected_diff']:9.2e} {r['mean_rel_expected_diff']:7.2%}  {opts}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000])
+    parser.add_argument("--si-run", type=Path, default=ROOT / "runs" / "demo" / "run",
+                        help="training run of the built-in Si model (descriptors.npy, reference_descriptors.npy, "
+                             "estimator/)")
+    parser.add_argument("--out", type=Path, default=ROOT / "doc" / "validation" / "knn_index.json")
+    args = parser.parse_args()
+    set_threads(1)
+    print("# kNN index benchmark, faiss 1 thread, k = 10; q/s = raw search, best of 3; recall and expected-"
+          f"error differences over {N_TRUTH} held-out queries against exact search")
+    print(f"{'data':6s} {'entries':>9s} {'index':20s} {'kind':5s} {'build s':>7s} {'q/s 4096':>9s} "
+          f"{'q/s 512':>9s} {'rec@10':>7s} {'build':>6s} {'max|dE|':>9s} {'mean|dE|':>9s} {'rel':>7s}  options")
+    results = []
+    for name in args.datasets:
+        if name == "si" and not (args.si_run / "estimator" / "pdfs.npy").is_file():
+            print(f"# skipping si: no trained run in {args.si_run} (make demo)")
+            continue
+        for size in args.sizes:
+            rows = run_case(name, size, args.si_run)
+            print_rows(rows)
+            results.extend(rows)
+    print("(build: recall@10 auto measured at build on its own sample, stored in the index options; "
+          "dE: expected-error difference to exact search, eV/Å; rel: mean |dE| / exact expected error)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "benchmarks/knn_index.py", "faiss_threads": 1, "k": K, "n_queries": N_QUERIES,
+        "n_truth": N_TRUTH, "machine": f"{platform.processor() or platform.machine()}, shared; read ratios",
+        "results": results}, indent=1, default=float))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""``index="auto"``: exact below the size limit, tuned IVF above, the choice recorded and reloaded."""
+
+import numpy as np
+import pytest
+
+from ltau_lmp.errors import ConfigError
+from ltau_lmp.estimator import LTAUEstimator
+from ltau_lmp.estimator import index as index_module
+from ltau_lmp.estimator.index import AUTO_EXACT_LIMIT, AUTO_RECALL, DEFAULT_KIND, SearchIndex
+
+pytest.importorskip("faiss")
+
+
+def _clustered(rng, n, dim=16, n_clusters=40, intrinsic=4):
+    """Gaussian clusters on a low-dimensional subspace, like real latent spaces."""
+    basis = np.linalg.qr(rng.normal(size=(dim, intrinsic)))[0].T
+    centers = rng.normal(scale=4.0, size=(n_clusters, intrinsic))
+    low = centers[rng.integers(0, n_clusters, n)] + rng.normal(size=(n, intrinsic))
+    return (low @ basis + rng.normal(scale=0.05, size=(n, dim))).astype(np.float32)
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    """auto's IVF on a few thousand points: the same code path as above the real limit, fast."""
+    monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 1000)
+    return 1000
+
+
+def _recall(found, exact):
+    return float(np.mean((found[:, :, None] == exact[:, None, :]).any(axis=2)))
+
+
+def test_auto_is_the_default_and_exact_below_the_limit():
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(AUTO_EXACT_LIMIT - 1, 4)).astype(np.float32)
+    auto = SearchIndex.build(data, use_gpu=False)
+    assert DEFAULT_KIND == "auto"
+    assert (auto.kind, auto.options) == ("flat", {"auto": True})
+    queries = rng.normal(size=(50, 4)).astype(np.float32)
+    exact = SearchIndex.build(data, "flat", use_gpu=False)
+    for got, want in zip(auto.search(queries, 10), exact.search(queries, 10)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_auto_switches_to_ivf_at_the_limit(small_limit):
+    rng = np.random.default_rng(1)
+    assert SearchIndex.build(_clustered(rng, small_limit - 1), use_gpu=False).kind == "flat"
+    index = SearchIndex.build(_clustered(rng, small_limit), use_gpu=False)
+    assert index.kind == "ivf" and index.options["auto"] is True
+    assert index.options["target_recall"] == AUTO_RECALL and index.options["nprobe"] >= 1
+
+
+def test_recall_measured_at_build_reaches_target_and_holds_for_new_points(small_limit):
+    rng = np.random.default_rng(2)
+    data = _clustered(rng, 6000)
+    index = SearchIndex.build(data[1000:], use_gpu=False)
+    assert index.options["recall_at_10"] >= index.options["target_recall"] == AUTO_RECALL
+    exact = SearchIndex.build(data[1000:], "flat", use_gpu=False).search(data[:1000], 10)[1]
+    assert _recall(index.search(data[:1000], 10)[1], exact) >= 0.95  # points not in the index
+
+
+def test_auto_choice_is_reproducible_and_survives_save_and_load(small_limit, tmp_path):
+    rng = np.random.default_rng(3)
+    data = _clustered(rng, 2500)
+    pdfs = rng.dirichlet(np.ones(8), size=len(data)).astype(np.float32)
+    edges = np.logspace(-3, 0, 9)
+    est = LTAUEstimator.build(data, pdfs, edges, use_gpu=False)
+    again = LTAUEstimator.build(data, pdfs, edges, use_gpu=False)
+    assert est.index.options == again.index.options
+    est.save(tmp_path / "est")
+    back = LTAUEstimator.load(tmp_path / "est", use_gpu=False)
+    assert (back.index.kind, back.index.options) == (est.index.kind, est.index.options)
+    assert back.summary()["index"]["recall_at_10"] == est.index.options["recall_at_10"]
+    queries = _clustered(rng, 200)
+    np.testing.assert_array_equal(back.query(queries).neighbors, est.query(queries).neighbors)
+    np.testing.assert_array_equal(again.query(queries).neighbors, est.query(queries).neighbors)
+
+
+def test_given_options_override_auto_and_explicit_kinds_keep_their_defaults(small_limit):
+    rng = np.random.default_rng(4)
+    data = _clustered(rng, 2000)
+    fixed = SearchIndex.build(data, "auto", {"nprobe": 3}, use_gpu=False)
+    assert fixed.options["nprobe"] == 3 and fixed.options["target_recall"] is None
+    assert 0.0 < fixed.options["recall_at_10"] <= 1.0  # measured, not tuned
+    tuned = SearchIndex.build(data, "ivf", {"nlist": 16, "target_recall": 0.999}, use_gpu=False)
+    assert tuned.options["recall_at_10"] >= 0.999
+    plain = SearchIndex.build(data, "ivf", {"nlist": 16}, use_gpu=False)
+    assert plain.options == {"nlist": 16, "nprobe": 8, "quantizer": "flat", "target_recall": None}
+
+
+def test_changing_nprobe_drops_the_stale_recall(small_limit):
+    index = SearchIndex.build(_clustered(np.random.default_rng(5), 2000), use_gpu=False)
+    index.set_search_options(nprobe=1)
+    assert index.options["nprobe"] == 1 and index.options["target_recall"] is None
+    assert "recall_at_10" not in index.options
+
+
+@pytest.mark.parametrize("kind,options,message", [
+    ("auto", {"recall_at_10": 0.9}, "recorded by the build"),
+    ("auto", {"auto": False}, "recorded by the build"),
+    ("auto", {"nprobe": 2, "target_recall": 0.9}, "not both"),
+    ("auto", {"target_recall": 1.5}, r"target_recall must lie in \(0, 1\]"),
+    ("auto", {"quantizer": "pq"}, "quantizer must be 'flat' or 'hnsw'"),
+    ("auto", {"nlist": 0}, "nlist must be a positive integer"),
+    ("auto", {"ef_search": 8}, "unknown option"),
+    ("ivf", {"nprobe": None}, "needs a target_recall"),
+])
+def test_bad_options_are_refused_clearly(small_limit, kind, options, message):
+    data = _clustered(np.random.default_rng(6), 1500)
+    with pytest.raises(ConfigError, match=message):
+        SearchIndex.build(data, kind, options, use_gpu=False)
+
+
+def test_rebuild_only_options_cannot_change_after_build(small_limit):
+    index = SearchIndex.build(_clustered(np.random.default_rng(7), 1500), use_gpu=False)
+    for option in ("target_recall", "nlist", "quantizer", "recall_at_10"):
+        with pytest.raises(ConfigError, match="without rebuilding"):
+            index.set_search_options(**{option: 1})
+
+
+def test_auto_uses_an_hnsw_quantizer_for_many_lists(monkeypatch):
+    monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 100)
+    monkeypatch.setattr(index_module, "AUTO_HNSW_QUANTIZER_NLIST", 64)
+    index = SearchIndex.build(_clustered(np.random.default_rng(8), 2000), use_gpu=False)
+    assert (index.options["nlist"], index.options["quantizer"]) == (128, "hnsw")
+    assert index.options["recall_at_10"] >= AUTO_RECALL
