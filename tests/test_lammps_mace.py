@@ -1,5 +1,6 @@
 """A MACE model behind pair_style ltau + fix ltau: exact against MACE's own calculator, exact
-across MPI ranks (thick ghost shell), and clear errors on every rank for bad set-ups.
+across MPI ranks (the default per-layer ghost exchange; exchange vs thick ghost shell in
+test_lammps_exchange.py), and clear errors on every rank for bad set-ups.
 
 The model is a randomly initialised two-species MACE (8 channels, 2 interactions, r_max 4 A,
 float64): exactness does not need a trained model. Its file is MACE's own format (a pickled
@@ -142,15 +143,17 @@ def test_one_rank_equals_two_ranks(files, tmp_path):
     assert np.abs(one[:, 1:4] - two[:, 1:4]).max() <= 1e-10
     assert np.abs(one[:, 1:4]).max() > 0.1                       # a real, moving system
     np.testing.assert_allclose(two[:, 4:], one[:, 4:], rtol=1e-6, atol=1e-9)
-    # the ghost shell was raised automatically to the receptive field (2 x 4 A) + skin (2 A)
-    assert "Pair style ltau: ghost atoms out to 10 A (receptive field 8 A + skin 2 A)" in log2
+    # the default on several ranks: one cutoff of ghosts and a ghost exchange per layer
+    assert "ghost exchange after each layer" in log2 and "ghost atoms out to 10 A" not in log2
 
 
 BAD = {
     "no pickle opt-in": (HEADER.replace(" allow_pickle yes", ""), "allow_pickle"),
     "species the model lacks": (HEADER.replace("C Si", "Ge Si"), "Ge not in model"),
-    "ghost cutoff set too short": (HEADER + "comm_modify cutoff 6.0\n",
-                                   "add `comm_modify cutoff 10`"),
+    "ghost cutoff set too short": (HEADER.replace("allow_pickle yes", "allow_pickle yes message_passing shell")
+                                   + "comm_modify cutoff 6.0\n", "add `comm_modify cutoff 10`"),
+    "unknown message_passing": (HEADER.replace("allow_pickle yes", "allow_pickle yes message_passing thick"),
+                                "message_passing must be exchange or shell, got 'thick'"),
     "estimator of another model": (HEADER + "fix u all ltau {est_other}\n", "was built for model"),
     "unknown pair_style keyword": (HEADER.replace("allow_pickle yes", "allow_pickles yes"),
                                    "unknown keyword 'allow_pickles'"),

@@ -135,6 +135,53 @@ def test_ghost_atoms_out_to_receptive_field_are_exact(adapter, shell, exact):
         assert force_error > 1e-7
 
 
+class RecordingExchange:
+    """A one-process ``exchange=``: ghost rows := their owners' rows by indexing (differentiable,
+    its backward sums ghost gradients onto the owners); records the widths of the forward calls
+    and of the gradients going back through them."""
+
+    def __init__(self, owners):
+        self.owners, self.forward, self.reverse = torch.as_tensor(owners), [], []
+
+    def __call__(self, rows):
+        self.forward.append(rows.shape[1])
+        out = rows[self.owners]
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.reverse.append(grad.shape[1]))
+        return out
+
+
+def test_exchange_with_one_cutoff_of_ghosts_is_exact(adapter):
+    """Pairs centred on local atoms, ghosts out to one cutoff, ghost features refreshed per layer."""
+    atoms = si_c_cell(seed=6)
+    periodic = evaluate(adapter, *inputs(adapter, atoms))
+    cluster, owners = explicit_images(atoms, adapter.card.cutoff + 0.5)
+    positions, species, c, n, _, _ = inputs(adapter, cluster)
+    local = c < len(atoms)
+    exchange = RecordingExchange(owners)
+    positions.requires_grad_()
+    atom_energy, latent = adapter(positions, species, c[local], n[local], None, len(atoms), exchange=exchange)
+    (grad,) = torch.autograd.grad(atom_energy.sum(), positions)
+    folded = np.zeros((len(atoms), 3))
+    np.add.at(folded, owners, -grad.numpy())
+    assert np.abs(folded - periodic.forces.numpy()).max() <= 1e-10
+    assert np.abs(atom_energy.detach().numpy() - periodic.atom_energy.numpy()).max() <= 1e-10
+    np.testing.assert_allclose(latent.detach().numpy(), periodic.latent.numpy(), rtol=0, atol=1e-10)
+    assert adapter.card.ghost_exchange
+    assert exchange.forward == exchange.reverse == list(adapter.exchange_widths) == [32]
+
+
+def test_exchange_without_local_atoms_still_exchanges(adapter):
+    """A rank without local atoms makes the same exchanges (collective), forward and backward."""
+    positions, species, c, n, s, _ = inputs(adapter, si_c_cell(seed=9))
+    offset = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    exchange = RecordingExchange(torch.arange(len(positions)))
+    atom_energy, latent = adapter(positions, species, c[:0], n[:0], offset, 0, exchange=exchange)
+    assert atom_energy.shape == (0,) and latent.shape == (0, 16)
+    (grad,) = torch.autograd.grad(atom_energy.sum(), offset)
+    assert exchange.forward == exchange.reverse == list(adapter.exchange_widths) and grad.shape == (0, 3)
+
+
 def test_card(adapter, mace_model):
     card = adapter.card
     assert (card.family, card.species, card.cutoff, card.num_layers, card.receptive_field) == \
