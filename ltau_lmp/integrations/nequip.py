@@ -116,6 +116,9 @@ class LTAUCallback(lightning.Callback):
         if trainer.world_size > 1:
             raise LTAUError(f"LTAUCallback: training on {trainer.world_size} processes is not supported "
                             f"(per-rank error logs are not merged); train on one process")
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.log_options.skip_epochs:
+            raise LTAUError(f"LTAUCallback: skip_epochs={self.log_options.skip_epochs} leaves none of the "
+                            f"{trainer.max_epochs} training epochs to count")
         start = time.perf_counter()
         datamodule = trainer.datamodule
         type_names = self._model(pl_module).type_names
