@@ -26,6 +26,7 @@ def test_parse_all_keywords():
     assert (with_halt.halt_mode, with_halt.halt_message, with_halt.halt_mode_code) == ("soft", True, abi.HALT_SOFT)
     # `error`/`message` may come before `halt`, as keywords of their own (fix halt's syntax)
     assert FixOptions.parse("est error hard halt 2".split()).halt_mode_code == abi.HALT_HARD
+    assert FixOptions.parse("est ci no every 5".split()).ci is None      # the lean evaluation: no intervals
 
 
 @pytest.mark.parametrize("args,message", [
@@ -38,6 +39,7 @@ def test_parse_all_keywords():
     (["e", "every", "0"], "every must be a positive integer"),
     (["e", "metric", "max"], "metric must be expected or upper or distance"),
     (["e", "ci", "0.9", "0.1"], "ci needs 0 <= LO < HI <= 1"),
+    (["e", "metric", "upper", "ci", "no"], "metric upper is the CI's upper end: it needs ci LO HI"),
     (["e", "halt", "1", "error", "maybe"], "error must be hard or soft or continue, got 'maybe'"),
     (["e", "halt", "1", "message", "maybe"], "message must be yes or no"),
     (["e", "error", "hard"], "keyword error needs halt THRESH"),
@@ -68,7 +70,7 @@ def test_pair_style_keywords():
     assert PairOptions.parse("allow_pickle yes family mace".split()) == PairOptions(True, "mace")
     for words, message in ((["allow_pickle"], "keyword allow_pickle needs yes|no"),
                            (["allow_pickle", "1"], "allow_pickle must be yes or no"),
-                           (["family", "nequip"], "family must be ltau_local or mace"),
+                           (["family", "schnet"], "family must be ltau_local or mace or nequip or allegro"),
                            (["trust", "yes"], "unknown keyword 'trust'")):
         with pytest.raises(LTAUError, match=message):
             PairOptions.parse(words)

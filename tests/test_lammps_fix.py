@@ -207,6 +207,25 @@ def test_peratom_equals_estimator_query(files, reference):
     assert final["scalar"] == pytest.approx(got[:, 3].max())
 
 
+def test_ci_no_skips_only_the_interval_columns(files, reference, tmp_path):
+    """`ci no`: the lean evaluation leaves f_u[2], f_u[3] at 0 and every other value unchanged."""
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lean = REF_SCRIPT.replace("metric distance", "metric distance ci no")
+    lmp = create_lammps(log="none", screen=False)
+    try:
+        lmp.commands_string(lean.format(model=files["model_file"], est=files["est"], dir=tmp_path, every=EVERY,
+                                        steps=STEPS))
+    finally:
+        lmp.close()
+    full, cut = reference["dumps"], _custom_dumps(tmp_path, "ref")
+    assert sorted(cut) == sorted(full)
+    for step, rows in cut.items():
+        np.testing.assert_array_equal(rows[:, [0, 1, 4]], full[step][:, [0, 1, 4]])
+        assert np.all(rows[:, 2:4] == 0.0) and np.all(full[step][:, 3] > 0)
+    np.testing.assert_array_equal(_read_log(tmp_path / "ref.log"), reference["log"])
+
+
 def test_uncertainty_is_never_silently_zero(reference):
     """Regression guard: a known failure mode of similar tools is an all-zero uncertainty."""
     for step, rows in reference["dumps"].items():

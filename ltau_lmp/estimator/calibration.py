@@ -115,6 +115,8 @@ def fit_tail(values: np.ndarray) -> Tail | None:
         return None
     start = float(values[n - n_tail - 1])
     excess = values[values > start] - start
+    if excess.size < MIN_TAIL:   # ties at the top (e.g. a constant): nothing to fit
+        return None
     shape, _, scale = stats.genpareto.fit(excess, floc=0.0)
     return Tail(start, (excess.size + 1.0) / (n + 1.0), float(shape), float(scale), int(excess.size))
 

@@ -45,7 +45,7 @@ class FixOptions:
     every: int = 1
     k: int | None = None
     metric: str = "expected"
-    ci: tuple[float, float] = (0.05, 0.95)
+    ci: tuple[float, float] | None = (0.05, 0.95)   # None: `ci no`, columns 2-3 stay 0 (no PDF mixing)
     quantile: float = 0.99
     halt: float | str | None = None  # a threshold, "auto" (the estimator's), or None
     halt_over: int = 1                # evaluations over the threshold, among the last halt_within,
@@ -72,8 +72,11 @@ class FixOptions:
                 opts.k = kw.positive_int(words.take(keyword, "K"), "k")
             elif keyword == "metric":
                 opts.metric = kw.choice(words.take(keyword, "|".join(METRICS)), "metric", METRICS)
+            elif keyword == "ci" and words.peek() == "no":
+                words.pop()
+                opts.ci = None
             elif keyword == "ci":
-                lo = kw.number(words.take(keyword, "LO HI"), "ci LO")
+                lo = kw.number(words.take(keyword, "LO HI|no"), "ci LO")
                 hi = kw.number(words.take(keyword, "LO HI"), "ci HI")
                 if not 0.0 <= lo < hi <= 1.0:
                     raise LTAUError(f"ci needs 0 <= LO < HI <= 1, got {lo} {hi}")
@@ -114,6 +117,8 @@ class FixOptions:
             else:
                 raise LTAUError(f"unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
                                 "halt, error, message, dump, log)")
+        if opts.ci is None and opts.metric == "upper":
+            raise LTAUError("metric upper is the CI's upper end: it needs ci LO HI, not ci no")
         if given and opts.halt is None:
             raise LTAUError(f"keyword {' and '.join(sorted(given))} needs halt THRESH")
         for what, value in (("halt", opts.halt), ("dump", opts.dump_threshold)):
@@ -283,7 +288,8 @@ class FixLtau:
         score = np.zeros(nlocal)
         if np.any(in_group):
             res = self.estimator.query(cache.latent[in_group], k=self.opts.k)
-            columns = [res.expected, *res.interval(*self.opts.ci).T, res.distance]
+            interval = res.interval(*self.opts.ci).T if self.opts.ci else np.zeros((2, len(res)))
+            columns = [res.expected, *interval, res.distance]
             if self.has_ood:
                 columns.append(res.ood)
             peratom[in_group] = np.column_stack(columns)
