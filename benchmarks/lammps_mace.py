@@ -3,9 +3,12 @@
 1. Bridge overhead: LAMMPS step time with `pair_style ltau` (1 rank; the graph is folded onto the
    local atoms, so the model sees exactly MACE's periodic graph) divided by MACE's own
    forward + backward (`model(batch, compute_force=True)`) on the same atoms and graph.
-2. Ghost shell: with 2 ranks every rank computes the model on its ghost atoms out to the receptive
-   field as well: nodes computed / local atoms (from LAMMPS's nlocal + nghost) and the step time
-   at 1 vs 2 ranks.
+2. Message passing on 2 ranks (--rank-cells, ~1000 atoms per rank by default), both ways in one
+   mpirun, interleaved: `message_passing exchange` (one cutoff of ghosts, ghost node features
+   exchanged after each layer: layers run on the local atoms) and `message_passing shell` (ghosts
+   out to the receptive field, every layer also on them): step time, nodes per layer / atoms,
+   their ratio, the largest force difference between the two (by atom ID, same trajectory), and
+   the speed-up over 1 rank (folded graph) on the same atoms.
 3. fix ltau cost: step time with `fix ltau every 1` and `every 10` over the step without it, and
    LTAU's extra cost per evaluated step against the extra cost of a 5-member MACE ensemble
    (4 more force calls of the same model per step, taken as 4 x MACE's own forward+backward).
@@ -15,7 +18,7 @@ synthetic entries: the model's own latent features of rattled / heated Si replic
 (examples/mace_si/ has the real one; pass it with --estimator).
 
 Usage: python benchmarks/lammps_mace.py [--model FILE.model --allow-pickle] [--estimator DIR]
-       [--cells 5] [--steps 10] [--rounds 3] [--entries 100000] [--index hnsw]
+       [--cells 5] [--rank-cells 6] [--steps 10] [--rounds 3] [--entries 100000] [--index hnsw]
 A MACE .model is a pickled module (loading it runs code from the file): a --model of yours is
 loaded only with --allow-pickle; without --model the script builds and uses a random MACE.
 (the venv's bin first in PATH, so that `mpirun` is MPICH's).
@@ -145,29 +148,44 @@ def step_times(model_file: str, estimator: str, cells: int, steps: int, rounds: 
     return best
 
 
-def worker(model_file: str, cells: int, steps: int, rounds: int, out: str) -> None:
-    """Under mpirun: best step time and node counts (local, local + ghost) summed over ranks."""
+def worker(model_file: str, cells: int, steps: int, rounds: int, modes: list[str], out: str) -> None:
+    """Under mpirun: one LAMMPS per message_passing mode, timed in interleaved rounds (best
+    step time each), node counts per layer summed over ranks, and each mode's final forces."""
+    import numpy as np
     from mpi4py import MPI
 
     from ltau_lmp.lammps.driver import create_lammps
 
-    lmp = create_lammps(log="none", screen=False)
-    lmp.commands_string(si_script(cells, ltau_pair(model_file, "allow_pickle yes")))
-    best = min(loop_time(lmp, steps) for _ in range(rounds + 1))
-    nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
     comm = MPI.COMM_WORLD
-    # the plugin's rule: one rank folds the graph onto its atoms, several compute their ghosts too
-    nodes = comm.allreduce(nlocal if comm.Get_size() == 1 else nlocal + nghost)
+    runs = {}
+    for mode in modes:
+        runs[mode] = create_lammps(log="none", screen=False)
+        runs[mode].commands_string(si_script(cells, ltau_pair(model_file, f"allow_pickle yes message_passing {mode}")))
+    best = {mode: float("inf") for mode in modes}
+    for _ in range(rounds + 1):    # the first round warms up, and every instance runs the same steps
+        for mode, lmp in runs.items():
+            best[mode] = min(best[mode], loop_time(lmp, steps))
+    result = {"nprocs": comm.Get_size(), "natoms": runs[modes[0]].get_natoms(), "modes": {}}
+    forces = {}
+    for mode, lmp in runs.items():
+        nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
+        # the plugin's rule: one rank folds the graph onto its atoms; on several, the shell
+        # computes every layer on the ghost atoms too, the exchange only on the local ones
+        per_layer = nlocal + nghost if comm.Get_size() > 1 and mode == "shell" else nlocal
+        result["modes"][mode] = {"step": best[mode], "nodes": comm.allreduce(per_layer),
+                                 "ghosts": comm.allreduce(nghost)}
+        forces[mode] = np.array(lmp.gather_atoms("f", 1, 3)).reshape(-1, 3)    # ordered by atom ID
+        lmp.close()
     if comm.Get_rank() == 0:
-        Path(out).write_text(json.dumps({"step": best, "nodes": nodes, "natoms": lmp.get_natoms(),
-                                         "nprocs": comm.Get_size()}))
-    lmp.close()
+        result["max_force_difference"] = float(np.abs(forces[modes[0]] - forces[modes[-1]]).max())
+        Path(out).write_text(json.dumps(result))
 
 
-def mpi_run(nprocs: int, model_file: str, cells: int, steps: int, rounds: int, tmp: Path) -> dict:
+def mpi_run(nprocs: int, model_file: str, cells: int, steps: int, rounds: int, modes: list[str], tmp: Path) -> dict:
     out = tmp / f"np{nprocs}.json"
     cmd = ["mpirun", "-np", str(nprocs), sys.executable, __file__, "--worker", "--allow-pickle",
-           "--model", model_file, "--cells", str(cells), "--steps", str(steps), "--rounds", str(rounds), "--out", str(out)]
+           "--model", model_file, "--rank-cells", str(cells), "--steps", str(steps), "--rounds", str(rounds),
+           "--modes", ",".join(modes), "--out", str(out)]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -181,10 +199,13 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--index", default="hnsw", help="index kind of the synthetic estimator")
     ap.add_argument("--cells", type=int, default=5, help="diamond cells per side (8 atoms each)")
+    ap.add_argument("--rank-cells", type=int, default=6,
+                    help="cells per side of the 1- vs 2-rank comparison (6: 1728 atoms, 864 per rank)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache", default="/tmp/ltau_bench_mace")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--modes", default="exchange", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cache = Path(args.cache)
@@ -194,7 +215,7 @@ def main() -> None:
                  "pass --allow-pickle if you trust it")
     model = args.model or str(random_mace(cache / "random_mace.model"))
     if args.worker:
-        worker(model, args.cells, args.steps, args.rounds, args.out)
+        worker(model, args.rank_cells, args.steps, args.rounds, args.modes.split(","), args.out)
         return
     from ltau_lmp.model import load_model
 
@@ -206,7 +227,8 @@ def main() -> None:
 
     own = mace_own_time(adapter, args.cells, args.rounds)
     one = step_times(model, estimator, args.cells, args.steps, args.rounds)
-    ranks = {n: mpi_run(n, model, args.cells, args.steps, args.rounds, cache) for n in (1, 2)}
+    one_rank = mpi_run(1, model, args.rank_cells, args.steps, args.rounds, ["exchange"], cache)
+    two = mpi_run(2, model, args.rank_cells, args.steps, args.rounds, ["exchange", "shell"], cache)
     natoms = one["natoms"]
     ltau_per_eval = one["every1"] - one["nofix"]
     ensemble_extra = 4 * own
@@ -215,11 +237,18 @@ def main() -> None:
     print(f"| MACE's own forward + backward | {own * 1e3:.1f} ms |")
     print(f"| LAMMPS step, pair_style ltau, 1 rank (folded graph) | {one['nofix'] * 1e3:.1f} ms |")
     print(f"| **bridge overhead** (step / MACE's own) | **{one['nofix'] / own:.3f}** |")
-    for n in (1, 2):
-        r = ranks[n]
-        print(f"| {n} rank(s): step time | {r['step'] * 1e3:.1f} ms |")
-        print(f"| {n} rank(s): nodes computed / atoms | {r['nodes'] / r['natoms']:.2f} |")
-    print(f"| speed-up 1 -> 2 ranks (thick ghost shell) | {ranks[1]['step'] / ranks[2]['step']:.2f} |")
+    n, ref = two["natoms"], one_rank["modes"]["exchange"]["step"]
+    print(f"| {n} atoms, 1 rank (folded graph): step time | {ref * 1e3:.1f} ms |")
+    for mode in ("exchange", "shell"):
+        r = two["modes"][mode]
+        print(f"| {n} atoms, 2 ranks, message_passing {mode}: step time | {r['step'] * 1e3:.1f} ms |")
+        print(f"| 2 ranks, {mode}: nodes per layer / atoms (ghost atoms / atoms) | "
+              f"{r['nodes'] / n:.2f} ({r['ghosts'] / n:.2f}) |")
+        print(f"| speed-up 1 -> 2 ranks, {mode} | {ref / r['step']:.2f} |")
+    print(f"| **exchange speed-up over shell, 2 ranks** | "
+          f"**{two['modes']['shell']['step'] / two['modes']['exchange']['step']:.2f}** |")
+    print(f"| max force difference exchange vs shell (by atom ID, after the same steps) | "
+          f"{two['max_force_difference']:.1e} eV/A |")
     print(f"| fix ltau every 1 | +{100 * (one['every1'] / one['nofix'] - 1):.1f} % |")
     print(f"| fix ltau every 10 | +{100 * (one['every10'] / one['nofix'] - 1):.1f} % |")
     print(f"| LTAU per evaluation / 5-member ensemble extra (4 x MACE) | {ltau_per_eval / ensemble_extra:.4f} |")
