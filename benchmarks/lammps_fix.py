@@ -138,7 +138,8 @@ def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_s
         del est
 
     configs = [(name, every) for name in estimators for every in (1, 10)]
-    skipped = {c for c in configs if c[1] == 1 and query[c[0]] * steps > max_seconds}
+    configs += [(name + " ci no", every) for name in estimators for every in (1, 10)]
+    skipped = {c for c in configs if c[1] == 1 and query[c[0].removesuffix(" ci no")] * steps > max_seconds}
     best = {c: float("inf") for c in configs}
     best[("nofix", 0)] = t_nofix
     for _ in range(rounds):
@@ -146,12 +147,53 @@ def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_s
         for name, every in configs:
             if (name, every) in skipped:
                 continue
-            lmp.command(f"fix u all ltau {estimators[name]} every {every}")
+            base, lean = name.removesuffix(" ci no"), name.endswith(" ci no")
+            lmp.command(f"fix u all ltau {estimators[base]} every {every}" + (" ci no" if lean else ""))
             best[(name, every)] = min(best[(name, every)], loop_time(lmp, steps))
             lmp.command("unfix u")
             best[("nofix", 0)] = min(best[("nofix", 0)], loop_time(lmp, steps))
     lmp.close()
-    return natoms, best, query, skipped
+    return natoms, best, query, skipped, latent
+
+
+def phase_times(estimators: dict, latent, repeats: int = 5) -> dict:
+    """Per-phase cost of one evaluation of ``latent`` (fastest of ``repeats``, interleaved):
+    the kNN search, the expected error, mixing the neighbours' PDFs and the interval quantiles,
+    the ood p-value; mixing and quantiles both as before this change (gathered einsum, one
+    cumulative sum per quantile) and as now (sparse product, one cumulative sum for both)."""
+    import numpy as np
+
+    from ltau_lmp.estimator import LTAUEstimator
+    from ltau_lmp.estimator.estimator import pdf_quantile, pdf_quantiles
+
+    out = {}
+    for name, path in estimators.items():
+        est = LTAUEstimator.load(path)
+        res = est.query(latent[:64])
+        phases = {
+            "search": lambda: est.index.search(latent, est.k),
+            "query (search + expected)": lambda: est.query(latent),
+            "mix old": lambda: np.einsum("nk,nkb->nb", res.weights.astype(np.float32), est.pdfs[res.neighbors],
+                                         optimize=True),
+            "mix new": lambda: est.mix_pdfs(res.neighbors, res.weights),
+            "quantiles old": lambda: [pdf_quantile(mixed, est.bin_edges, q) for q in (0.05, 0.95)],
+            "quantiles new": lambda: pdf_quantiles(mixed, est.bin_edges, (0.05, 0.95)),
+        }
+        res = est.query(latent)
+        mixed = est.mix_pdfs(res.neighbors, res.weights)
+        best = dict.fromkeys(phases, float("inf"))
+        for _ in range(repeats):
+            for phase, work in phases.items():
+                t0 = time.perf_counter()
+                work()
+                best[phase] = min(best[phase], time.perf_counter() - t0)
+        if est.has_ood_reference:
+            t0 = time.perf_counter()
+            res.ood
+            best["ood"] = time.perf_counter() - t0
+        out[name] = best
+        del est
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +288,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     estimators = {f"{kind} {n // 1000}k": _synthetic(model, n, kind, cache) for n in sizes for kind in ("flat", "hnsw")}
 
-    natoms, best, query, skipped = step_times(model_file, estimators, args.steps, args.rounds, args.max_seconds)
+    natoms, best, query, skipped, latent = step_times(model_file, estimators, args.steps, args.rounds,
+                                                      args.max_seconds)
+    phases = phase_times(estimators, latent)
     t0 = best[("nofix", 0)]
     ensemble = 4 * t0
     print(f"\nfix ltau cost: {natoms} atoms, 1 rank, torch {torch.__version__}, faiss {faiss.__version__}, "
@@ -260,20 +304,36 @@ def main() -> None:
     print(head)
     print(f"{'':<12}{'ms':>12}{'ms/step':>11}{'%':>10}{'ms/step':>11}{'%':>10}{'ms':>11}{'ratio':>11}")
     print("-" * len(head))
-    for name in estimators:
+    for name in [n + lean for lean in ("", " ci no") for n in estimators]:
         t1, t10 = best[(name, 1)], best[(name, 10)]
         if (name, 1) in skipped:
-            cost = query[name]            # projected from the bare query
+            cost = query[name.removesuffix(" ci no")]            # projected from the bare query
             e1 = f"{'skipped':>11}{f'~{cost / t0 * 100:.0f}*':>10}"
         else:
             cost = max(t1 - t0, 0.0)
             e1 = f"{t1 * 1e3:>11.1f}{(t1 / t0 - 1) * 100:>10.1f}"
-        print(f"{name:<12}{query[name] * 1e3:>12.1f}{e1}{t10 * 1e3:>11.1f}{(t10 / t0 - 1) * 100:>10.1f}"
+        print(f"{name:<18}{query[name.removesuffix(' ci no')] * 1e3:>6.1f}{e1}{t10 * 1e3:>11.1f}{(t10 / t0 - 1) * 100:>10.1f}"
               f"{cost * 1e3:>11.2f}{cost / ensemble:>11.3f}")
     print("\nLTAU/eval = t(every 1) - t(no fix) per step (* = projected from the bare query: the every-1 run "
           "was skipped as too slow); LTAU/ens. = LTAU/eval / (4 x no-fix step).")
     print("targets: every 1 with 1M HNSW <= 10 %, every 10 <= 2 %, LTAU/ens. <= 0.02 (1/50 of the ensemble's "
           "extra cost)")
+
+    print(f"\nper phase, one evaluation of {natoms} atoms (ms, fastest of 5); non-search = everything but the "
+          "search, with intervals (default) and with `ci no`; old = before the lean path")
+    columns = ["search", "query (search + expected)", "mix old", "mix new", "quantiles old", "quantiles new", "ood"]
+    print(f"{'estimator':<12}" + "".join(f"{c:>14}" for c in ["search", "expected", "mix old", "mix new", "quant old",
+                                                              "quant new", "ood", "non-s. old %", "new %",
+                                                              "ci no %"]))
+    for name, t in phases.items():
+        expected = t["query (search + expected)"] - t["search"]
+        ood = t.get("ood", 0.0)
+        old = expected + t["mix old"] + t["quantiles old"] + ood
+        new = expected + t["mix new"] + t["quantiles new"] + ood
+        values = [t[c] * 1e3 for c in columns[:1]] + [expected * 1e3] + [t[c] * 1e3 for c in columns[2:6]] + \
+            [ood * 1e3, old / t["search"] * 100, new / t["search"] * 100, (expected + ood) / t["search"] * 100]
+        print(f"{name:<12}" + "".join(f"{v:>14.2f}" for v in values))
+    print("target: non-search <= 10 % of the search")
 
     if args.memory:
         hnsw_1m = estimators.get("hnsw 1000k") or list(estimators.values())[-1]

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-descriptors", type=Path,
                    help="held-out in-domain atoms' descriptors .npy (same model, not in --descriptors)")
     p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
-                   help="in-domain false-alarm rate per atom-evaluation of the recommended alarm thresholds")
+                   help="in-domain false-alarm rate per evaluation of all watched atoms (halt auto)")
     p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
     p.add_argument("--index", default=DEFAULT_KIND, choices=KIND_CHOICES,
                    help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "

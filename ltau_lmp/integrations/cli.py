@@ -23,7 +23,7 @@ def _add_log_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=est.index, choices=KIND_CHOICES, help="estimator search backend")
     p.add_argument("-k", "--neighbors", type=int, default=est.k, help="neighbours averaged per query")
     p.add_argument("--false-alarm-rate", type=float, default=est.false_alarm_rate,
-                   help="in-domain false-alarm rate per atom-evaluation of the recommended alarm thresholds")
+                   help="in-domain false-alarm rate per evaluation of all watched atoms (halt auto)")
 
 
 def _options(args):

@@ -54,7 +54,7 @@ class ErrorLogOptions:
 class EstimatorOptions:
     index: str = DEFAULT_KIND  # faiss index kind: auto | flat (exact) | ivf | hnsw | ivfpq (ltau_lmp.estimator.index)
     k: int = DEFAULT_K  # nearest neighbours averaged per query
-    # in-domain false-alarm rate per atom-evaluation of the recommended alarm thresholds, which are
+    # in-domain false-alarm rate per evaluation of all watched atoms (halt auto), of thresholds
     # calibrated on the validation atoms (ltau_lmp.estimator.calibration)
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
 
