@@ -1,12 +1,17 @@
 # ltau_lmp: the README's commands call these targets.
 #   make demo   set up (once) and run the end-to-end silicon story (data -> train -> LAMMPS + fix ltau -> evaluate)
 #   make test   set up (once) and run the test suite
+#   make test-nequip   the NequIP/Allegro tests in their own environment (.venv-nequip)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo demo-mace test test-slow bench clean
+# nequip needs e3nn >= 0.6, mace-torch pins e3nn 0.4.4: NequIP/Allegro get a second environment
+NEQUIP_VENV ?= .venv-nequip
+NEQUIP_PY   := $(NEQUIP_VENV)/bin/python
+
+.PHONY: setup setup-nequip nequip-install demo demo-mace demo-nequip test test-nequip test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +25,26 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e ".[cpu,test,mace]"
 	touch $@
 
+# The nequip environment gets ltau_lmp as a regular (non-editable) install built from a copy of
+# the tree: an editable one would rebuild ltau_lmp/lammps/ltauplugin.so in place for this venv's
+# Python, under the main environment's feet. `make test-nequip` and `demo-nequip` refresh it.
+setup-nequip: $(NEQUIP_VENV)/.installed
+
+$(NEQUIP_VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(NEQUIP_VENV)
+	$(NEQUIP_PY) -m pip install --quiet --upgrade pip
+	$(NEQUIP_PY) -m pip install --quiet torch==2.13.0
+	$(NEQUIP_PY) -m pip install --quiet faiss-cpu==1.15.1
+	$(MAKE) --no-print-directory nequip-install EXTRAS="[cpu,test,nequip]" PIP_FLAGS=
+	touch $@
+
+# internal: (re)install the current tree into the nequip environment
+nequip-install:
+	rm -rf $(NEQUIP_VENV)/src && mkdir -p $(NEQUIP_VENV)/src
+	cp -r pyproject.toml setup.py README.md ltau_lmp $(NEQUIP_VENV)/src/
+	rm -f $(NEQUIP_VENV)/src/ltau_lmp/lammps/ltauplugin.so
+	$(NEQUIP_PY) -m pip install --quiet $(PIP_FLAGS) "$(abspath $(NEQUIP_VENV))/src$(EXTRAS)"
+
 demo: setup
 	$(PY) examples/si/demo.py --out runs/demo
 
@@ -27,8 +52,18 @@ demo: setup
 demo-mace: setup
 	$(PY) examples/mace_si/demo.py --out runs/mace_demo
 
+# a tiny NequIP trained by nequip-train with LTAU logging, then LAMMPS with fix ltau
+demo-nequip: setup-nequip
+	$(MAKE) --no-print-directory nequip-install PIP_FLAGS="--no-deps --force-reinstall"
+	$(NEQUIP_PY) examples/nequip_si/demo.py --out runs/nequip_demo
+
 test: setup
 	$(PY) -m pytest
+
+# not `python -m pytest`: that would import ltau_lmp from the tree instead of the nequip venv's install
+test-nequip: setup-nequip
+	$(MAKE) --no-print-directory nequip-install PIP_FLAGS="--no-deps --force-reinstall"
+	PATH="$(abspath $(NEQUIP_VENV))/bin:$$PATH" $(NEQUIP_VENV)/bin/pytest tests/nequip
 
 test-slow: setup
 	$(PY) -m pytest -m slow
@@ -40,4 +75,4 @@ bench: setup
 	$(PY) benchmarks/lammps_mace.py
 
 clean:
-	rm -rf build *.egg-info runs .pytest_cache
+	rm -rf build *.egg-info runs .pytest_cache $(NEQUIP_VENV)/src

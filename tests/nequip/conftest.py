@@ -8,7 +8,6 @@ here imports nequip, so the main environment collects these files and skips them
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +55,7 @@ def nequip_train(si_data: Path, out: Path, *overrides: str) -> Path:
     cmd = [str(Path(sys.executable).parent / "nequip-train"), "-cp", str(CONFIG_DIR), "-cn", "nequip_si",
            f"train_file={si_data / 'train.xyz'}", f"val_file={si_data / 'val.xyz'}", "epochs=3",
            "skip_epochs=0", f"hydra.run.dir={out}", *overrides]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out
 
