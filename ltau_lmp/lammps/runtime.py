@@ -203,7 +203,7 @@ class PairRuntime:
         folded, exchange = bool(a.shifts), None
         if a.exchange:
             exchange = GhostExchange(a.exchange, handle, nlocal + nghost)
-        needed = self.card.cutoff if exchange or self.card.num_layers == 1 else self.card.receptive_field
+        needed = self.card.cutoff if exchange else self.card.receptive_field
         if not folded and a.cutghost < needed:   # the shim raises the ghost cutoff at init: a safety net
             raise LTAUError(f"model {self.card.model_hash[:12]} needs ghost atoms out to "
                             f"{needed:g} A but LAMMPS communicates only {a.cutghost:g} A; "

@@ -257,6 +257,10 @@ class PairLTAU : public Pair {
     neighbor->add_request(this, shell ? NeighConst::REQ_FULL | NeighConst::REQ_GHOST
                                       : NeighConst::REQ_FULL);
     if (shell) ensure_ghost_cutoff();
+    else if (raised_cutghost) {    // the shell is gone (new model or keyword): back to the default
+      comm->cutghostuser = 0.0;
+      raised_cutghost = false;
+    }
     // comm->init() runs after this and sizes its buffers for these widths
     comm_forward = comm_reverse = exchange_mode ? EXCHANGE_COLUMNS : 0;
     if (exchange_mode && !announced && comm->me == 0)
