@@ -79,8 +79,9 @@ def main() -> None:
     print(f"{args.model} + LTAU demo finished in {(time.perf_counter() - t_start) / 60:.1f} min  "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
     print(f"  {args.model}: test force RMSE {test['force_rmse_component']:.3f} eV/A per component")
-    print(f"  LTAU logging: {train['log_seconds']:.2f} s over {train['epochs']} epochs "
-          f"(+ {train['setup_seconds']:.2f} s once for the ids) of {times['train']:.0f} s of nequip-train")
+    print(f"  LTAU logging: {1000 * train['log_seconds'] / train['epochs']:.1f} ms per epoch = "
+          f"{100 * train['log_seconds'] / sum(train['epoch_seconds']):.2f} % of an epoch "
+          f"(+ {train['setup_seconds']:.2f} s once for the ids)")
     print(f"  LTAU in-domain: Spearman {test['spearman']:.2f}, miscalibration area {test['miscalibration_area']:.3f}")
     print(f"  out-of-domain (liquid) AUROC: expected error {metrics['liquid']['auroc_expected']:.3f}, "
           f"kNN distance {metrics['liquid']['auroc_distance']:.3f}")

@@ -59,12 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="an error log and LTAU estimator from per-epoch checkpoints (any trainer that keeps them)",
         description=(
             "Rebuild the per-atom training-error log by passing the training set through every per-epoch "
-            "checkpoint (MACE: --save_all_checkpoints --keep_checkpoints, files *_epoch-N.pt), then build "
+            "checkpoint (MACE: --save_all_checkpoints --keep_checkpoints, files *_epoch-N.pt; nequip: a "
+            "ModelCheckpoint callback writing NAME_epoch-N.ckpt, see doc/nequip.md), then build "
             "the LTAU estimator from MODEL's latent features. MODEL gives the architecture and the final "
-            "weights; checkpoints hold state dicts of it. Errors are those of the saved weights (EMA "
-            "weights if the trainer averaged). Writes the same files as mace-train into --out-dir."),
+            "weights; checkpoints hold state dicts of it. Errors are those of the saved weights (MACE: EMA "
+            "weights if the trainer averaged; nequip: the live weights). Writes the same files as mace-train "
+            "into --out-dir."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", type=Path, help="final model file (ltau_lmp or MACE .model)")
+    p.add_argument("model", type=Path, help="final model file (ltau_lmp, MACE .model, nequip .ckpt / .nequip.zip)")
     p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint files or directories")
     p.add_argument("--train-file", type=Path, required=True,
                    help="extxyz training set, in training order (mace-train writes train_set.xyz)")

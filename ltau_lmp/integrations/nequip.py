@@ -54,13 +54,16 @@ class _TaggedDataset(Dataset):
     def __init__(self, base: Dataset, offsets: np.ndarray):
         self.base = base
         self.offsets = offsets  # (len(base) + 1,): item k holds ids offsets[k] .. offsets[k+1]-1
+        self.seconds = 0.0  # spent tagging, part of the logging overhead
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int):
         data = dict(self.base[index])
+        start = time.perf_counter()
         data[ID_KEY] = torch.arange(int(self.offsets[index]), int(self.offsets[index + 1]), dtype=torch.int64)
+        self.seconds += time.perf_counter() - start
         return data
 
 
@@ -102,6 +105,9 @@ class LTAUCallback(lightning.Callback):
         self.reference_frames: list[Atoms] = []
         self.logger = None  # ErrorLogger, from setup
         self.setup_seconds = 0.0
+        self.epoch_seconds: list[float] = []  # wall time of each training epoch (validation included)
+        self._tagged: list[_TaggedDataset] = []
+        self._epoch_start = 0.0
         self._batch = None
         self._hook = None
 
@@ -135,7 +141,7 @@ class LTAUCallback(lightning.Callback):
         self.reference_frames = [_atoms(dataset[k], type_names, f"validation item {k} of dataset {d}")
                                  for d, dataset in enumerate(datamodule.val_dataset) for k in range(len(dataset))]
         register_fields(node_fields=[ID_KEY], long_fields=[ID_KEY])
-        datamodule.train_dataset = tagged
+        datamodule.train_dataset = self._tagged = tagged
         options = self.log_options
         self.logger = ErrorLogger(ErrorLog.log_spaced(offset, lo=options.lo, hi=options.hi, nbins=options.nbins,
                                                       skip_epochs=options.skip_epochs))
@@ -150,6 +156,9 @@ class LTAUCallback(lightning.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._hook = self._model(pl_module).register_forward_hook(self._log_step)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         from nequip.data import AtomicDataDict as K
@@ -170,6 +179,12 @@ class LTAUCallback(lightning.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.logger.end_epoch()
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+
+    @property
+    def log_seconds(self) -> float:
+        """Time spent logging during training: error norms, histograms and id tagging."""
+        return self.logger.seconds + sum(d.seconds for d in self._tagged)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from ltau_lmp.model import load_model
@@ -191,5 +206,5 @@ class LTAUCallback(lightning.Callback):
             self.out_dir, model, self.frames, log, self.estimator_options, reference_frames=self.reference_frames,
             metadata={"model_file": str(model_path), "epochs": log.epoch,
                       "skip_epochs": self.log_options.skip_epochs},
-            summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.logger.seconds,
-                     "setup_seconds": self.setup_seconds})
+            summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.log_seconds,
+                     "setup_seconds": self.setup_seconds, "epoch_seconds": self.epoch_seconds})

@@ -25,11 +25,14 @@ import torch
 from ase import Atoms
 
 from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
-from ltau_lmp.model import MACEForceField, ModelOutput, evaluate, neighbor_list, species_indices
+from ltau_lmp.model import MACEForceField, ModelOutput, NequIPForceField, evaluate, neighbor_list, species_indices
 from ltau_lmp.training.config import EstimatorOptions
 
 REF_FORCES = "REF_forces"
-CHECKPOINT_NAME = re.compile(r"_epoch-(\d+)(?:_swa)?\.pt$")  # MACE: {name}_run-{seed}_epoch-{N}[_swa].pt
+# MACE: {name}_run-{seed}_epoch-{N}[_swa].pt; nequip (Lightning ModelCheckpoint with filename
+# "NAME_epoch-{epoch}", auto_insert_metric_name false): NAME_epoch-N.ckpt
+CHECKPOINT_NAME = re.compile(r"_epoch-(\d+)(?:_swa)?\.(?:pt|ckpt)$")
+NEQUIP_PREFIX = "model.sole_model."  # the nequip Lightning module's path to its model
 
 
 def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> list[Atoms]:
@@ -90,7 +93,7 @@ def latents(model, frames: Sequence[Atoms]) -> np.ndarray:
 
 
 def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Path]]:
-    """(epoch, path) of per-epoch checkpoints named ``*_epoch-N.pt``, sorted by epoch.
+    """(epoch, path) of per-epoch checkpoints named ``*_epoch-N.pt`` or ``.ckpt``, sorted by epoch.
 
     A directory contributes every file so named; a file must be so named.
     """
@@ -101,14 +104,16 @@ def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Pa
             candidates = sorted(p for p in source.iterdir() if CHECKPOINT_NAME.search(p.name))
         elif source.is_file():
             if not CHECKPOINT_NAME.search(source.name):
-                raise ConfigError(f"{source}: not named like a per-epoch checkpoint (*_epoch-N.pt)")
+                raise ConfigError(f"{source}: not named like a per-epoch checkpoint (*_epoch-N.pt or .ckpt)")
             candidates = [source]
         else:
             raise FileFormatError(f"checkpoint {source}: no such file or directory")
         found += [(int(CHECKPOINT_NAME.search(p.name).group(1)), p) for p in candidates]
     if not found:
-        raise ConfigError(f"no per-epoch checkpoints (*_epoch-N.pt) in {', '.join(map(str, sources))}; "
-                          f"MACE keeps them with --save_all_checkpoints --keep_checkpoints")
+        raise ConfigError(f"no per-epoch checkpoints (*_epoch-N.pt or .ckpt) in {', '.join(map(str, sources))}; "
+                          f"MACE keeps them with --save_all_checkpoints --keep_checkpoints, nequip with a "
+                          f"ModelCheckpoint callback (every_n_epochs 1, save_top_k -1, filename NAME_epoch-{{epoch}}, "
+                          f"auto_insert_metric_name false)")
     found.sort()
     epochs = [epoch for epoch, _ in found]
     repeated = sorted({e for e in epochs if epochs.count(e) > 1})
@@ -123,17 +128,28 @@ def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
     """(epoch, checkpoint, per-atom force errors) for each checkpoint, in epoch order.
 
     Checkpoints hold a state dict (alone or under "model", MACE's layout) of the module the
-    trainer optimised: for ``MACEForceField`` the wrapped MACE module. ``model`` is not modified.
+    trainer optimised: for ``MACEForceField`` the wrapped MACE module; for ``NequIPForceField``
+    a nequip Lightning checkpoint (read with ``weights_only=True``), whose live weights (not
+    EMA) are taken, the weights of that epoch's training steps. ``model`` is not modified.
     """
     work = copy.deepcopy(model)
-    target = work.mace if isinstance(work, MACEForceField) else work
+    if isinstance(work, MACEForceField):
+        target = work.mace
+    elif isinstance(work, NequIPForceField):
+        target = work.graph_model
+    else:
+        target = work
     device = next(target.parameters()).device
     for epoch, path in checkpoint_files(checkpoints):
         try:
             payload = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises many types for damaged files
             raise FileFormatError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
-        state = payload["model"] if isinstance(payload, dict) and "model" in payload else payload
+        if isinstance(work, NequIPForceField):
+            lightning_state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
+            state = {k[len(NEQUIP_PREFIX):]: v for k, v in lightning_state.items() if k.startswith(NEQUIP_PREFIX)}
+        else:
+            state = payload["model"] if isinstance(payload, dict) and "model" in payload else payload
         try:
             target.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:

@@ -86,7 +86,10 @@ class NequIPForceField(nn.Module):
         self.species = species
         self.cutoff = float(metadata["r_max"])
         self._metadata = {k: str(v) for k, v in metadata.items()}
-        self._keys = AtomicDataDict
+        # nequip's field names, as plain strings (a module attribute would not survive deepcopy)
+        self._keys = {name: getattr(AtomicDataDict, name) for name in (
+            "POSITIONS_KEY", "ATOM_TYPE_KEY", "EDGE_INDEX_KEY", "EDGE_VECTORS_KEY", "NODE_FEATURES_KEY",
+            "EDGE_FEATURES_KEY", "PER_ATOM_ENERGY_KEY")}
         # the stage after which the latent is read: the last convolution / the Allegro layers
         self._latent_stage, last = [(name, m) for name, m in energy_model.named_children()
                                     if type(m).__name__ in (_CONVOLUTION, _ALLEGRO)][-1]
@@ -137,10 +140,10 @@ class NequIPForceField(nn.Module):
         if shifts is not None:
             vectors = vectors + shifts.to(self.dtype)
         data = {
-            keys.POSITIONS_KEY: positions,
-            keys.ATOM_TYPE_KEY: species,
-            keys.EDGE_INDEX_KEY: torch.stack([centers, neighbors]),
-            keys.EDGE_VECTORS_KEY: vectors,
+            keys["POSITIONS_KEY"]: positions,
+            keys["ATOM_TYPE_KEY"]: species,
+            keys["EDGE_INDEX_KEY"]: torch.stack([centers, neighbors]),
+            keys["EDGE_VECTORS_KEY"]: vectors,
         }
         latent = None
         # Stage by stage (the energy model is an nn.Sequential of graph modules): the latent is
@@ -149,8 +152,8 @@ class NequIPForceField(nn.Module):
             data = stage(data)
             if name == self._latent_stage:
                 if self.family == "nequip":
-                    latent = data[keys.NODE_FEATURES_KEY]
+                    latent = data[keys["NODE_FEATURES_KEY"]]
                 else:
-                    features = data[keys.EDGE_FEATURES_KEY]
+                    features = data[keys["EDGE_FEATURES_KEY"]]
                     latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
-        return data[keys.PER_ATOM_ENERGY_KEY][:n_local, 0], latent[:n_local]
+        return data[keys["PER_ATOM_ENERGY_KEY"]][:n_local, 0], latent[:n_local]

@@ -2,6 +2,7 @@
 logged once per epoch under its own id, and an estimator that belongs to the saved model."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,7 @@ from conftest import nequip_train, validation_metrics  # noqa: E402
 from ltau_lmp.errors import LTAUError  # noqa: E402
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
 from ltau_lmp.integrations.nequip import LTAUCallback  # noqa: E402
-from ltau_lmp.integrations.replay import force_errors, latents, read_training_set  # noqa: E402
+from ltau_lmp.integrations.replay import force_errors, latents, read_training_set, replay  # noqa: E402
 from ltau_lmp.model import load_model  # noqa: E402
 
 
@@ -42,9 +43,10 @@ def test_estimator_belongs_to_the_saved_model(nequip_run):
     assert summary["reference_structures"] == 4 and summary["epochs"] == 3
 
 
-def test_ids_follow_their_atoms(si_data, tmp_path):
+def test_ids_follow_their_atoms_and_replay_agrees(si_data, tmp_path):
     """With a zero learning rate every epoch's logged error of atom i is the final model's error on
-    atom i of train_set.xyz: each id carries its own atom, whatever the shuffling."""
+    atom i of train_set.xyz: each id carries its own atom, whatever the shuffling. ``ltau-lmp
+    replay`` of per-epoch nequip checkpoints (here: the final one, twice) gives the same log."""
     run = nequip_train(si_data, tmp_path / "frozen", "epochs=2", "training_module.optimizer.lr=0.0")
     out = run / "ltau"
     log = ErrorLog.load(out / "error_log.npz")
@@ -53,6 +55,11 @@ def test_ids_follow_their_atoms(si_data, tmp_path):
     expected = np.zeros_like(log.counts)
     expected[np.arange(len(errors)), log.bin_index(errors)] = 2
     np.testing.assert_array_equal(log.counts, expected)
+    for epoch in (1, 2):
+        shutil.copy(out / "model.ckpt", tmp_path / f"si_epoch-{epoch}.ckpt")
+    replayed = replay(model, [tmp_path], read_training_set(out / "train_set.xyz"),
+                      ErrorLog(log.n_samples, log.bin_edges))
+    np.testing.assert_array_equal(replayed.counts, log.counts)
 
 
 def test_refusals():
