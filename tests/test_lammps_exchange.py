@@ -155,12 +155,12 @@ from ltau_lmp.lammps import driver, runtime
 
 real_compute, seen = runtime.PairRuntime.compute, {}
 
-def compute(self, a, handle):
+def compute(self, a):
     # the first force call: exchange 300-column rows (3 rounds of the plugin's 128) both ways
     if not seen:
         nall = a.nlocal + a.nghost
         tag = np.ctypeslib.as_array(a.tag, (nall,)).astype(np.float64)
-        exchange = runtime.GhostExchange(a.exchange, handle, nall)
+        exchange = runtime.GhostExchange(a.exchange, self.handle, nall)
         expected = torch.from_numpy(tag[:, None] * 1000 + np.arange(300.0))
         rows = torch.full((nall, 300), -1.0, dtype=torch.float64)
         rows[:a.nlocal] = expected[:a.nlocal]
@@ -171,7 +171,7 @@ def compute(self, a, handle):
         seen["ghost_rows_zero"] = bool((grad[a.nlocal:] == 0).all())
         seen["copies"] = float(grad[:a.nlocal, 0].sum())   # each atom: itself + its ghost copies
         seen["nall"] = nall
-    real_compute(self, a, handle)
+    real_compute(self, a)
 
 runtime.PairRuntime.compute = compute
 lmp = driver.create_lammps(log="none", screen=False)

@@ -149,9 +149,14 @@ class GhostExchange:
 
 
 class PairRuntime:
-    """The model of one ``pair_style ltau`` instance on this rank and its force evaluation."""
+    """The model of one ``pair_style ltau`` instance on this rank and its force evaluation.
 
-    def __init__(self) -> None:
+    ``handle`` is the plugin's pair object (its callbacks' ``self``), which the ghost exchange
+    takes back as its first argument.
+    """
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
         self.model = None
         self.device = select_device()
         self.cache = ForceCache()
@@ -181,15 +186,14 @@ class PairRuntime:
         self.cache = ForceCache(symbols=list(card.species))
         return card
 
-    def compute(self, a: abi.PairComputeArgs, handle) -> None:
+    def compute(self, a: abi.PairComputeArgs) -> None:
         """One force call: forces on every node, the energy, per-atom and global virials, all
         written into LAMMPS's arrays and ``a`` (``ltau_pair_compute_args``).
 
         ``a.centers``/``a.neighbors`` hold LAMMPS's full list, pruned to r < cutoff by the shim;
         with ``a.shifts`` the graph is folded onto the local atoms (one rank, message passing);
-        with ``a.exchange`` the model refreshes ghost node features through it after each layer
-        (``handle``, the plugin's pair, is its first argument), on every rank, even one without
-        local atoms, since the exchanges are collective.
+        with ``a.exchange`` the model refreshes ghost node features through it after each layer,
+        on every rank, even one without local atoms, since the exchanges are collective.
 
         The gradient is taken with respect to the per-pair offset (zero, or the folding shift)
         added to every pair vector, which gives g_ij = dE/dr_ij in one backward pass: forces
@@ -202,7 +206,7 @@ class PairRuntime:
         step, nlocal, nghost, nedges = a.step, a.nlocal, a.nghost, a.nedges
         folded, exchange = bool(a.shifts), None
         if a.exchange:
-            exchange = GhostExchange(a.exchange, handle, nlocal + nghost)
+            exchange = GhostExchange(a.exchange, self.handle, nlocal + nghost)
         needed = self.card.cutoff if exchange else self.card.receptive_field
         if not folded and a.cutghost < needed:   # the shim raises the ghost cutoff at init: a safety net
             raise LTAUError(f"model {self.card.model_hash[:12]} needs ghost atoms out to "
@@ -307,7 +311,7 @@ def _guarded(fn):
 def _pair_coeff(handle, a: abi.PairCoeffArgs):
     words = _words(a.narg, a.arg)
     options = PairOptions.parse(_words(a.nsettings, a.settings))
-    runtime = _pairs.setdefault(handle, PairRuntime())
+    runtime = _pairs.setdefault(handle, PairRuntime(handle))
     card = runtime.coeff(a.ntypes, words[0], words[1:], options)
     a.cutoff = card.cutoff
     a.receptive_field = card.receptive_field
@@ -319,7 +323,7 @@ def _pair_compute(handle, a: abi.PairComputeArgs):
     runtime = _pairs.get(handle)
     if runtime is None:
         raise LTAUError("pair_coeff * * MODEL_FILE El1 El2 ... was not given")
-    runtime.compute(a, handle)
+    runtime.compute(a)
 
 
 def _pair_destroy(handle):
