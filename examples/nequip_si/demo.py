@@ -58,7 +58,7 @@ def main() -> None:
     model, estimator = work / "ltau" / "model.ckpt", work / "ltau" / "estimator"
 
     t = stage("3/4 evaluate LTAU on the labelled sets")
-    sh(BIN / "ltau-lmp", "evaluate", "--model", model, "--allow-pickle", "--estimator", estimator,
+    sh(BIN / "ltau-lmp", "evaluate", "--model", model, "--estimator", estimator,
        "--data-dir", data, "-o", out / "evaluation")
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())["sets"]
     times["evaluate"] = time.perf_counter() - t
@@ -67,7 +67,7 @@ def main() -> None:
         old.unlink()
     t = stage(f"4/4 NVT: pair_style ltau ({args.model} checkpoint) + fix ltau on {args.ranks} MPI ranks")
     sh(BIN / "mpirun", "-np", args.ranks, BIN / "ltau-lmp", "run", ROOT / "lammps_inputs" / "in.si_ltau",
-       "-var", "model", model, "-var", "allow_pickle", "yes", "-var", "estimator", estimator,
+       "-var", "model", model, "-var", "estimator", estimator,
        "-var", "cells", 3, "-var", "steps", args.steps, "-var", "out", "nvt", "-log", "log.nvt", cwd=md)
     times["nvt"] = time.perf_counter() - t
 

@@ -5,9 +5,11 @@
 * ``mace``: a MACE ``.model`` file, ``torch.save`` of the whole module. Unpickling it imports and
   runs code named in the file, so it is loaded only with ``allow_pickle=True``.
 * ``nequip`` / ``allegro``: a nequip 0.19 training checkpoint (Lightning ``.ckpt``, e.g. the
-  ``model.ckpt`` of ``ltau_lmp.integrations.nequip.LTAUCallback``) or a ``nequip-package``
-  file (``.nequip.zip``), read by nequip's own loaders, which unpickle (a package also runs the
-  Python code stored in it): loaded only with ``allow_pickle=True``.
+  ``model.ckpt`` of ``ltau_lmp.integrations.nequip.LTAUCallback``), read with
+  ``weights_only=True`` and rebuilt by the model builder its config names when every callable
+  named there is a known nequip/Allegro part; other checkpoints and ``nequip-package`` files
+  (``.nequip.zip``, which carry Python code) go through nequip's own loaders, which unpickle:
+  only with ``allow_pickle=True``.
 
 The family is read from the pickle's opcode stream without executing it (the classes a pickle
 names are visible as strings), so a refused file is never unpickled.
@@ -127,13 +129,66 @@ def _is_nequip_package(path: str) -> bool:
         return any(name.endswith(_PACKAGE_METADATA) for name in archive.namelist())
 
 
+# A nequip checkpoint is rebuilt without unpickling (torch.load weights_only=True, then the model
+# builder its config names) when every callable the config names is one of these, and its training
+# module is one whose evaluation model is known (value: it evaluates with EMA weights).
+_NEQUIP_BUILDERS = frozenset({
+    "nequip.model.NequIPGNNModel", "nequip.model.PresetNequIPGNNModel", "nequip.model.FullNequIPGNNModel",
+    "allegro.model.AllegroModel", "allegro.model.FullAllegroModel"})
+_NEQUIP_PARTS = frozenset({
+    "allegro.nn.TwoBodyBesselScalarEmbed", "allegro.nn.TwoBodySplineScalarEmbed",
+    "nequip.nn.pair_potential.ZBL", "nequip.nn.pair_potential.LennardJones",
+    "nequip.nn.pair_potential.SimpleLennardJones"})
+_NEQUIP_TRAINING_MODULES = {"nequip.train.NequIPLightningModule": False, "nequip.train.EMALightningModule": True}
+_NEQUIP_PREFIX = "model.sole_model."  # the training module's path to its model
+
+
+def _targets(config) -> list[str]:
+    """Every hydra ``_target_`` in a nested config (dicts and lists)."""
+    if isinstance(config, dict):
+        own = [config["_target_"]] if "_target_" in config else []
+        return own + [t for key, value in config.items() if key != "_target_" for t in _targets(value)]
+    if isinstance(config, (list, tuple)):
+        return [t for value in config for t in _targets(value)]
+    return []
+
+
+def _nequip_checkpoint(path: str):
+    """(GraphModel, "") rebuilt from a nequip checkpoint without unpickling, or (None, why not)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        hyper = payload["hyper_parameters"]
+        config, training_module = dict(hyper["model"]), hyper["info_dict"]["training_module"]["_target_"]
+        state = payload["state_dict"]
+    except Exception as exc:  # not loadable without unpickling, or not nequip's layout
+        return None, f"it does not load with weights_only=True ({type(exc).__name__})"
+    if training_module not in _NEQUIP_TRAINING_MODULES:
+        return None, f"its training module {training_module} is not one ltau_lmp rebuilds"
+    builder, parts = config.pop("_target_", None), _targets(config)
+    unknown = [t for t in [builder] if t not in _NEQUIP_BUILDERS] + [t for t in parts if t not in _NEQUIP_PARTS]
+    if unknown:
+        return None, f"its model config names {', '.join(map(str, unknown))}, not a model part ltau_lmp rebuilds"
+    from hydra.utils import get_method
+
+    try:
+        model = get_method(builder)(**config, compile_mode="eager")
+        model.load_state_dict({k[len(_NEQUIP_PREFIX):]: v for k, v in state.items() if k.startswith(_NEQUIP_PREFIX)})
+        extra = state.get("ema._extra_state")
+        swapped = isinstance(extra, dict) and not extra.get("is_holding_ema_weights", True)
+        # EMAWeights: ema_weight_i is parameter i's average (unless saved with the two swapped)
+        if _NEQUIP_TRAINING_MODULES[training_module] and not swapped:
+            with torch.no_grad():
+                for i, parameter in enumerate(model.parameters()):
+                    parameter.copy_(state[f"ema.ema_weight_{i}"])
+    except Exception as exc:  # the builder or the weights do not fit the config
+        raise FileFormatError(f"model file {path}: rebuilding the nequip model from the checkpoint failed "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return model, ""
+
+
 def _load_nequip(path: str, map_location, allow_pickle: bool, family: str) -> torch.nn.Module:
-    kind = "package" if _is_nequip_package(path) else "checkpoint"
-    if not allow_pickle:
-        raise PickleRefusedError(
-            f"model file {path} is a nequip {kind} ({family}): nequip's loader unpickles it"
-            f"{' and runs the Python code stored in it' if kind == 'package' else ''}. Load it only if you "
-            f"trust its source, with {TRUST_OPTIONS}")
+    """A nequip checkpoint without unpickling where possible; otherwise (and for packages) only with
+    ``allow_pickle``, through nequip's own loader."""
     from ltau_lmp.model.nequip import NequIPForceField
 
     try:
@@ -142,16 +197,23 @@ def _load_nequip(path: str, map_location, allow_pickle: bool, family: str) -> to
     except ImportError as exc:
         raise LTAUError(f"model file {path} is a nequip model but nequip is not installed "
                         f"(pip install 'ltau-lmp[nequip]'): {exc}") from exc
-    if kind == "package" and not path.endswith(".nequip.zip"):
-        raise FileFormatError(f"model file {path} is a nequip package: nequip loads packages only from files "
-                              f"named *.nequip.zip; rename it")
     if not global_state_initialized():
         set_global_state()  # nequip's model builders refuse to run before it (dtype and TF32 defaults)
-    try:
-        module = load_saved_model(path)
-    except Exception as exc:  # arbitrary code ran: report whatever it raised
-        raise FileFormatError(f"model file {path}: nequip could not load the {kind} "
-                              f"({type(exc).__name__}: {exc})") from exc
+    package = _is_nequip_package(path)
+    module, why = (None, "") if package else _nequip_checkpoint(path)
+    if module is None:
+        if not allow_pickle:
+            what = ("package: nequip's loader unpickles it and runs the Python code stored in it" if package else
+                    f"checkpoint that ltau_lmp cannot rebuild without unpickling ({why}): nequip's loader unpickles it")
+            raise PickleRefusedError(f"model file {path} is a nequip {what}. Load it only if you trust its source, "
+                                     f"with {TRUST_OPTIONS}")
+        if package and not path.endswith(".nequip.zip"):
+            raise FileFormatError(f"model file {path} is a nequip package: nequip loads packages only from files "
+                                  f"named *.nequip.zip; rename it")
+        try:
+            module = load_saved_model(path)
+        except Exception as exc:  # arbitrary code ran: report whatever it raised
+            raise FileFormatError(f"model file {path}: nequip could not load it ({type(exc).__name__}: {exc})") from exc
     try:
         model = NequIPForceField(module.eval())
     except ConfigError as exc:

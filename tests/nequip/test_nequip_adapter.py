@@ -219,22 +219,37 @@ def test_refused_file_runs_no_code(tmp_path):
     torch.save({"hyper_parameters": {"model": {"_target_": "nequip.model.NequIPGNNModel"}},
                 "x": _Touch(str(marker))}, path)
     assert detect_family(path) == "nequip"
-    with pytest.raises(PickleRefusedError, match="nequip checkpoint"):
+    with pytest.raises(PickleRefusedError, match="does not load with weights_only=True"):
         load_model(path)
     assert not marker.exists()
 
 
-def test_checkpoint_and_package_files(nequip_run, tmp_path):
-    """The callback's checkpoint and its nequip-package file load to the same model, with opt-in."""
+def test_checkpoint_files(nequip_run, tmp_path):
+    """A checkpoint loads without unpickling (weights_only, the builder its config names, EMA weights),
+    to the model nequip's own loader gives; a config naming anything else needs the opt-in."""
+    from nequip.model.saved_models.load_utils import load_saved_model
+
+    ckpt = nequip_run / "ltau" / "model.ckpt"
+    assert detect_family(ckpt) == "nequip"
+    own = NequIPForceField(load_saved_model(str(ckpt)).eval())
+    lightning_ckpt = next((nequip_run / "csv").glob("version_0/checkpoints/*.ckpt"))  # nequip-train's own
+    for path in (ckpt, lightning_ckpt):
+        assert load_model(path).card == own.card
+    payload = torch.load(ckpt, weights_only=True)
+    payload["hyper_parameters"]["model"]["pair_potential"] = {"_target_": "mypackage.Potential"}
+    edited = tmp_path / "edited.ckpt"
+    torch.save(payload, edited)
+    with pytest.raises(PickleRefusedError, match=r"names mypackage\.Potential.*allow_pickle=True"):
+        load_model(edited)
+
+
+def test_package_files(nequip_run, tmp_path):
+    """A nequip-package file (it carries Python code) loads only with the opt-in, to the same model."""
     import subprocess
     import sys
     from pathlib import Path
 
     ckpt = nequip_run / "ltau" / "model.ckpt"
-    assert detect_family(ckpt) == "nequip"
-    with pytest.raises(PickleRefusedError, match=r"nequip checkpoint \(nequip\).*allow_pickle=True"):
-        load_model(ckpt)
-    from_ckpt = load_model(ckpt, allow_pickle=True)
     package = tmp_path / "si.nequip.zip"
     res = subprocess.run([str(Path(sys.executable).parent / "nequip-package"), "build", str(ckpt), str(package)],
                          capture_output=True, text=True, timeout=300)
@@ -242,7 +257,7 @@ def test_checkpoint_and_package_files(nequip_run, tmp_path):
     assert detect_family(package) == "nequip"
     with pytest.raises(PickleRefusedError, match="runs the Python code stored in it"):
         load_model(package)
-    from_package = load_model(package, allow_pickle=True)
+    from_package, from_ckpt = load_model(package, allow_pickle=True), load_model(ckpt)
     atoms = si_c_cell(seed=10)
     atoms.symbols[:] = "Si"
     a = evaluate(from_ckpt, *inputs(from_ckpt, atoms))

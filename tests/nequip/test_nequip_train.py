@@ -34,7 +34,7 @@ def test_every_training_atom_once_per_epoch(nequip_run):
 
 def test_estimator_belongs_to_the_saved_model(nequip_run):
     out = nequip_run / "ltau"
-    model = load_model(out / "model.ckpt", allow_pickle=True)
+    model = load_model(out / "model.ckpt")
     estimator = LTAUEstimator.load(out / "estimator")
     assert estimator.metadata["model_hash"] == model.card.model_hash
     frames = read_training_set(out / "train_set.xyz")
@@ -50,7 +50,7 @@ def test_ids_follow_their_atoms_and_replay_agrees(si_data, tmp_path):
     run = nequip_train(si_data, tmp_path / "frozen", "epochs=2", "training_module.optimizer.lr=0.0")
     out = run / "ltau"
     log = ErrorLog.load(out / "error_log.npz")
-    model = load_model(out / "model.ckpt", allow_pickle=True)
+    model = load_model(out / "model.ckpt")
     errors = force_errors(model, read_training_set(out / "train_set.xyz"))
     expected = np.zeros_like(log.counts)
     expected[np.arange(len(errors)), log.bin_index(errors)] = 2
