@@ -112,8 +112,8 @@ def test_bad_files_give_one_line_errors(inputs, capsys):
     assert "nothing: no such file or directory" in capsys.readouterr().err
     assert main(["info", str(tmp / "train.npy")]) == 2
     assert "train.npy: not a torch model file" in capsys.readouterr().err
-    assert main(["info", str(tmp / "model5.pt"), "--family", "nequip"]) == 2
-    assert "unknown model family 'nequip'" in capsys.readouterr().err
+    assert main(["info", str(tmp / "model5.pt"), "--family", "schnet"]) == 2
+    assert "unknown model family 'schnet'" in capsys.readouterr().err
 
 
 def test_console_script_help_runs():

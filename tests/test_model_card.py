@@ -82,8 +82,8 @@ def test_load_model_errors(tmp_path):
         load_model(text)
     model = LocalForceField(["Si"], hidden=[8], latent_dim=4, seed=1)
     save_model(model, tmp_path / "model.pt")
-    with pytest.raises(ConfigError, match="unknown model family 'nequip'"):
-        load_model(tmp_path / "model.pt", family="nequip")
+    with pytest.raises(ConfigError, match="unknown model family 'schnet'"):
+        load_model(tmp_path / "model.pt", family="schnet")
     checkpoint = tmp_path / "epoch-3.pt"
     torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}}, checkpoint)
     with pytest.raises(FileFormatError, match="training checkpoint"):
