@@ -1,7 +1,10 @@
 """kNN index benchmark on real latents: flat (exact) vs the old default vs ``auto``, side by side.
 
     python benchmarks/knn_index.py                                  # si, 3bpa, gap20 at 100k and 1M
+    python benchmarks/knn_index.py --datasets si --sizes 10000   # below auto's exact limit: flat vs IVF
     python benchmarks/knn_index.py --datasets 3bpa --sizes 100000 --out /tmp/knn.json
+
+Rows of (data set, size) cases not rerun are kept from an existing ``--out`` file.
 
 Index vectors: the real training latents of a data set (90 % of its atoms; for ``si`` all the
 training atoms of the built-in Si model in ``--si-run``), replicated with Gaussian noise to each
@@ -108,7 +111,8 @@ def run_case(name: str, size: int, si_run: Path) -> list[dict]:
     old_kind = "flat" if size < OLD_DEFAULT["limit"] else OLD_DEFAULT["kind"]
     specs = {"flat": ("flat", None), "old default": (old_kind, None), "auto": ("auto", None)}
     if size < AUTO_EXACT_LIMIT:  # what auto would build above the limit: why it stays exact here
-        specs["ivf (auto's tuning)"] = ("ivf", {k: v for k, v in auto_options("ivf", size, None).items() if k != "auto"})
+        tuned = {key: value for key, value in auto_options("ivf", size, None).items() if key != "auto"}
+        specs["ivf (auto's tuning)"] = ("ivf", tuned)
     same_as_flat = {label for label, (kind, _) in specs.items() if kind == "flat" and label != "flat"}
     indexes, build_s = {}, {}
     for label, (kind, options) in specs.items():
@@ -158,7 +162,8 @@ def main() -> None:
     print("# kNN index benchmark, faiss 1 thread, k = 10; q/s = raw search, best of 3 rounds; recall and expected-"
           f"error differences over {N_TRUTH} held-out queries against exact search")
     print(f"{'data':6s} {'entries':>9s} {'index':20s} {'kind':5s} {'build s':>7s} {'q/cpu-s':>9s} "
-          f"{'q/wall-s':>9s} {'q/cpu 512':>9s} {'rec@10':>7s} {'build':>6s} {'max|dE|':>9s} {'mean|dE|':>9s} {'rel':>7s}  options")
+          f"{'q/wall-s':>9s} {'q/cpu 512':>9s} {'rec@10':>7s} {'build':>6s} {'max|dE|':>9s} {'mean|dE|':>9s} "
+          f"{'rel':>7s}  options")
     results = []
     for name in args.datasets:
         if name == "si" and not (args.si_run / "estimator" / "pdfs.npy").is_file():
@@ -170,6 +175,11 @@ def main() -> None:
             results.extend(rows)
     print("(build: recall@10 auto measured at build on its own sample, stored in the index options; "
           "dE: expected-error difference to exact search, eV/Å; rel: mean |dE| / exact expected error)")
+    rerun = {(r["dataset"], r["n_entries"]) for r in results}
+    if args.out.is_file():  # keep the other cases of an earlier run: partial reruns update the file
+        earlier = json.loads(args.out.read_text())["results"]
+        results = [r for r in earlier if (r["dataset"], r["n_entries"]) not in rerun] + results
+    results.sort(key=lambda r: (DATASETS.index(r["dataset"]), r["n_entries"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "benchmarks/knn_index.py", "faiss_threads": 1, "k": K, "n_queries": N_QUERIES,

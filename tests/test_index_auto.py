@@ -118,9 +118,16 @@ def test_rebuild_only_options_cannot_change_after_build(small_limit):
             index.set_search_options(**{option: 1})
 
 
-def test_auto_uses_an_hnsw_quantizer_for_many_lists(monkeypatch):
+def test_auto_uses_an_hnsw_quantizer_for_many_lists_and_reloads_it(monkeypatch, tmp_path):
     monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 100)
     monkeypatch.setattr(index_module, "AUTO_HNSW_QUANTIZER_NLIST", 64)
-    index = SearchIndex.build(_clustered(np.random.default_rng(8), 2000), use_gpu=False)
-    assert (index.options["nlist"], index.options["quantizer"]) == (128, "hnsw")
-    assert index.options["recall_at_10"] >= AUTO_RECALL
+    rng = np.random.default_rng(8)
+    data = _clustered(rng, 2000)
+    est = LTAUEstimator.build(data, rng.dirichlet(np.ones(4), size=len(data)).astype(np.float32),
+                              np.logspace(-3, 0, 5), use_gpu=False)
+    assert (est.index.options["nlist"], est.index.options["quantizer"]) == (128, "hnsw")
+    assert est.index.options["recall_at_10"] >= AUTO_RECALL
+    est.save(tmp_path / "est")
+    back = LTAUEstimator.load(tmp_path / "est", use_gpu=False)  # memory-mapped
+    queries = _clustered(rng, 100)
+    np.testing.assert_array_equal(back.query(queries).neighbors, est.query(queries).neighbors)
