@@ -63,7 +63,7 @@ test: setup
 # not `python -m pytest`: that would import ltau_lmp from the tree instead of the nequip venv's install
 test-nequip: setup-nequip
 	$(MAKE) --no-print-directory nequip-install PIP_FLAGS="--no-deps --force-reinstall"
-	PATH="$(abspath $(NEQUIP_VENV))/bin:$$PATH" $(NEQUIP_VENV)/bin/pytest tests/nequip
+	PATH="$(abspath $(NEQUIP_VENV))/bin:$$PATH" $(NEQUIP_VENV)/bin/pytest tests/nequip_env
 
 test-slow: setup
 	$(PY) -m pytest -m slow

@@ -1,5 +1,7 @@
 """Shared set-up of the nequip tests (run in the nequip environment: `make test-nequip`).
 
+(This folder is not called `nequip`: with tests/ on sys.path it would shadow the package.)
+
 Tiny NequIP and Allegro models are trained here by ``nequip-train`` itself, with the example
 config examples/nequip_si/nequip_si.yaml, on Stillinger-Weber silicon made on the spot. Nothing
 here imports nequip, so the main environment collects these files and skips them.
