@@ -262,6 +262,8 @@ def main() -> None:
     parser.add_argument("--model", help=f"model file (default {DEFAULT_MODEL} if present, else a random model)")
     parser.add_argument("--cache", default="/tmp/ltau_bench_fix", help="where the synthetic estimators are kept")
     parser.add_argument("--sizes", default="100000,1000000", help="estimator sizes (entries)")
+    parser.add_argument("--kinds", default="flat,hnsw,auto",
+                        help="index kinds (hnsw: the old default; auto: IVF tuned to recall 0.95 above 20k entries)")
     parser.add_argument("--steps", type=int, default=20, help="MD steps per measurement (multiple of 10)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest counts")
     parser.add_argument("--max-seconds", type=float, default=60.0,
@@ -279,6 +281,7 @@ def main() -> None:
     import faiss
     import torch
 
+    from ltau_lmp.estimator import LTAUEstimator
     from ltau_lmp.model import load_model
 
     cache = Path(args.cache)
@@ -286,7 +289,8 @@ def main() -> None:
     model_file = _model_file(args.model, cache)
     model = load_model(model_file)
     sizes = [int(s) for s in args.sizes.split(",")]
-    estimators = {f"{kind} {n // 1000}k": _synthetic(model, n, kind, cache) for n in sizes for kind in ("flat", "hnsw")}
+    estimators = {f"{kind} {n // 1000}k": _synthetic(model, n, kind, cache) for n in sizes
+                  for kind in args.kinds.split(",")}
 
     natoms, best, query, skipped, latent = step_times(model_file, estimators, args.steps, args.rounds,
                                                       args.max_seconds)
@@ -296,7 +300,9 @@ def main() -> None:
     print(f"\nfix ltau cost: {natoms} atoms, 1 rank, torch {torch.__version__}, faiss {faiss.__version__}, "
           f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {os.cpu_count()} cores (shared), "
           f"model {Path(model_file).name} (latent_dim {model.latent_dim}), k=10")
-    print(f"fastest of {args.rounds} interleaved rounds of {args.steps} steps; HNSW M=32 efSearch=16")
+    print(f"fastest of {args.rounds} interleaved rounds of {args.steps} steps; HNSW M=32 efSearch=16; "
+          "auto: " + "; ".join(f"{name} {LTAUEstimator.load(path).index.options}" for name, path in estimators.items()
+                               if name.startswith("auto")))
     print(f"step time without fix ltau: {t0 * 1e3:.1f} ms "
           f"(= one model force call; 5-member ensemble extra = 4 x = {ensemble * 1e3:.0f} ms/step)\n")
     head = (f"{'estimator':<12}{'bare query':>12}{'every 1':>11}{'overhead':>10}{'every 10':>11}{'overhead':>10}"
