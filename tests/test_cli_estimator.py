@@ -64,7 +64,11 @@ def test_build_predict_info(inputs, capsys):
     assert "ood" not in np.load(tmp / "k.npz") and "no ood column" in capsys.readouterr().out
 
     assert main(["info", str(tmp / "est")]) == 0
-    info = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    text = out[out.rindex("}") + 1:]          # the JSON summary, then the thresholds in words
+    info = json.loads(out[:out.rindex("}") + 1])
+    assert "false-alarm rate of 0.01 per evaluation, from 200 held-out atoms" in text
+    assert "1,000 watched atoms" in text and "1,000,000 watched atoms" in text
     assert info["n_entries"] == 300 and info["dim"] == 8
     assert info["n_reference"] == 200 and info["alarm_thresholds"] == thresholds
     assert info["model_card"] == model.card.to_dict() and "model_card" not in info["metadata"]

@@ -170,11 +170,17 @@ def _info(args) -> int:
 
     if not args.path.exists():
         raise FileFormatError(f"{args.path}: no such file or directory")
+    thresholds = None
     if args.path.is_dir():
         summary = {"type": "LTAU estimator", **LTAUEstimator.load(args.path).summary()}
+        thresholds = summary["alarm_thresholds"]
     elif args.path.suffix == ".npz":
         summary = {"type": "error log", **ErrorLog.load(args.path).summary()}
     else:  # anything else must be a model file; load_model names what it is not
         summary = {"type": "model", **load_model_option(args.path, args).card.to_dict()}
     print(json.dumps(summary, indent=2))
+    if thresholds is not None:   # in words, for the group sizes a user runs (halt auto / dump auto)
+        from ltau_lmp.estimator.calibration import describe_thresholds
+
+        print(describe_thresholds(thresholds, remedy=""))
     return 0
