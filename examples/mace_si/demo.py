@@ -8,12 +8,12 @@
    logged each epoch -> MACE model + LTAU estimator of its latent features
 3. evaluation on the labelled sets (calibration, Spearman, out-of-domain ROC); the halt threshold
    for step 5 is taken here, from the in-domain test set: just above its largest expected error
-4. LAMMPS NVT with pair_style ltau (the MACE model) + fix ltau on N MPI ranks (ghost atoms out
-   to the receptive field: exact, but every rank computes the model on its ghost shell too)
+4. LAMMPS NVT with pair_style ltau (the MACE model) + fix ltau on N MPI ranks (one cutoff of
+   ghost atoms and a ghost exchange after each layer: exact)
 5. heating ramp 300 -> 3000 K until fix ltau's halt fires, then on to the end of the ramp
    without halting (error continue), and the true errors of every evaluated frame: did the
    alarm come before the model failed? By default on one rank, where the graph is folded onto
-   the atoms (no ghost shell): ~10x cheaper than two ranks for this 216-atom cell on 2 cores.
+   the atoms (no ghost node at all), the cheapest for this 216-atom cell on 2 cores.
 Each stage is the command a user would type; the commands are printed.
 """
 
