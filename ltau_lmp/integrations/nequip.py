@@ -125,10 +125,13 @@ class LTAUCallback(lightning.Callback):
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.log_options.skip_epochs:
             raise LTAUError(f"LTAUCallback: skip_epochs={self.log_options.skip_epochs} leaves none of the "
                             f"{trainer.max_epochs} training epochs to count")
-        start = time.perf_counter()
         datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "train_dataset"):
+            raise LTAUError("LTAUCallback: the trainer has no nequip data module with a train_dataset "
+                            "(nequip-train's `data:`); its training atoms cannot be tagged")
+        start = time.perf_counter()
         type_names = self._model(pl_module).type_names
-        tagged, offset = [], 0
+        self.frames, tagged, offset = [], [], 0
         for d, dataset in enumerate(datamodule.train_dataset):
             offsets = [offset]
             for k in range(len(dataset)):
