@@ -117,7 +117,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if family == "mace":
         return _load_mace(path, map_location, allow_pickle)
     if family in ("nequip", "allegro"):
-        return _load_nequip(path, map_location, allow_pickle, family)
+        return _load_nequip(path, map_location, allow_pickle)
     return _load_local(path, map_location)
 
 
@@ -186,7 +186,7 @@ def _nequip_checkpoint(path: str):
     return model, ""
 
 
-def _load_nequip(path: str, map_location, allow_pickle: bool, family: str) -> torch.nn.Module:
+def _load_nequip(path: str, map_location, allow_pickle: bool) -> torch.nn.Module:
     """A nequip checkpoint without unpickling where possible; otherwise (and for packages) only with
     ``allow_pickle``, through nequip's own loader."""
     from ltau_lmp.model.nequip import NequIPForceField
@@ -214,13 +214,10 @@ def _load_nequip(path: str, map_location, allow_pickle: bool, family: str) -> to
             module = load_saved_model(path)
         except Exception as exc:  # arbitrary code ran: report whatever it raised
             raise FileFormatError(f"model file {path}: nequip could not load it ({type(exc).__name__}: {exc})") from exc
-    try:
-        model = NequIPForceField(module.eval())
+    try:  # the card's family (nequip or allegro) is the model's own, whichever of the two was named
+        return NequIPForceField(module.eval()).to(map_location)
     except ConfigError as exc:
         raise FileFormatError(f"model file {path}: {exc}") from exc
-    if model.family != family:
-        raise FileFormatError(f"model file {path} holds a {model.family} model, not {family}")
-    return model.to(map_location)
 
 
 def _load_mace(path: str, map_location, allow_pickle: bool) -> torch.nn.Module:
