@@ -52,7 +52,7 @@ def _model_file(arg: str | None, cache: Path) -> str:
     return str(path)
 
 
-def _latent_pool(model) -> "np.ndarray":
+def _latent_pool(model):
     """Real latent features of 4096-atom Si cells, rattled and heated (0.02 - 0.25 A)."""
     import numpy as np
     from ase.build import bulk
@@ -104,26 +104,30 @@ def _synthetic(model, n: int, kind: str, cache: Path) -> Path:
 # 1-2: step times
 # --------------------------------------------------------------------------------------------
 
-def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_seconds: float):
+def _query_latent(model_file: str):
+    """Latent features of the benchmark's 4096-atom cell, rattled by 0.05 A."""
     import numpy as np
+    from ase.build import bulk
 
+    from ltau_lmp.calculator import LTAUCalculator
+    from ltau_lmp.model import load_model
+
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (8, 8, 8)
+    atoms.positions += np.random.default_rng(2).normal(0, 0.05, atoms.positions.shape)
+    atoms.calc = LTAUCalculator(load_model(model_file))
+    atoms.get_potential_energy()
+    return np.asarray(atoms.calc.results["latent"], np.float32)
+
+
+def step_times(model_file: str, estimators: dict, steps: int, rounds: int, max_seconds: float):
     from ltau_lmp.estimator import LTAUEstimator
     from ltau_lmp.lammps.driver import create_lammps
-    from ltau_lmp.model import load_model
 
     lmp = create_lammps(log="none", screen=False)
     lmp.commands_string(si_script(8, ltau_pair(model_file)))
     natoms = lmp.get_natoms()
     t_nofix = loop_time(lmp, steps)                                         # warm-up
-    # bare queries of this configuration's latent features: the LTAU cost without LAMMPS
-    from ase.build import bulk
-
-    from ltau_lmp.calculator import LTAUCalculator
-    atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (8, 8, 8)
-    atoms.positions += np.random.default_rng(2).normal(0, 0.05, atoms.positions.shape)
-    atoms.calc = LTAUCalculator(load_model(model_file))
-    atoms.get_potential_energy()
-    latent = np.asarray(atoms.calc.results["latent"], np.float32)
+    latent = _query_latent(model_file)   # bare queries: the LTAU cost without LAMMPS
     query = {}
     for name, path in estimators.items():
         est = LTAUEstimator.load(path)
@@ -191,8 +195,11 @@ def phase_times(estimators: dict, latent, repeats: int = 5) -> dict:
             t0 = time.perf_counter()
             res.ood
             best["ood"] = time.perf_counter() - t0
+        best["ids"] = res.neighbors
         out[name] = best
-        del est
+    for name, t in out.items():   # recall@k against the exact (flat) estimator of the same size
+        exact = out.get("flat " + name.split()[-1])
+        t["recall"] = float(np.mean((t["ids"][:, :, None] == exact["ids"][:, None, :]).any(axis=2))) if exact else None
     return out
 
 
@@ -257,6 +264,25 @@ def _memory_ranks(nprocs: int, model_file: str, estimator: Path, cells: int) -> 
 
 # --------------------------------------------------------------------------------------------
 
+def _print_phases(phases: dict, natoms: int) -> None:
+    print(f"\nper phase, one evaluation of {natoms} atoms (ms, fastest of 5); non-search = everything but the "
+          "search, with intervals (default) and with `ci no`; old = before the lean path")
+    columns = ["search", "query (search + expected)", "mix old", "mix new", "quantiles old", "quantiles new", "ood"]
+    print(f"{'estimator':<12}" + "".join(f"{c:>14}" for c in ["search", "expected", "mix old", "mix new", "quant old",
+                                                              "quant new", "ood", "non-s. old %", "new %",
+                                                              "ci no %", "recall@10"]))
+    for name, t in phases.items():
+        expected = t["query (search + expected)"] - t["search"]
+        ood = t.get("ood", 0.0)
+        old = expected + t["mix old"] + t["quantiles old"] + ood
+        new = expected + t["mix new"] + t["quantiles new"] + ood
+        values = [t[c] * 1e3 for c in columns[:1]] + [expected * 1e3] + [t[c] * 1e3 for c in columns[2:6]] + \
+            [ood * 1e3, old / t["search"] * 100, new / t["search"] * 100, (expected + ood) / t["search"] * 100]
+        recall = f"{t['recall']:>14.3f}" if t["recall"] is not None else f"{'-':>14}"
+        print(f"{name:<12}" + "".join(f"{v:>14.2f}" for v in values) + recall)
+    print("target: non-search <= 10 % of the search")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help=f"model file (default {DEFAULT_MODEL} if present, else a random model)")
@@ -268,6 +294,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest counts")
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="skip an every-1 configuration whose measurement would take longer")
+    parser.add_argument("--phases-only", action="store_true", help="only the per-phase timing (no LAMMPS runs)")
     parser.add_argument("--memory", action="store_true", help="also the RSS-growth and 1-vs-2-rank memory runs")
     parser.add_argument("--memory-steps", type=int, default=10_000)
     parser.add_argument("--memory-cells", type=int, default=4, help="diamond cells per edge (4: 512 atoms)")
@@ -292,6 +319,9 @@ def main() -> None:
     estimators = {f"{kind} {n // 1000}k": _synthetic(model, n, kind, cache) for n in sizes
                   for kind in args.kinds.split(",")}
 
+    if args.phases_only:
+        _print_phases(phase_times(estimators, _query_latent(model_file)), 4096)
+        return
     natoms, best, query, skipped, latent = step_times(model_file, estimators, args.steps, args.rounds,
                                                       args.max_seconds)
     phases = phase_times(estimators, latent)
@@ -325,21 +355,7 @@ def main() -> None:
     print("targets: every 1 with 1M HNSW <= 10 %, every 10 <= 2 %, LTAU/ens. <= 0.02 (1/50 of the ensemble's "
           "extra cost)")
 
-    print(f"\nper phase, one evaluation of {natoms} atoms (ms, fastest of 5); non-search = everything but the "
-          "search, with intervals (default) and with `ci no`; old = before the lean path")
-    columns = ["search", "query (search + expected)", "mix old", "mix new", "quantiles old", "quantiles new", "ood"]
-    print(f"{'estimator':<12}" + "".join(f"{c:>14}" for c in ["search", "expected", "mix old", "mix new", "quant old",
-                                                              "quant new", "ood", "non-s. old %", "new %",
-                                                              "ci no %"]))
-    for name, t in phases.items():
-        expected = t["query (search + expected)"] - t["search"]
-        ood = t.get("ood", 0.0)
-        old = expected + t["mix old"] + t["quantiles old"] + ood
-        new = expected + t["mix new"] + t["quantiles new"] + ood
-        values = [t[c] * 1e3 for c in columns[:1]] + [expected * 1e3] + [t[c] * 1e3 for c in columns[2:6]] + \
-            [ood * 1e3, old / t["search"] * 100, new / t["search"] * 100, (expected + ood) / t["search"] * 100]
-        print(f"{name:<12}" + "".join(f"{v:>14.2f}" for v in values))
-    print("target: non-search <= 10 % of the search")
+    _print_phases(phases, natoms)
 
     if args.memory:
         hnsw_1m = estimators.get("hnsw 1000k") or list(estimators.values())[-1]
