@@ -1,6 +1,7 @@
 # ltau_lmp: the README's commands call these targets.
 #   make demo   set up (once) and run the end-to-end silicon story (data -> train -> LAMMPS + fix ltau -> evaluate)
-#   make test   set up (once) and run the test suite
+#   make test   set up (once) and run the whole test suite: test-main, then test-nequip
+#   make test-main     the main suite (.venv: built-in model, MACE, LAMMPS, estimator)
 #   make test-nequip   the NequIP/Allegro tests in their own environment (.venv-nequip)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 NEQUIP_VENV ?= .venv-nequip
 NEQUIP_PY   := $(NEQUIP_VENV)/bin/python
 
-.PHONY: setup setup-nequip nequip-install demo demo-mace demo-nequip test test-nequip test-slow bench clean
+.PHONY: setup setup-nequip nequip-install demo demo-mace demo-nequip test test-main test-nequip test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -57,7 +58,9 @@ demo-nequip: setup-nequip
 	$(MAKE) --no-print-directory nequip-install PIP_FLAGS="--no-deps --force-reinstall"
 	$(NEQUIP_PY) examples/nequip_si/demo.py --out runs/nequip_demo
 
-test: setup
+test: test-main test-nequip
+
+test-main: setup
 	$(PY) -m pytest
 
 # not `python -m pytest`: that would import ltau_lmp from the tree instead of the nequip venv's install
