@@ -15,18 +15,28 @@ LAMMPS ML-IAP path. Species index k is nequip atom type k: the model's type name
 chemical symbols.
 
 * **NequIP** (message passing): ``num_layers`` = its convolution layers, receptive field
-  ``r_max x num_layers``; it runs on all ``n_all`` nodes, node i gathering over the pairs it
-  centres (ghost atoms out to the receptive field make local energies exact: the thick ghost
-  shell). ``latent``: the node features after the last convolution (its invariant ``0e``
-  channels, the input of the energy readout).
+  ``r_max x num_layers``. Without ``exchange=`` it runs on all ``n_all`` nodes, node i gathering
+  over the pairs it centres (ghost atoms out to the receptive field make local energies exact:
+  the thick ghost shell). With ``exchange=`` (``card.ghost_exchange``; one cutoff of ghosts,
+  pairs centred on local atoms) the node features after every convolution but the last go
+  through ``exchange``, so each later convolution reads its neighbours' rows from their owners.
+  ``latent``: the node features after the last convolution (its invariant ``0e`` channels, the
+  input of the energy readout).
 * **Allegro** (strictly local): ``num_layers`` 1, receptive field ``r_max``: one cutoff of ghost
-  atoms, pairs centred on local atoms only. Allegro has no node features; ``latent`` is, per
-  atom, the sum over the pairs it centres of the scalar edge features that Allegro hands its
-  edge-energy readout (whose outputs, summed over the same pairs, are the atom's energy).
+  atoms, pairs centred on local atoms only (it has no convolution, so ``exchange=`` is never
+  called). Allegro has no node features; ``latent`` is, per atom, the sum over the pairs it
+  centres of the scalar edge features that Allegro hands its edge-energy readout (whose
+  outputs, summed over the same pairs, are the atom's energy).
 
 ``atom_energy`` is nequip's per-atom energy (scale, shift and any pair potential included): it
-sums to nequip's total energy. The energy model's stages run one by one (``forward``), so a
-per-layer ghost exchange between MPI ranks can later be inserted after each NequIP convolution.
+sums to nequip's total energy. The energy model's stages run one by one (``forward``): the
+exchange goes between them. nequip's convolutions run on every row they are given here: they
+cut their input to the local nodes only in nequip's own LAMMPS ML-IAP mode
+(``AtomicDataDict.LMP_MLIAP_DATA_KEY`` in the data, with its ghost-exchange module swapped in),
+which is not used, so the wrapped model is left exactly as loaded. Ghost rows of a convolution's
+output are computed (from no messages) and then overwritten by the exchange; nequip's pair
+potentials give each pair's centre half of the pair energy, so pairs centred on local atoms
+give the local atoms' energies exactly.
 
 nequip itself is imported only when a model is wrapped or loaded.
 """
@@ -93,6 +103,11 @@ class NequIPForceField(nn.Module):
         # the stage after which the latent is read: the last convolution / the Allegro layers
         self._latent_stage, last = [(name, m) for name, m in energy_model.named_children()
                                     if type(m).__name__ in (_CONVOLUTION, _ALLEGRO)][-1]
+        # the convolutions after which node features are exchanged (all but the last), and widths
+        exchanged = [(name, m) for name, m in energy_model.named_children()
+                     if type(m).__name__ == _CONVOLUTION][:-1]
+        self._exchange_stages = frozenset(name for name, _ in exchanged)
+        self.exchange_widths = tuple(m.irreps_out[AtomicDataDict.NODE_FEATURES_KEY].dim for _, m in exchanged)
         if family == "nequip":
             irreps = last.irreps_out[AtomicDataDict.NODE_FEATURES_KEY]
             if any(ir.l != 0 or ir.p != 1 for _, ir in irreps):
@@ -127,14 +142,17 @@ class NequIPForceField(nn.Module):
         return ModelCard(
             family=self.family, species=self.species, cutoff=self.cutoff, num_layers=self.num_layers,
             receptive_field=self.cutoff * self.num_layers, latent_dim=self.latent_dim, latent=self._latent,
-            dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash)
+            dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash,
+            ghost_exchange=self.family == "nequip")
 
     def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
-                shifts: Tensor | None, n_local: int) -> tuple[Tensor, Tensor]:
+                shifts: Tensor | None, n_local: int, exchange=None) -> tuple[Tensor, Tensor]:
         """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
         keys = self._keys
         positions = positions.to(self.dtype)
         if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
+            if exchange is not None:
+                return self._relay(positions, shifts, exchange)
             return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
         vectors = positions.index_select(0, neighbors) - positions.index_select(0, centers)
         if shifts is not None:
@@ -147,9 +165,12 @@ class NequIPForceField(nn.Module):
         }
         latent = None
         # Stage by stage (the energy model is an nn.Sequential of graph modules): the latent is
-        # taken where it is formed, and a per-layer ghost exchange would go after each convolution.
+        # taken where it is formed, and with exchange= the node features after each convolution
+        # but the last get their ghost rows (computed from no messages) from their owners.
         for name, stage in self.energy_model.named_children():
             data = stage(data)
+            if exchange is not None and name in self._exchange_stages:
+                data[keys["NODE_FEATURES_KEY"]] = exchange(data[keys["NODE_FEATURES_KEY"]])
             if name == self._latent_stage:
                 if self.family == "nequip":
                     latent = data[keys["NODE_FEATURES_KEY"]]
@@ -157,3 +178,13 @@ class NequIPForceField(nn.Module):
                     features = data[keys["EDGE_FEATURES_KEY"]]
                     latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
         return data[keys["PER_ATOM_ENERGY_KEY"]][:n_local, 0], latent[:n_local]
+
+    def _relay(self, positions: Tensor, shifts: Tensor | None, exchange) -> tuple[Tensor, Tensor]:
+        """No local atoms, but this rank must still make every exchange, forward and (in the
+        backward) reverse, as the others do: they are collective, and its ghost rows may relay
+        other ranks' rows. Zeros of each width go through, chained so that the backward visits
+        them in reverse order, and the empty outputs depend on them."""
+        link = positions.sum() * 0 + (0 if shifts is None else shifts.to(self.dtype).sum() * 0)
+        for width in self.exchange_widths:
+            link = exchange(positions.new_zeros(positions.shape[0], width) + link).sum() * 0
+        return positions[:0, 0] + link, positions.new_zeros(0, self.latent_dim)
