@@ -1,6 +1,7 @@
 """NequIP and Allegro models (checkpoints written by LTAUCallback) behind pair_style ltau + fix ltau:
-equal to nequip's own ASE calculator, and 1 rank = 2 ranks (NequIP through the ghost shell out
-to its receptive field, Allegro with one cutoff of ghosts), with the callback's estimator."""
+equal to nequip's own ASE calculator, and 1 rank = 2 ranks (NequIP with one cutoff of ghosts and
+the per-layer ghost exchange, its default; Allegro with one cutoff of ghosts), with the callback's
+estimator. The exchange against the ghost shell, on 2 and 3 ranks: test_nequip_exchange.py."""
 
 from __future__ import annotations
 
@@ -100,5 +101,5 @@ def test_one_rank_equals_two_ranks(setup, tmp_path):
     assert np.abs(one[:, 1:4]).max() > 0.1
     assert np.isfinite(one[:, 4:]).all() and (one[:, 4] > 0).all()
     np.testing.assert_allclose(two[:, 4:], one[:, 4:], rtol=1e-6, atol=1e-9)
-    if setup["kind"] == "nequip":  # the ghost shell raised to the receptive field (2 x 4 A) + skin
-        assert "ghost atoms out to 10 A (receptive field 8 A + skin 2 A)" in log2
+    if setup["kind"] == "nequip":  # message passing: one cutoff of ghosts, exchanged after each layer
+        assert "ghost exchange after each layer" in log2
