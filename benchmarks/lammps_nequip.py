@@ -8,7 +8,7 @@ every ghost too), and the largest force difference between the modes by atom ID 
 steps.
 
 Usage (.venv-nequip, its bin first in PATH so that `mpirun` is its MPICH):
-    python examples/nequip_si/bench_exchange.py [--model runs/nequip_demo/nequip/ltau/model.ckpt]
+    python benchmarks/lammps_nequip.py [--model runs/nequip_demo/nequip/ltau/model.ckpt]
         [--cells 6] [--steps 3] [--rounds 2]
 The default model is the one `make demo-nequip` trains (2 convolutions, l_max 1, 8 features,
 r_max 4 A).
