@@ -12,7 +12,8 @@ from ltau_lmp.model import MACEForceField, evaluate, load_model, neighbor_list, 
 
 pytest.importorskip("mace")
 from mace.calculators import MACECalculator  # noqa: E402
-from test_mace_adapter import si_c_cell, tiny_mace  # noqa: E402
+from adapter_checks import si_c_cell  # noqa: E402
+from test_mace_adapter import tiny_mace  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("mace")
 from mpi_run import mpirun  # noqa: E402
-from test_mace_adapter import si_c_cell, tiny_mace  # noqa: E402
+from adapter_checks import si_c_cell  # noqa: E402
+from test_mace_adapter import tiny_mace  # noqa: E402
 
 from ltau_lmp.errors import LTAUError  # noqa: E402
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402

@@ -22,7 +22,8 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("nequip")
 from mpi_run import mpirun  # noqa: E402
-from test_nequip_adapter import explicit_images, inputs, si_c_cell, tiny  # noqa: E402
+from adapter_checks import explicit_images, inputs, si_c_cell  # noqa: E402
+from test_nequip_adapter import tiny  # noqa: E402
 
 from ltau_lmp.model import NequIPForceField, evaluate  # noqa: E402
 

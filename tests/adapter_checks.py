@@ -1,0 +1,54 @@
+"""Cells and checks shared by the model-family adapter tests (MACE in the main environment,
+NequIP/Allegro in .venv-nequip): the same contract, tested the same way for every family."""
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import bulk
+
+from ltau_lmp.model import evaluate, neighbor_list, species_indices
+
+
+def si_c_cell(repeat=(1, 1, 1), rattle=0.1, seed=0, cubic=True):
+    """Strained, rattled diamond Si with every fifth atom C: two species, no symmetry left."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=cubic).repeat(repeat)
+    rng = np.random.default_rng(seed)
+    atoms.symbols[::5] = "C"
+    atoms.set_cell(atoms.cell @ (np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))), scale_atoms=True)
+    atoms.positions += rng.normal(0.0, rattle, atoms.positions.shape)
+    return atoms
+
+
+def inputs(model, atoms):
+    """The forward contract's arguments for a periodic cell (shift-based neighbour list)."""
+    c, n, s = neighbor_list(atoms, model.card.cutoff)
+    return (torch.tensor(atoms.positions), torch.from_numpy(species_indices(atoms, list(model.card.species))),
+            torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms))
+
+
+def explicit_images(atoms, reach):
+    """Local atoms then every periodic image within ``reach`` of one of them (no shifts needed)."""
+    heights = atoms.get_volume() / np.linalg.norm(np.cross(atoms.cell[[1, 2, 0]], atoms.cell[[2, 0, 1]]), axis=1)
+    m = np.ceil(reach / heights).astype(int) + 1
+    grid = np.stack(np.meshgrid(*(np.arange(-k, k + 1) for k in m), indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.argsort(np.abs(grid).sum(1), kind="stable")]  # (0, 0, 0) first: the local atoms
+    images = (grid @ atoms.cell.array)[:, None, :] + atoms.positions[None]  # (n_images, n, 3)
+    distance = np.linalg.norm(images.reshape(-1, 1, 3) - atoms.positions[None], axis=2).min(1)
+    keep = np.flatnonzero(distance < reach)
+    positions = images.reshape(-1, 3)[keep]
+    owners = keep % len(atoms)
+    assert np.array_equal(owners[:len(atoms)], np.arange(len(atoms)))
+    return Atoms(numbers=atoms.numbers[owners], positions=positions, pbc=False), owners
+
+
+def check_shift_gradient_gives_pair_forces(adapter, atoms):
+    """The LAMMPS runtime differentiates w.r.t. a zero offset added through ``shifts``: scattering
+    that gradient onto both atoms of each pair must give the forces."""
+    positions, species, c, n, s, n_local = inputs(adapter, atoms)
+    offset = torch.zeros_like(s, requires_grad=True)
+    atom_energy, _ = adapter(positions, species, c, n, s + offset, n_local)
+    (pair_grad,) = torch.autograd.grad(atom_energy.sum(), offset)
+    forces = torch.zeros(len(atoms), 3, dtype=torch.float64)
+    forces.index_add_(0, c, pair_grad).index_add_(0, n, -pair_grad)  # r_ij = x_j - x_i + s_ij
+    expected = evaluate(adapter, positions, species, c, n, s, n_local).forces
+    assert torch.abs(forces - expected).max() <= 1e-12 * torch.abs(expected).max()
