@@ -9,7 +9,7 @@ from scipy import stats
 
 from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.estimator import LTAUEstimator
-from ltau_lmp.estimator.calibration import alarm, alarm_thresholds, ood_pvalues, thresholds_for
+from ltau_lmp.estimator.calibration import alarm, alarm_thresholds, fit_tail, ood_pvalues, thresholds_for
 
 EDGES = np.logspace(-3, 1, 11)
 DIM = 6
@@ -125,6 +125,29 @@ def test_group_thresholds_bound_the_rate_per_evaluation():
     for metric, values in (("ood", res.ood), ("expected", res.expected)):
         groups = alarm(t, metric, values, n_atoms=50).reshape(2000, 50).any(axis=1)
         assert groups.mean() <= 0.05 + 0.015, (metric, groups.mean())   # binomial sd 0.005
+
+
+def test_thresholds_by_rank_with_floor():
+    expected = np.arange(1.0, 10.0)[::-1].copy()  # 9 held-out atoms, expected errors 9..1
+    reference = np.arange(9.0)
+    t = alarm_thresholds(reference, expected, 0.25)  # rank ceil(0.75 * 10) = 8
+    assert t == {"false_alarm_rate": 0.25, "expected": 8.0, "ood": 0.25, "n_reference": 9,
+                 "distance_tail": None, "expected_tail": None}   # 9 atoms: too few for a tail fit
+    assert thresholds_for(t, 100) == {"expected": 8.0, "ood": 0.1}  # no fit: floored, not scaled
+    t = alarm_thresholds(reference, expected, 0.1)  # rank ceil(0.9 * 10) = 9 exactly (round-off guarded)
+    assert t["expected"] == 9.0 and t["ood"] == 0.1
+    t = alarm_thresholds(reference, expected, 1e-3)  # below 1/(n+1): the maximum, p floored
+    assert t["expected"] == 9.0 and t["ood"] == 0.1
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        alarm_thresholds(reference, expected, 0.0)
+    with pytest.raises(ConfigError, match="no alarm threshold for metric 'distance'"):
+        alarm(t, "distance", [1.0])
+
+
+def test_tail_fit_needs_enough_distinct_values():
+    """Ties at the top (a constant set) leave nothing to fit: no tail, not a crash."""
+    assert fit_tail(np.ones(1000)) is None and fit_tail(np.arange(400.0)) is None   # 40 < MIN_TAIL values
+    assert fit_tail(np.arange(1000.0)).n_tail == 100
 
 
 def test_thresholds_and_reference_survive_save_and_load(calibrated, tmp_path):

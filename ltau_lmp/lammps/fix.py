@@ -229,6 +229,7 @@ class FixLtau:
             raise LTAUError(f"metric ood cannot use estimator {self.opts.estimator}: {why}")
         self.halt = self._resolve(self.opts.halt, "halt")
         self.dump_threshold = self._resolve(self.opts.dump_threshold, "dump")
+        self._auto_for = (None, None)   # (watched atoms, auto threshold for them)
         if self.opts.k is not None and self.opts.k > self.estimator.n_entries:
             raise LTAUError(f"k={self.opts.k} exceeds the estimator's {self.estimator.n_entries} entries")
         if self.rank == 0:
@@ -255,8 +256,10 @@ class FixLtau:
         chosen = {"dump": self.dump_threshold, "halt": self.halt}
         if AUTO in chosen.values():
             n_watched = self.comm.allreduce(int(np.count_nonzero(in_group)), op=MPI.SUM)
-            auto = thresholds_for(self.estimator.alarm_thresholds, n_watched)[self.opts.metric]
-            chosen = {what: auto if t == AUTO else t for what, t in chosen.items()}
+            if self._auto_for[0] != n_watched:   # the tail quantile only changes with the atom count
+                recommended = thresholds_for(self.estimator.alarm_thresholds, n_watched)
+                self._auto_for = (n_watched, recommended[self.opts.metric])
+            chosen = {what: self._auto_for[1] if t == AUTO else t for what, t in chosen.items()}
         return chosen
 
     def bind(self, runtime) -> None:
