@@ -52,3 +52,15 @@ def check_shift_gradient_gives_pair_forces(adapter, atoms):
     forces.index_add_(0, c, pair_grad).index_add_(0, n, -pair_grad)  # r_ij = x_j - x_i + s_ij
     expected = evaluate(adapter, positions, species, c, n, s, n_local).forces
     assert torch.abs(forces - expected).max() <= 1e-12 * torch.abs(expected).max()
+
+
+class Touch:
+    """Unpickling this object creates a file: the marker shows whether a refused file ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)

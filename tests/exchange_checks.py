@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from ase.io.lammpsdata import write_lammps_data
 
-from mpi_run import mpirun
+from mpi_run import mpirun, read_dump_rows
 
 SCRIPT = """\
 units           metal
@@ -76,11 +76,8 @@ def run_modes(files, cwd, nprocs, modes, data="data", extra=""):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = {}
     for mode in modes:
-        lines = (cwd / f"final.{mode}.20").read_text().splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
-        rows = np.loadtxt(lines[start:], ndmin=2)
         thermo = json.loads((cwd / f"thermo.{mode}.json").read_text())
-        out[mode] = (rows[np.argsort(rows[:, 0])], thermo, (cwd / f"log.{mode}").read_text())
+        out[mode] = (read_dump_rows(cwd / f"final.{mode}.20"), thermo, (cwd / f"log.{mode}").read_text())
     return out
 
 

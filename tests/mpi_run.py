@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
 
@@ -51,3 +53,24 @@ def per_rank(tmp_path: Path, scripts: dict[str, str], timeout: float = 120) -> d
             name, rest = line.split(" ", 1)
             out[name][rank] = rest
     return out
+
+
+def read_dump_rows(path: Path) -> np.ndarray:
+    """The atom rows of a one-snapshot `dump custom` file, sorted by its first column (the ID)."""
+    lines = Path(path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
+    rows = np.loadtxt(lines[start:], ndmin=2)
+    return rows[np.argsort(rows[:, 0])]
+
+
+def one_and_two_ranks(tmp_path: Path, script: str, dump: str, timeout: float = 120) -> dict:
+    """Run ``script`` with `ltau-lmp run` on 1 and on 2 ranks; {nprocs: (rows of ``dump``, log text)}."""
+    runs = {}
+    for nprocs in (1, 2):
+        cwd = tmp_path / f"np{nprocs}"
+        cwd.mkdir()
+        (cwd / "in.md").write_text(script)
+        res = mpirun(["ltau-lmp", "run", "in.md", "-log", "log.lammps"], cwd, nprocs, timeout=timeout)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        runs[nprocs] = (read_dump_rows(cwd / dump), (cwd / "log.lammps").read_text())
+    return runs

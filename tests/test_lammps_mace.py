@@ -9,7 +9,6 @@ module), so every script opts in with ``pair_style ltau allow_pickle yes``.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("mace")
 from mace.calculators import MACECalculator  # noqa: E402
-from mpi_run import mpirun, per_rank  # noqa: E402
+from mpi_run import one_and_two_ranks, per_rank  # noqa: E402
 from test_mace_adapter import tiny_mace  # noqa: E402
 
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
@@ -76,13 +75,6 @@ def files(tmp_path_factory):
             "est": str(root / "est"), "est_other": str(root / "est_other")}
 
 
-def _read_dump(path: Path) -> np.ndarray:
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
-    rows = np.loadtxt(lines[start:], ndmin=2)
-    return rows[np.argsort(rows[:, 0])]
-
-
 def test_equals_mace_calculator(files, tmp_path):
     """Energy, forces and virial in LAMMPS = MACE's own ASE calculator (<= 1e-8 relative)."""
     from ltau_lmp.lammps.driver import create_lammps
@@ -130,14 +122,7 @@ run             100
 @pytest.mark.mpi
 def test_one_rank_equals_two_ranks(files, tmp_path):
     """100 NVE steps: forces <= 1e-10 eV/A and fix ltau's per-atom values equal, by atom ID."""
-    runs = {}
-    for nprocs in (1, 2):
-        cwd = tmp_path / f"np{nprocs}"
-        cwd.mkdir()
-        (cwd / "in.md").write_text(MD.format(data=files["data"], model=files["model"], est=files["est"]))
-        res = mpirun(["ltau-lmp", "run", "in.md", "-log", "log.lammps"], cwd, nprocs)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-        runs[nprocs] = (_read_dump(cwd / "final.100"), (cwd / "log.lammps").read_text())
+    runs = one_and_two_ranks(tmp_path, MD.format(data=files["data"], model=files["model"], est=files["est"]), "final.100")
     (one, _), (two, log2) = runs[1], runs[2]
     np.testing.assert_array_equal(one[:, 0], two[:, 0])
     assert np.abs(one[:, 1:4] - two[:, 1:4]).max() <= 1e-10

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapter_checks import check_shift_gradient_gives_pair_forces, explicit_images, inputs, si_c_cell
+from adapter_checks import Touch, check_shift_gradient_gives_pair_forces, explicit_images, inputs, si_c_cell
 from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.model import MACEForceField, PickleRefusedError, detect_family, evaluate, load_model
 
@@ -210,21 +210,11 @@ def test_model_file_needs_explicit_trust(tmp_path, adapter, mace_model):
         load_model(path, family="ltau_local")  # weights_only refuses the module
 
 
-class _Touch:
-    """Unpickling this object creates a file: the marker shows whether a refused file ran code."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        import pathlib
-
-        return pathlib.Path.touch, (pathlib.Path(self.path),)
 
 
 def test_refused_file_runs_no_code(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "evil.model"
-    torch.save({"mace.modules.models": _Touch(str(marker))}, path)
+    torch.save({"mace.modules.models": Touch(str(marker))}, path)
     with pytest.raises(PickleRefusedError):
         load_model(path)
     assert not marker.exists()

@@ -16,7 +16,7 @@ from nequip.integrations.ase import NequIPCalculator  # noqa: E402
 from nequip.model import NequIPGNNModel  # noqa: E402
 from nequip.utils.global_state import set_global_state  # noqa: E402
 
-from adapter_checks import check_shift_gradient_gives_pair_forces, explicit_images, inputs, si_c_cell  # noqa: E402
+from adapter_checks import Touch, check_shift_gradient_gives_pair_forces, explicit_images, inputs, si_c_cell  # noqa: E402
 from ltau_lmp.errors import ConfigError, FileFormatError  # noqa: E402
 from ltau_lmp.model import NequIPForceField, PickleRefusedError, detect_family, evaluate, load_model  # noqa: E402
 
@@ -169,22 +169,12 @@ def test_refusals(graph_model):
         NequIPForceField(renamed)
 
 
-class _Touch:
-    """Unpickling this object creates a file: the marker shows whether a refused file ran code."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        import pathlib
-
-        return pathlib.Path.touch, (pathlib.Path(self.path),)
 
 
 def test_refused_file_runs_no_code(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": {"model": {"_target_": "nequip.model.NequIPGNNModel"}},
-                "x": _Touch(str(marker))}, path)
+                "x": Touch(str(marker))}, path)
     assert detect_family(path) == "nequip"
     with pytest.raises(PickleRefusedError, match="does not load with weights_only=True"):
         load_model(path)

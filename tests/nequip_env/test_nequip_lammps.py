@@ -11,7 +11,7 @@ from ase.build import bulk
 from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("nequip")
-from mpi_run import mpirun  # noqa: E402
+from mpi_run import one_and_two_ranks  # noqa: E402
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform  # noqa: E402
 from nequip.integrations.ase import NequIPCalculator  # noqa: E402
 
@@ -77,24 +77,10 @@ def test_equals_nequip_calculator(setup):
     np.testing.assert_allclose(-p[[0, 1, 2, 5, 4, 3]], stress, rtol=1e-8, atol=1e-8 * np.abs(stress).max())
 
 
-def _read_dump(path):
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
-    rows = np.loadtxt(lines[start:], ndmin=2)
-    return rows[np.argsort(rows[:, 0])]
-
-
 @pytest.mark.mpi
 def test_one_rank_equals_two_ranks(setup, tmp_path):
     """40 NVE steps with fix ltau: forces <= 1e-10 eV/A and the per-atom uncertainties equal, by atom ID."""
-    runs = {}
-    for nprocs in (1, 2):
-        cwd = tmp_path / f"np{nprocs}"
-        cwd.mkdir()
-        (cwd / "in.md").write_text(MD.format(**setup))
-        res = mpirun(["ltau-lmp", "run", "in.md", "-log", "log.lammps"], cwd, nprocs, timeout=300)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-        runs[nprocs] = (_read_dump(cwd / "final.40"), (cwd / "log.lammps").read_text())
+    runs = one_and_two_ranks(tmp_path, MD.format(**setup), "final.40", timeout=300)
     (one, _), (two, log2) = runs[1], runs[2]
     np.testing.assert_array_equal(one[:, 0], two[:, 0])
     assert np.abs(one[:, 1:4] - two[:, 1:4]).max() <= 1e-10
