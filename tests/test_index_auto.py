@@ -104,6 +104,9 @@ def test_changing_nprobe_drops_the_stale_recall(small_limit):
     ("auto", {"nlist": 0}, "nlist must be a positive integer"),
     ("auto", {"ef_search": 8}, "unknown option"),
     ("ivf", {"nprobe": None}, "needs a target_recall"),
+    ("hnsw", {"ef_search": None}, "needs a target_recall"),
+    ("hnsw", {"ef_search": 20, "target_recall": 0.9}, "not both"),
+    ("hnsw", {"target_recall": 0.9}, "needs at least 200 held-out reference atoms"),
 ])
 def test_bad_options_are_refused_clearly(small_limit, kind, options, message):
     data = _clustered(np.random.default_rng(6), 1500)
@@ -131,3 +134,62 @@ def test_auto_uses_an_hnsw_quantizer_for_many_lists_and_reloads_it(monkeypatch, 
     back = LTAUEstimator.load(tmp_path / "est", use_gpu=False)  # memory-mapped
     queries = _clustered(rng, 100)
     np.testing.assert_array_equal(back.query(queries).neighbors, est.query(queries).neighbors)
+
+
+@pytest.mark.parametrize("kind", ["auto", "ivf", "hnsw"])
+def test_search_parameter_is_tuned_on_the_reference_atoms_when_there_are_enough(small_limit, kind):
+    """The recorded recall is that of the held-out reference atoms themselves (all of them are
+    used below ``RECALL_QUERIES``), and nprobe / ef_search is the smallest that reaches the target
+    on them (ef_search from k = 10: HNSW never searches a narrower beam)."""
+    rng = np.random.default_rng(9)
+    data = _clustered(rng, 6000)
+    reference, entries = data[:500], data[500:]
+    options = None if kind == "auto" else {"target_recall": AUTO_RECALL}
+    index = SearchIndex.build(entries, kind, options, use_gpu=False, tuning_queries=reference)
+    assert index.options["recall_queries"] == "reference"
+    exact = SearchIndex.build(entries, "flat", use_gpu=False).search(reference, 10)[1]
+    assert index.options["recall_at_10"] == round(_recall(index.search(reference, 10)[1], exact), 4)
+    assert index.options["recall_at_10"] >= AUTO_RECALL
+    tuned = index_module.TUNED[index.kind]
+    if index.options[tuned] > (1 if index.kind == "ivf" else 10):
+        index.set_search_options(**{tuned: index.options[tuned] - 1})
+        assert _recall(index.search(reference, 10)[1], exact) < AUTO_RECALL
+
+
+@pytest.mark.parametrize("data_kind", ["clustered", "even"])
+def test_auto_races_hnsw_against_ivf_on_the_reference_and_keeps_the_faster(small_limit, tmp_path, data_kind):
+    """Both candidates reach the target on the reference atoms; the kept one is the faster by the
+    rule (HNSW only with ``HNSW_MARGIN``); the estimator reloads with the same choice."""
+    rng = np.random.default_rng(12)
+    data = _clustered(rng, 4000) if data_kind == "clustered" else rng.normal(size=(4000, 16)).astype(np.float32)
+    pdfs, edges = rng.dirichlet(np.ones(4), size=3500).astype(np.float32), np.logspace(-3, 0, 5)
+    est = LTAUEstimator.build(data[500:], pdfs, edges, use_gpu=False, reference_descriptors=data[:500])
+    options = est.index.options
+    rates = options["queries_per_cpu_s"]
+    assert set(rates) == {"ivf", "hnsw"} and min(rates.values()) > 0
+    assert (est.index.kind == "hnsw") == (rates["hnsw"] > index_module.HNSW_MARGIN * rates["ivf"])
+    assert options["auto"] is True and options["recall_at_10"] >= AUTO_RECALL
+    est.save(tmp_path / "est")
+    back = LTAUEstimator.load(tmp_path / "est", use_gpu=False)
+    assert (back.index.kind, back.index.options) == (est.index.kind, options)
+    np.testing.assert_array_equal(back.query(data[:100]).neighbors, est.query(data[:100]).neighbors)
+
+
+def test_too_few_reference_atoms_fall_back_to_the_training_sample(small_limit):
+    rng = np.random.default_rng(10)
+    data = _clustered(rng, 3000)
+    few = index_module.MIN_TUNING_QUERIES - 1
+    index = SearchIndex.build(data[few:], use_gpu=False, tuning_queries=data[:few])
+    assert index.options["recall_queries"] == "training"
+    assert index.options["recall_at_10"] >= AUTO_RECALL
+
+
+def test_estimator_build_tunes_on_its_reference_and_checks_it_first(small_limit):
+    rng = np.random.default_rng(11)
+    data = _clustered(rng, 3000)
+    pdfs, edges = rng.dirichlet(np.ones(4), size=2500).astype(np.float32), np.logspace(-3, 0, 5)
+    est = LTAUEstimator.build(data[500:], pdfs, edges, use_gpu=False, reference_descriptors=data[:500])
+    assert est.index.options["recall_queries"] == "reference" and est.has_ood_reference
+    assert est.index.kind in ("ivf", "hnsw") and set(est.index.options["queries_per_cpu_s"]) == {"ivf", "hnsw"}
+    with pytest.raises(ConfigError, match=r"reference descriptors: descriptors must have shape \(n, 16\)"):
+        LTAUEstimator.build(data[500:], pdfs, edges, use_gpu=False, reference_descriptors=data[:500, :8])

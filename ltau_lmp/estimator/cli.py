@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default=DEFAULT_KIND, choices=KIND_CHOICES,
                    help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "
                         f"'ivfpq'; auto = flat below {AUTO_EXACT_LIMIT:,} entries, above that IVF with nprobe tuned "
-                        "to recall@10 >= 0.95 (the measured recall is stored: ltau-lmp info)")
+                        "to recall@10 >= 0.95 on the --reference-descriptors atoms, else on a training sample "
+                        "(the measured recall is stored: ltau-lmp info)")
     p.add_argument("-k", "--neighbors", type=int, default=DEFAULT_K, help="neighbours averaged per query")
     p.add_argument("--weighting", default=WEIGHTINGS[0], choices=WEIGHTINGS,
                    help="average neighbour PDFs equally or by inverse distance")

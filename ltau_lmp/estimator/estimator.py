@@ -173,13 +173,10 @@ class LTAUEstimator:
         ``reference_descriptors``: latents of held-out in-domain atoms (not among ``descriptors``),
         for the ``ood`` p-value and the alarm thresholds at ``false_alarm_rate`` (``calibrate``).
         """
-        if reference_descriptors is not None:
-            calibration.check_rate(false_alarm_rate)  # before the index is built, not after
-        descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
-        if descriptors.ndim != 2 or descriptors.shape[0] == 0:
-            raise ConfigError(f"descriptors must be a non-empty (n, d) array, got shape {descriptors.shape}")
-        if not np.all(np.isfinite(descriptors)):
-            raise ConfigError("descriptors contain NaN or infinite values")
+        descriptors = as_descriptors(descriptors)
+        if reference_descriptors is not None:  # checked before the index is built, not after
+            calibration.check_rate(false_alarm_rate)
+            reference_descriptors = as_descriptors(reference_descriptors, descriptors.shape[1], "reference descriptors")
         if isinstance(error_log_or_pdfs, ErrorLog):
             if bin_edges is not None:
                 raise ConfigError("bin_edges come from the ErrorLog; do not pass them as well")
@@ -195,7 +192,8 @@ class LTAUEstimator:
         set_threads(threads)
         if progress is None:
             progress = descriptors.shape[0] >= PROGRESS_MIN_POINTS
-        search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress)
+        search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress,
+                                         tuning_queries=reference_descriptors)
         estimator = cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
         if reference_descriptors is not None:
             estimator.calibrate(reference_descriptors, false_alarm_rate)
@@ -287,11 +285,7 @@ class LTAUEstimator:
         """Uncertainty of new points from their latent descriptors (n, d)."""
         from tqdm.auto import tqdm
 
-        X = np.ascontiguousarray(descriptors, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.dim:
-            raise ConfigError(f"descriptors must have shape (n, {self.dim}), got {X.shape}")
-        if not np.all(np.isfinite(X)):
-            raise ConfigError("descriptors contain NaN or infinite values")
+        X = as_descriptors(descriptors, self.dim)
         k = self.k if k is None else self._check_k(k)
         n = X.shape[0]
         distance = np.empty(n)
@@ -370,6 +364,20 @@ def _check_card_metadata(metadata: dict, dim: int) -> None:
                           f"{card['latent_dim']}: descriptors and card come from different models")
     if card["model_hash"] != metadata.get("model_hash"):
         raise ConfigError("metadata model_hash differs from the model card's: build the metadata with card_metadata")
+
+
+def as_descriptors(values, dim: int | None = None, what: str = "") -> np.ndarray:
+    """Latent vectors as a contiguous float32 (n, d) array (faiss's input), finite; with ``dim``
+    the width must match (n may be 0), without it n must not be 0. ``what`` prefixes errors."""
+    X = np.ascontiguousarray(values, dtype=np.float32)
+    prefix = f"{what}: " if what else ""
+    if dim is None and (X.ndim != 2 or X.shape[0] == 0):
+        raise ConfigError(f"{prefix}descriptors must be a non-empty (n, d) array, got shape {X.shape}")
+    if dim is not None and (X.ndim != 2 or X.shape[1] != dim):
+        raise ConfigError(f"{prefix}descriptors must have shape (n, {dim}), got {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ConfigError(f"{prefix}descriptors contain NaN or infinite values")
+    return X
 
 
 def check_pdfs(pdfs: np.ndarray, rows: np.ndarray | None = None, where: str = "PDF array") -> None:

@@ -9,13 +9,18 @@ so ``hnsw`` stays on the CPU.
 
 ``auto`` (the default) is exact below ``AUTO_EXACT_LIMIT`` entries, so small estimators keep
 exact answers, and IVF-Flat above: ``nlist`` from the size, ``nprobe`` the smallest that reaches
-``AUTO_RECALL`` recall@10 against exact search for a fixed sample of the data taken as new atoms
-(``_tune_nprobe``), measured at build and recorded in the options (``recall_at_10``, shown by
-``ltau-lmp info``). On real latents replicated with noise to 1M (``benchmarks/knn_index.py``,
-doc/validation/knn_index.json) held-out atoms get recall 0.95-0.99 at the speed of the HNSW
-it replaces (recall 0.54-0.84 there), built 3-8x faster; at 100k it is 30-40x faster than
-exact. HNSW was slower at the same recall; IVF with SQ8 or fp16 codes, refined exactly or not,
-at most 1.2x faster than IVF-Flat in 32 dimensions (fp16 unrefined: inexact distances).
+``AUTO_RECALL`` recall@10 against exact search for held-out atoms: the estimator's reference
+(validation) atoms when it is given at least ``MIN_TUNING_QUERIES`` of them, else a fixed sample
+of the data taken as new atoms (``_RecallProbe``). With reference atoms, auto also builds an
+HNSW graph tuned to the same recall on them and keeps the faster of the two (``_race_hnsw``).
+The recall, the queries it was measured on and the raced speeds are recorded in the options
+(``recall_at_10``, ``recall_queries``, ``queries_per_cpu_s``; shown by ``ltau-lmp info``).
+
+Measured (``benchmarks/knn_index.py``, doc/validation/knn_index.json; Si, 3BPA, GAP-20 latents
+replicated with noise to 100k and 1M, held-out queries): IVF-Flat reaches recall 0.95-0.99 at
+76-104k queries/s per core at 100k, 30-40x faster than exact. IVF with SQ8 / SQ4 / fast-scan PQ
+codes refined exactly was no faster at recall 0.95 in 32 dimensions: near-duplicate MD atoms
+differ by less than the quantisation error, so the exact refinement must re-rank hundreds.
 
 faiss is imported on first use (``require_faiss``), not with this module: the kinds and defaults
 declared here feed the command line, which must start (and print its help) without faiss.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,18 +41,25 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 KIND_CHOICES = ("auto", *INDEX_KINDS)  # what users may ask for; "auto" resolves by size
 DEFAULT_KIND = "auto"
 AUTO_EXACT_LIMIT = 20_000  # below: flat, exact and still >= ~20k queries/s per core
-AUTO_RECALL = 0.95  # recall@10 auto's nprobe must reach on the build-time sample (``_tune_nprobe``)
-AUTO_HNSW_QUANTIZER_NLIST = 2048  # from here the centroid scan costs as much as the lists: HNSW over centroids
+AUTO_RECALL = 0.95  # recall@10 auto's nprobe (ef_search) must reach on the build-time queries (``_RecallProbe``)
+AUTO_HNSW_QUANTIZER_NLIST = 16_384  # from here an HNSW over the centroids: below, the batched flat scan (BLAS)
+# is faster (4096 lists, 1M Si latents: 42.7k vs 36.7k queries/s at the same nprobe; 8192: equal)
 RECALL_K = 10
-RECALL_QUERIES = 1000  # sample rows for the build-time recall: ~±0.005, a few s of exact search at 1M
+RECALL_QUERIES = 1000  # queries for the build-time recall: ~±0.005, a few s of exact search at 1M
+MIN_TUNING_QUERIES = 200  # fewer reference atoms than this: tune on the training sample instead
 NEAR_DUPLICATE_FACTOR = 2.0  # entries closer than this x a sample row's nearest one are its near-duplicates
 MAX_NEAR_DUPLICATES = 256  # at most that many left out per sample row (bounds the searches' k)
-RECORDED = ("auto", "recall_at_10")  # written by the build (how the options were chosen, what they reach)
+RECORDED = ("auto", "recall_at_10", "recall_queries", "queries_per_cpu_s")  # written by the build: how chosen,
+# what recall reached on which queries, and for auto's IVF-vs-HNSW race the speeds it measured
+TUNED = {"ivf": "nprobe", "hnsw": "ef_search"}  # the search-time parameter a target_recall tunes
+AUTO_HNSW = {"M": 16, "ef_construction": 40}  # auto's HNSW candidate: M 16 beat M 32 at equal recall (Si latents)
+HNSW_MARGIN = 1.2  # auto takes HNSW over IVF only when this much faster (IVF: faster build, GPU-capable)
+MAX_EF_SEARCH = 1024
 CHUNK_ROWS = 65_536  # rows per block of work over (n, dim) or (n, nbins) arrays, package-wide: bounded temporaries
 OPTION_DEFAULTS = {  # per kind; None = derived from the data in resolve_options
     "flat": {},
     "ivf": {"nlist": None, "nprobe": 8, "quantizer": "flat", "target_recall": None},
-    "hnsw": {"M": 32, "ef_construction": 40, "ef_search": 16},
+    "hnsw": {"M": 32, "ef_construction": 40, "ef_search": 16, "target_recall": None},
     "ivfpq": {"nlist": None, "pq_m": None, "nbits": 8, "nprobe": 16},
 }
 
@@ -97,15 +110,18 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
     if unknown:
         raise ConfigError(f"unknown option(s) for index {kind!r}: {', '.join(sorted(unknown))}; "
                           f"valid: {', '.join(OPTION_DEFAULTS[kind]) or 'none'}")
-    if kind == "ivf" and options.get("target_recall") is not None:
-        if options.get("nprobe") is not None:
-            raise ConfigError("ivf: give nprobe or target_recall (nprobe tuned to reach it), not both")
-        options["nprobe"] = None
+    tuned = TUNED.get(kind)
+    if tuned and options.get("target_recall") is not None:
+        if options.get(tuned) is not None:
+            raise ConfigError(f"{kind}: give {tuned} or target_recall ({tuned} tuned to reach it), not both")
+        options[tuned] = None
     resolved = {**OPTION_DEFAULTS[kind], **options}
     if kind in ("ivf", "ivfpq") and resolved["nlist"] is None:
         resolved["nlist"] = int(max(1, min(n_entries // 64, math.isqrt(n_entries))))
     if kind == "ivf":
         _check_ivf(resolved)
+    if tuned:
+        _check_target(kind, tuned, resolved)
     if kind == "ivfpq":
         if resolved["pq_m"] is None:
             resolved["pq_m"] = next(m for m in (dim // 2, dim // 4, dim, 1) if m >= 1 and dim % m == 0)
@@ -117,14 +133,19 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
 def _check_ivf(opts: dict) -> None:
     if opts["quantizer"] not in ("flat", "hnsw"):
         raise ConfigError(f"ivf quantizer must be 'flat' or 'hnsw', got {opts['quantizer']!r}")
+    if opts["nlist"] is not None and (not isinstance(opts["nlist"], numbers.Integral) or opts["nlist"] < 1):
+        raise ConfigError(f"ivf nlist must be a positive integer, got {opts['nlist']!r}")
+
+
+def _check_target(kind: str, tuned: str, opts: dict) -> None:
+    """The search-time parameter ``tuned`` is a positive integer, or None with a target recall."""
     target = opts["target_recall"]
     if target is not None and not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
-        raise ConfigError(f"ivf target_recall must lie in (0, 1], got {target!r}")
-    if opts["nprobe"] is None and target is None:
-        raise ConfigError("ivf nprobe=None needs a target_recall to tune it to")
-    for key in ("nlist", "nprobe"):
-        if opts[key] is not None and (not isinstance(opts[key], numbers.Integral) or opts[key] < 1):
-            raise ConfigError(f"ivf {key} must be a positive integer, got {opts[key]!r}")
+        raise ConfigError(f"{kind} target_recall must lie in (0, 1], got {target!r}")
+    if opts[tuned] is None and target is None:
+        raise ConfigError(f"{kind} {tuned}=None needs a target_recall to tune it to")
+    if opts[tuned] is not None and (not isinstance(opts[tuned], numbers.Integral) or opts[tuned] < 1):
+        raise ConfigError(f"{kind} {tuned} must be a positive integer, got {opts[tuned]!r}")
 
 
 def factory_string(kind: str, opts: dict) -> str:
@@ -173,10 +194,12 @@ class SearchIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = DEFAULT_KIND, options: dict | None = None,
-              use_gpu: bool | str = "auto", gpu_device: int = 0, progress: bool = False) -> "SearchIndex":
+              use_gpu: bool | str = "auto", gpu_device: int = 0, progress: bool = False,
+              tuning_queries: np.ndarray | None = None) -> "SearchIndex":
         """Build from (n, d) float32 vectors; entries keep their row number as id.
 
         ``auto`` resolves kind and options from the size, tunes nprobe and records the recall.
+        ``tuning_queries``: held-out atoms (not among ``vectors``) to tune and measure it on.
         """
         n, dim = vectors.shape
         given = set(options or {}) & set(RECORDED)
@@ -185,17 +208,11 @@ class SearchIndex:
         auto = kind == "auto"
         kind = resolve_kind(kind, n)
         opts = resolve_options(kind, dim, n, auto_options(kind, n, options) if auto else options)
-        faiss = require_faiss()
-        index = faiss.index_factory(dim, factory_string(kind, opts), faiss.METRIC_L2)
-        if kind == "hnsw":
-            faiss.downcast_index(index).hnsw.efConstruction = int(opts["ef_construction"])
-        if kind in ("ivf", "ivfpq"):
-            if n < opts["nlist"]:
-                raise ConfigError(f"{kind} with nlist={opts['nlist']} needs at least that many entries, got {n}")
-            index.train(vectors[_training_subset(n, opts["nlist"])])
-        _add_in_chunks(index, vectors, progress)
-        if kind == "ivf" and (auto or opts["nprobe"] is None):
-            opts.update(_tune_nprobe(index, vectors, opts))
+        probe = _RecallProbe(vectors, tuning_queries)
+        index, opts = _build_one(vectors, kind, opts, progress, probe, auto)
+        want_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
+        if auto and kind == "ivf" and not options and probe.source == "reference" and not want_gpu:
+            kind, index, opts = _race_hnsw(vectors, index, opts, progress, probe)
         search_index = cls(kind, opts, index)
         search_index.place(use_gpu, gpu_device)
         return search_index
@@ -227,11 +244,11 @@ class SearchIndex:
 
     def set_search_options(self, **overrides) -> None:
         """Change e.g. ``ef_search`` or ``nprobe`` without rebuilding (drops the build's recall: stale)."""
-        fixed = set(overrides) & {"target_recall", "nlist", "quantizer", *RECORDED}
+        fixed = set(overrides) & {"target_recall", "nlist", "quantizer", "M", "ef_construction", *RECORDED}
         if fixed:
             raise ConfigError(f"{', '.join(sorted(fixed))} cannot change without rebuilding the index")
-        kept = {key: value for key, value in self.options.items() if key != "recall_at_10"}
-        if "target_recall" in kept and overrides.get("nprobe") is not None:
+        kept = {key: value for key, value in self.options.items() if key not in RECORDED[1:]}
+        if "target_recall" in kept and overrides.get(TUNED.get(self.kind)) is not None:
             kept["target_recall"] = None
         self.options = resolve_options(self.kind, self.dim, self.ntotal, {**kept, **overrides})
         apply_search_options(self.cpu_index, self.kind, self.options)
@@ -248,45 +265,126 @@ class SearchIndex:
         return np.sqrt(sq, out=sq), ids
 
 
-def _tune_nprobe(index, vectors: np.ndarray, opts: dict) -> dict:
-    """The smallest nprobe whose recall@10 reaches ``target_recall`` (or the given nprobe's recall).
-
-    Queries: ``RECALL_QUERIES`` rows of the data (fixed seed), each with its near-duplicates left
-    out of both answers (``_held_out``): atoms of new structures lie farther from the index than
-    a training atom from its MD near-duplicates, and plain leave-one-out overstated their recall
-    (0.996 measured vs 0.88 on held-out atoms, Si latents replicated to 1M; this proxy: 0.93 vs
-    0.93 at 1M, pessimistic at 100k). IVF recall grows with nprobe: doubling, then bisection.
-    """
+def _build_one(vectors: np.ndarray, kind: str, opts: dict, progress: bool, probe: "_RecallProbe",
+               auto: bool) -> tuple[object, dict]:
+    """The faiss index of one kind, filled; a tuned parameter set to reach the target recall."""
     faiss = require_faiss()
-    n = vectors.shape[0]
-    k = min(RECALL_K, n - 1)
-    if k < 1:
-        return {"nprobe": opts["nprobe"] or 1}
-    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, RECALL_QUERIES), replace=False))
-    queries = np.ascontiguousarray(vectors[rows])
-    width = min(n, k + 1 + MAX_NEAR_DUPLICATES)
-    dist, ids = faiss.knn(queries, vectors, width)
-    exact, left_out = _held_out(dist, ids, rows, k)
-    ivf = faiss.extract_index_ivf(index)
-    cache = {}
+    n, dim = vectors.shape
+    index = faiss.index_factory(dim, factory_string(kind, opts), faiss.METRIC_L2)
+    if kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = int(opts["ef_construction"])
+    if kind in ("ivf", "ivfpq"):
+        if n < opts["nlist"]:
+            raise ConfigError(f"{kind} with nlist={opts['nlist']} needs at least that many entries, got {n}")
+        index.train(vectors[_training_subset(n, opts["nlist"])])
+    _add_in_chunks(index, vectors, progress)
+    tuned = TUNED.get(kind)
+    if tuned and (opts[tuned] is None or (auto and kind == "ivf")):
+        opts = {**opts, **probe.tune(index, kind, opts)}
+    return index, opts
 
-    def recall(nprobe: int) -> float:
-        if nprobe not in cache:
-            ivf.nprobe = nprobe
-            found = _first_k_kept(index.search(queries, width)[1], left_out, k)
-            cache[nprobe] = float(np.mean((found[:, :, None] == exact[:, None, :]).any(axis=2)))
-        return cache[nprobe]
 
-    if opts["nprobe"] is not None:
-        return {"recall_at_10": round(recall(int(opts["nprobe"])), 4)}
-    target, nlist = opts["target_recall"], int(opts["nlist"])
-    lo, hi = 0, 1  # invariant: recall(lo) < target (lo = 0: nothing probed), hi not yet known to fail
-    while hi < nlist and recall(hi) < target:
-        lo, hi = hi, min(2 * hi, nlist)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
-    return {"nprobe": hi, "recall_at_10": round(recall(hi), 4)}
+def _race_hnsw(vectors: np.ndarray, ivf_index, ivf_opts: dict, progress: bool,
+               probe: "_RecallProbe") -> tuple[str, object, dict]:
+    """auto's choice between its tuned IVF and an HNSW graph tuned to the same recall on the
+    reference atoms: the faster per CPU-second, HNSW only by ``HNSW_MARGIN``. Where latents fill
+    a space of many dimensions evenly (one phase, rattled), IVF must probe many lists and HNSW is
+    ~2x faster; on clustered training sets IVF is."""
+    target = ivf_opts["target_recall"]
+    hnsw_opts = resolve_options("hnsw", vectors.shape[1], len(vectors),
+                                {**AUTO_HNSW, "ef_search": None, "target_recall": target})
+    hnsw_index, hnsw_opts = _build_one(vectors, "hnsw", hnsw_opts, progress, probe, True)
+    rates = {"ivf": probe.rate(ivf_index) if ivf_opts["recall_at_10"] >= target else 0.0,
+             "hnsw": probe.rate(hnsw_index) if hnsw_opts["recall_at_10"] >= target else 0.0}
+    if rates["hnsw"] > HNSW_MARGIN * rates["ivf"]:
+        kind, index, opts = "hnsw", hnsw_index, {**hnsw_opts, "auto": True}
+    else:
+        kind, index, opts = "ivf", ivf_index, ivf_opts
+    return kind, index, {**opts, "queries_per_cpu_s": {name: round(rate) for name, rate in rates.items()}}
+
+
+class _RecallProbe:
+    """Queries with exact answers, for recall@10 at build time.
+
+    Queries: up to ``RECALL_QUERIES`` of ``tuning_queries`` (held-out atoms: what MD will ask)
+    when there are at least ``MIN_TUNING_QUERIES``. Otherwise rows of the data (fixed seed), each
+    with its near-duplicates left out of both answers (``_held_out``): atoms of new structures lie
+    farther from the index than a training atom from its MD near-duplicates, and plain
+    leave-one-out overstated their recall (0.996 vs 0.88 on held-out atoms, Si latents replicated
+    to 1M). That proxy is pessimistic where duplicates are many: on 100k replicated Si latents it
+    asks nprobe 8 for 0.95, where held-out atoms reach 0.97 at nprobe 5 (1.4x faster). It needs
+    searches wider than k, which only IVF answers unchanged (HNSW's k widens its beam): without
+    reference atoms auto does not race HNSW.
+    """
+
+    def __init__(self, vectors: np.ndarray, tuning_queries: np.ndarray | None):
+        faiss = require_faiss()
+        n = vectors.shape[0]
+        self.k = min(RECALL_K, n - 1)
+        sample = np.random.default_rng(0)
+        if self.k < 1:
+            self.source = None
+        elif tuning_queries is not None and len(tuning_queries) >= MIN_TUNING_QUERIES:
+            picked = np.sort(sample.choice(len(tuning_queries), size=min(len(tuning_queries), RECALL_QUERIES),
+                                           replace=False))
+            self.queries, self.width, self.source = np.ascontiguousarray(tuning_queries[picked]), self.k, "reference"
+            self.exact, self.left_out = faiss.knn(self.queries, vectors, self.k)[1], [()] * len(picked)
+        else:
+            rows = np.sort(sample.choice(n, size=min(n, RECALL_QUERIES), replace=False))
+            self.queries, self.source = np.ascontiguousarray(vectors[rows]), "training"
+            self.width = min(n, self.k + 1 + MAX_NEAR_DUPLICATES)
+            self.exact, self.left_out = _held_out(*faiss.knn(self.queries, vectors, self.width), rows, self.k)
+
+    def recall(self, index) -> float:
+        found = _first_k_kept(index.search(self.queries, self.width)[1], self.left_out, self.k)
+        return float(np.mean((found[:, :, None] == self.exact[:, None, :]).any(axis=2)))
+
+    def rate(self, index, rounds: int = 3) -> float:
+        """Queries per CPU-second (one core's rate, whatever the thread count), best of ``rounds``."""
+        best = 0.0
+        for _ in range(rounds):
+            start = time.process_time()
+            index.search(self.queries, self.k)
+            best = max(best, len(self.queries) / max(time.process_time() - start, 1e-9))
+        return best
+
+    def tune(self, index, kind: str, opts: dict) -> dict:
+        """The smallest value of ``kind``'s tuned parameter whose recall reaches ``target_recall``
+        (or the given value's recall); recall grows with it: doubling, then bisection."""
+        faiss = require_faiss()
+        tuned = TUNED[kind]
+        if self.source is None:
+            return {tuned: opts[tuned] or 1}
+        if kind == "hnsw" and self.source == "training":
+            raise ConfigError(f"hnsw target_recall needs at least {MIN_TUNING_QUERIES} held-out reference atoms to tune "
+                              "ef_search on (--reference-descriptors); or give ef_search")
+        if kind == "ivf":
+            ivf, top = faiss.extract_index_ivf(index), int(opts["nlist"])
+            set_value = lambda value: setattr(ivf, "nprobe", value)  # noqa: E731
+        else:
+            hnsw, top = faiss.downcast_index(index).hnsw, MAX_EF_SEARCH
+            set_value = lambda value: setattr(hnsw, "efSearch", value)  # noqa: E731
+        cache = {}
+
+        def recall(value: int) -> float:
+            if value not in cache:
+                set_value(value)
+                cache[value] = self.recall(index)
+            return cache[value]
+
+        recorded = {"recall_queries": self.source}
+        if opts[tuned] is not None:
+            return {"recall_at_10": round(recall(int(opts[tuned])), 4), **recorded}
+        target = opts["target_recall"]
+        # invariant: recall(lo) < target (nothing searched; HNSW's beam is never below k), hi not yet known to fail
+        lo, hi = (0, 1) if kind == "ivf" else (self.k - 1, self.k)
+        while hi < top and recall(hi) < target:
+            lo, hi = hi, min(2 * hi, top)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
+        set_value(hi)
+        return {tuned: hi, "recall_at_10": round(recall(hi), 4), **recorded}
 
 
 def _held_out(dist: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, list]:
