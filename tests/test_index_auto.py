@@ -193,3 +193,22 @@ def test_estimator_build_tunes_on_its_reference_and_checks_it_first(small_limit)
     assert est.index.kind in ("ivf", "hnsw") and set(est.index.options["queries_per_cpu_s"]) == {"ivf", "hnsw"}
     with pytest.raises(ConfigError, match=r"reference descriptors: descriptors must have shape \(n, 16\)"):
         LTAUEstimator.build(data[500:], pdfs, edges, use_gpu=False, reference_descriptors=data[:500, :8])
+
+
+@pytest.mark.parametrize("kind,options", [("ivf", {"nlist": 32, "nprobe": 3}),
+                                          ("ivf", {"nlist": 32, "nprobe": 2, "quantizer": "hnsw"}),
+                                          ("hnsw", {"M": 16, "ef_search": 12})])
+def test_locality_ordered_search_gives_faiss_own_answers_in_query_order(kind, options):
+    """Batches from ``LOCALITY_MIN_QUERIES`` are searched sorted by latent locality and put back:
+    the same neighbours and distances as faiss's plain search, row for row."""
+    rng = np.random.default_rng(13)
+    data = _clustered(rng, 3000)
+    queries = _clustered(rng, 500)
+    index = SearchIndex.build(data, kind, options, use_gpu=False)
+    assert len(queries) >= index_module.LOCALITY_MIN_QUERIES
+    dist, ids = index.search(queries, 10)
+    plain_sq, plain_ids = index.cpu_index.search(queries, 10)
+    np.testing.assert_array_equal(ids, plain_ids)
+    np.testing.assert_allclose(dist, np.sqrt(np.maximum(plain_sq, 0)), rtol=1e-6)
+    order = np.argsort(queries[:, 0])  # another batch order: each query's answer does not depend on it
+    np.testing.assert_array_equal(index.search(queries[order], 10)[1], plain_ids[order])

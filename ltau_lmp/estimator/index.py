@@ -55,6 +55,8 @@ TUNED = {"ivf": "nprobe", "hnsw": "ef_search"}  # the search-time parameter a ta
 AUTO_HNSW = {"M": 16, "ef_construction": 40}  # auto's HNSW candidate: M 16 beat M 32 at equal recall (Si latents)
 HNSW_MARGIN = 1.2  # auto takes HNSW over IVF only when this much faster (IVF: faster build, GPU-capable)
 MAX_EF_SEARCH = 1024
+LOCALITY_MIN_QUERIES = 64  # batches from here are searched in locality order (``SearchIndex.search``)
+LOCALITY_PIVOTS = 256  # entries whose nearest orders an HNSW batch (random pivots: 37-39k q/s at 1M, k-means 39k)
 CHUNK_ROWS = 65_536  # rows per block of work over (n, dim) or (n, nbins) arrays, package-wide: bounded temporaries
 OPTION_DEFAULTS = {  # per kind; None = derived from the data in resolve_options
     "flat": {},
@@ -191,6 +193,7 @@ class SearchIndex:
     cpu_index: object
     gpu_device: int | None = None
     _search_index: object = field(default=None, repr=False)
+    _pivots: np.ndarray | None = field(default=None, repr=False)  # HNSW's locality order, from its entries
 
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = DEFAULT_KIND, options: dict | None = None,
@@ -210,10 +213,10 @@ class SearchIndex:
         opts = resolve_options(kind, dim, n, auto_options(kind, n, options) if auto else options)
         probe = _RecallProbe(vectors, tuning_queries)
         index, opts = _build_one(vectors, kind, opts, progress, probe, auto)
+        search_index = cls(kind, opts, index)
         want_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
         if auto and kind == "ivf" and not options and probe.source == "reference" and not want_gpu:
-            kind, index, opts = _race_hnsw(vectors, index, opts, progress, probe)
-        search_index = cls(kind, opts, index)
+            search_index = _race_hnsw(search_index, vectors, progress, probe)
         search_index.place(use_gpu, gpu_device)
         return search_index
 
@@ -256,13 +259,43 @@ class SearchIndex:
             self.place(True, self.gpu_device)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Euclidean distances, row ids), each (n, k); faiss returns squared L2, we take the root."""
-        sq, ids = self._search_index.search(queries, int(k))
+        """(Euclidean distances, row ids), each (n, k); faiss returns squared L2, we take the root.
+
+        CPU IVF and HNSW batches are searched in locality order (``_locality_order``): the same
+        answers, fewer cache misses."""
+        local = self._search_index is self.cpu_index and self.kind in ("ivf", "hnsw")
+        if local and len(queries) >= LOCALITY_MIN_QUERIES:
+            sq, ids = self._search_in_locality_order(queries, int(k))
+        else:
+            sq, ids = self._search_index.search(queries, int(k))
         if np.any(ids < 0):
             raise RuntimeError(f"the {self.kind} index returned fewer than k={k} neighbours "
                                f"(index of {self.ntotal} entries; raise nprobe / ef_search)")
         np.maximum(sq, 0.0, out=sq)
         return np.sqrt(sq, out=sq), ids
+
+    def _search_in_locality_order(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Queries sorted so that neighbours in latent space are searched one after the other: an
+        MD rank's atoms come in space order, and each then pulls its own lists / graph nodes into
+        cache. IVF: by the first probed list (the assignment is reused: ``search_preassigned``);
+        HNSW: by the nearest of ``LOCALITY_PIVOTS`` entries. Measured on Si latents, 4096 queries,
+        one thread: IVF 1M +15 % (42-44k -> 50k q/s; 100k +4 %), HNSW 100k +47 %, 1M +38 %."""
+        faiss = require_faiss()
+        if self.kind == "ivf":
+            ivf = faiss.extract_index_ivf(self.cpu_index)
+            coarse_sq, coarse = ivf.quantizer.search(queries, ivf.nprobe)
+            order = np.argsort(coarse[:, 0], kind="stable")
+            found = ivf.search_preassigned(queries[order], k, coarse[order], coarse_sq[order])
+        else:
+            if self._pivots is None:
+                storage = faiss.downcast_index(self.cpu_index).storage
+                rows = np.linspace(0, self.ntotal - 1, min(LOCALITY_PIVOTS, self.ntotal)).astype(np.int64)
+                self._pivots = storage.reconstruct_batch(rows)
+            order = np.argsort(faiss.knn(queries, self._pivots, 1)[1][:, 0], kind="stable")
+            found = self.cpu_index.search(np.ascontiguousarray(queries[order]), k)
+        sq, ids = np.empty_like(found[0]), np.empty_like(found[1])
+        sq[order], ids[order] = found
+        return sq, ids
 
 
 def _build_one(vectors: np.ndarray, kind: str, opts: dict, progress: bool, probe: "_RecallProbe",
@@ -284,23 +317,23 @@ def _build_one(vectors: np.ndarray, kind: str, opts: dict, progress: bool, probe
     return index, opts
 
 
-def _race_hnsw(vectors: np.ndarray, ivf_index, ivf_opts: dict, progress: bool,
-               probe: "_RecallProbe") -> tuple[str, object, dict]:
+def _race_hnsw(ivf: SearchIndex, vectors: np.ndarray, progress: bool, probe: "_RecallProbe") -> SearchIndex:
     """auto's choice between its tuned IVF and an HNSW graph tuned to the same recall on the
     reference atoms: the faster per CPU-second, HNSW only by ``HNSW_MARGIN``. Where latents fill
     a space of many dimensions evenly (one phase, rattled), IVF must probe many lists and HNSW is
     ~2x faster; on clustered training sets IVF is."""
-    target = ivf_opts["target_recall"]
+    target = ivf.options["target_recall"]
     hnsw_opts = resolve_options("hnsw", vectors.shape[1], len(vectors),
                                 {**AUTO_HNSW, "ef_search": None, "target_recall": target})
     hnsw_index, hnsw_opts = _build_one(vectors, "hnsw", hnsw_opts, progress, probe, True)
-    rates = {"ivf": probe.rate(ivf_index) if ivf_opts["recall_at_10"] >= target else 0.0,
-             "hnsw": probe.rate(hnsw_index) if hnsw_opts["recall_at_10"] >= target else 0.0}
-    if rates["hnsw"] > HNSW_MARGIN * rates["ivf"]:
-        kind, index, opts = "hnsw", hnsw_index, {**hnsw_opts, "auto": True}
-    else:
-        kind, index, opts = "ivf", ivf_index, ivf_opts
-    return kind, index, {**opts, "queries_per_cpu_s": {name: round(rate) for name, rate in rates.items()}}
+    hnsw = SearchIndex("hnsw", {**hnsw_opts, "auto": True}, hnsw_index)
+    rates = {}
+    for candidate in (ivf, hnsw):
+        candidate.place(use_gpu=False)
+        rates[candidate.kind] = probe.rate(candidate) if candidate.options["recall_at_10"] >= target else 0.0
+    winner = hnsw if rates["hnsw"] > HNSW_MARGIN * rates["ivf"] else ivf
+    winner.options = {**winner.options, "queries_per_cpu_s": {kind: round(rate) for kind, rate in rates.items()}}
+    return winner
 
 
 class _RecallProbe:
@@ -339,8 +372,9 @@ class _RecallProbe:
         found = _first_k_kept(index.search(self.queries, self.width)[1], self.left_out, self.k)
         return float(np.mean((found[:, :, None] == self.exact[:, None, :]).any(axis=2)))
 
-    def rate(self, index, rounds: int = 3) -> float:
-        """Queries per CPU-second (one core's rate, whatever the thread count), best of ``rounds``."""
+    def rate(self, index: SearchIndex, rounds: int = 3) -> float:
+        """Queries per CPU-second of ``index.search`` (one core's rate, whatever the thread count),
+        best of ``rounds``."""
         best = 0.0
         for _ in range(rounds):
             start = time.process_time()
