@@ -201,9 +201,9 @@ def test_search_options_change_without_rebuilding():
 
 
 def _faiss_ef_search(index):
-    import faiss
+    from ltau_lmp.estimator.index import hnsw_graph
 
-    return faiss.downcast_index(index.cpu_index).hnsw.efSearch
+    return hnsw_graph(index.cpu_index).efSearch
 
 
 def _card(hash_char, latent_dim=3):

@@ -212,3 +212,25 @@ def test_locality_ordered_search_gives_faiss_own_answers_in_query_order(kind, op
     np.testing.assert_allclose(dist, np.sqrt(np.maximum(plain_sq, 0)), rtol=1e-6)
     order = np.argsort(queries[:, 0])  # another batch order: each query's answer does not depend on it
     np.testing.assert_array_equal(index.search(queries[order], 10)[1], plain_ids[order])
+
+
+def test_hnsw_nodes_stored_in_locality_order_answer_as_the_graph_built_in_row_order():
+    """The HNSW graph is built in row order and only its storage is permuted (an id map gives row
+    ids back): one thread (a deterministic build), the answers of faiss's own HNSW, id for id."""
+    import faiss
+
+    rng = np.random.default_rng(14)
+    data, queries = _clustered(rng, 3000), _clustered(rng, 300)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index = SearchIndex.build(data, "hnsw", {"M": 16, "ef_search": 20}, use_gpu=False)
+        plain = faiss.IndexHNSWFlat(data.shape[1], 16)
+        plain.hnsw.efConstruction = index.options["ef_construction"]
+        plain.add(data)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    plain.hnsw.efSearch = 20
+    stored = faiss.vector_to_array(index.cpu_index.id_map)
+    assert sorted(stored) == list(range(len(data))) and not np.array_equal(stored, np.arange(len(data)))
+    np.testing.assert_array_equal(index.search(queries, 10)[1], plain.search(queries, 10)[1])
