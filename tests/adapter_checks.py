@@ -9,6 +9,32 @@ from ase.build import bulk
 from ltau_lmp.model import evaluate, neighbor_list, species_indices
 
 
+def lammps_results(script: str, per_atom: bool = False) -> dict:
+    """Run ``script`` (ending in ``run 0``) in one LAMMPS and read back, atoms in ID order: energy,
+    forces, pressure (bar, the virial alone without velocities), the bar -> eV/A^3 factor nktv2p,
+    volume; with ``per_atom`` also the computes ``pe`` (pe/atom) and ``s`` (stress/atom)."""
+    from ltau_lmp.lammps.driver import create_lammps
+
+    lmp = create_lammps(log="none", screen=False)
+    try:
+        lmp.commands_string(script)
+        n = lmp.extract_global("nlocal")
+        order = np.argsort(lmp.numpy.extract_atom("id")[:n])
+        result = {
+            "energy": lmp.get_thermo("pe"),
+            "forces": lmp.numpy.extract_atom("f")[:n][order].copy(),
+            "pressure": np.array([lmp.get_thermo(k) for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz")]),
+            "nktv2p": lmp.extract_global("nktv2p"),
+            "volume": lmp.get_thermo("vol"),
+        }
+        if per_atom:
+            result["energies"] = lmp.numpy.extract_compute("pe", 1, 1)[:n][order].copy()
+            result["stress_atom"] = lmp.numpy.extract_compute("s", 1, 2)[:n][order].copy()
+    finally:
+        lmp.close()
+    return result
+
+
 def si_c_cell(repeat=(1, 1, 1), rattle=0.1, seed=0, cubic=True):
     """Strained, rattled diamond Si with every fifth atom C: two species, no symmetry left."""
     atoms = bulk("Si", "diamond", a=5.43, cubic=cubic).repeat(repeat)

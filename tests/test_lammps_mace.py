@@ -18,6 +18,7 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("mace")
 from mace.calculators import MACECalculator  # noqa: E402
+from adapter_checks import lammps_results  # noqa: E402
 from mpi_run import one_and_two_ranks, per_rank  # noqa: E402
 from test_mace_adapter import tiny_mace  # noqa: E402
 
@@ -77,24 +78,13 @@ def files(tmp_path_factory):
 
 def test_equals_mace_calculator(files, tmp_path):
     """Energy, forces and virial in LAMMPS = MACE's own ASE calculator (<= 1e-8 relative)."""
-    from ltau_lmp.lammps.driver import create_lammps
-
-    lmp = create_lammps(log="none", screen=False)
-    try:
-        lmp.commands_string(HEADER.format(data=files["data"], model=files["model"]) +
-                            "compute pe all pe/atom\ncompute s all stress/atom NULL\nrun 0\n")
-        n = lmp.extract_global("nlocal")
-        order = np.argsort(lmp.numpy.extract_atom("id")[:n])
-        forces = lmp.numpy.extract_atom("f")[:n][order].copy()
-        energy = lmp.get_thermo("pe")
-        # no velocities: the pressure is the virial alone; bar -> eV/A^3 with LAMMPS's own constant
-        p = np.array([lmp.get_thermo(k) for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz")])
-        p /= lmp.extract_global("nktv2p")
-        atom_energy = lmp.numpy.extract_compute("pe", 1, 1)[:n].copy()
-        atom_virial = lmp.numpy.extract_compute("s", 1, 2)[:n].sum(0) / lmp.extract_global("nktv2p")
-        volume = lmp.get_thermo("vol")
-    finally:
-        lmp.close()
+    got = lammps_results(HEADER.format(data=files["data"], model=files["model"]) +
+                         "compute pe all pe/atom\ncompute s all stress/atom NULL\nrun 0\n", per_atom=True)
+    forces, energy, volume = got["forces"], got["energy"], got["volume"]
+    # no velocities: the pressure is the virial alone; bar -> eV/A^3 with LAMMPS's own constant
+    p = got["pressure"] / got["nktv2p"]
+    atom_energy = got["energies"]
+    atom_virial = got["stress_atom"].sum(0) / got["nktv2p"]
     atoms = files["atoms"].copy()
     atoms.calc = MACECalculator(model_paths=files["model"], device="cpu", default_dtype="float64")
     ref_f = atoms.get_forces()

@@ -16,6 +16,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io.lammpsdata import write_lammps_data
 
+from adapter_checks import lammps_results
 from mpi_run import mpirun
 
 from ltau_lmp.calculator import LTAUCalculator
@@ -85,24 +86,7 @@ def _reference(model, atoms: Atoms) -> dict:
 
 
 def _run_lammps(script: str):
-    from ltau_lmp.lammps.driver import create_lammps
-
-    lmp = create_lammps(log="none", screen=False)
-    try:
-        lmp.commands_string(script)
-        n = lmp.extract_global("nlocal")
-        order = np.argsort(lmp.numpy.extract_atom("id")[:n])
-        result = {
-            "energy": lmp.get_thermo("pe"),
-            "forces": lmp.numpy.extract_atom("f")[:n][order].copy(),
-            "energies": lmp.numpy.extract_compute("pe", 1, 1)[:n][order].copy(),
-            "stress_atom": lmp.numpy.extract_compute("s", 1, 2)[:n][order].copy(),
-            "pressure": np.array([lmp.get_thermo(k) for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz")]),
-            "volume": lmp.get_thermo("vol"),
-        }
-    finally:
-        lmp.close()
-    return result
+    return lammps_results(script, per_atom=True)
 
 
 @pytest.mark.parametrize("name", ["bulk216", "cubic8", "triclinic4"])

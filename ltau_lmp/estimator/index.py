@@ -29,6 +29,7 @@ declared here feed the command line, which must start (and print its help) witho
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
@@ -294,7 +295,7 @@ class SearchIndex:
             if self._pivots is None:
                 self._pivots = hnsw_flat(self.cpu_index).storage.reconstruct_batch(_pivot_rows(self.ntotal))
             order = _locality_order(queries, self._pivots)
-            found = self.cpu_index.search(np.ascontiguousarray(queries[order]), k)
+            found = self.cpu_index.search(queries[order], k)
         sq, ids = np.empty_like(found[0]), np.empty_like(found[1])
         sq[order], ids[order] = found
         return sq, ids
@@ -356,9 +357,8 @@ class _RecallProbe:
     """
 
     def __init__(self, vectors: np.ndarray, tuning_queries: np.ndarray | None):
-        faiss = require_faiss()
         n = vectors.shape[0]
-        self.k = min(RECALL_K, n - 1)
+        self.vectors, self.k, self.rows = vectors, min(RECALL_K, n - 1), None
         sample = np.random.default_rng(0)
         if self.k < 1:
             self.source = None
@@ -366,17 +366,25 @@ class _RecallProbe:
             picked = np.sort(sample.choice(len(tuning_queries), size=min(len(tuning_queries), RECALL_QUERIES),
                                            replace=False))
             self.queries, self.width, self.source = np.ascontiguousarray(tuning_queries[picked]), self.k, "reference"
-            self.exact, self.left_out = faiss.knn(self.queries, vectors, self.k)[1], [()] * len(picked)
         else:
-            rows = np.sort(sample.choice(n, size=min(n, RECALL_QUERIES), replace=False))
-            self.queries, self.source = np.ascontiguousarray(vectors[rows]), "training"
+            self.rows = np.sort(sample.choice(n, size=min(n, RECALL_QUERIES), replace=False))
+            self.queries, self.source = np.ascontiguousarray(vectors[self.rows]), "training"
             self.width = min(n, self.k + 1 + MAX_NEAR_DUPLICATES)
-            self.exact, self.left_out = _held_out(*faiss.knn(self.queries, vectors, self.width), rows, self.k)
+
+    @functools.cached_property
+    def _answers(self) -> tuple[np.ndarray, list]:
+        """Exact ids (queries, k) and each query's left-out ids: an exact search over all entries,
+        so only when a recall is asked for (flat, ivfpq and untuned HNSW builds never do)."""
+        exact = require_faiss().knn(self.queries, self.vectors, self.width)
+        if self.rows is None:
+            return exact[1], [()] * len(self.queries)
+        return _held_out(*exact, self.rows, self.k)
 
     def recall(self, index) -> tuple[float, float]:
         """recall@k over the queries, and its lower bound ``RECALL_Z`` standard errors down."""
-        found = _first_k_kept(index.search(self.queries, self.width)[1], self.left_out, self.k)
-        per_query = (found[:, :, None] == self.exact[:, None, :]).any(axis=2).mean(axis=1)
+        exact, left_out = self._answers
+        found = _first_k_kept(index.search(self.queries, self.width)[1], left_out, self.k)
+        per_query = (found[:, :, None] == exact[:, None, :]).any(axis=2).mean(axis=1)
         mean = float(per_query.mean())
         return mean, mean - RECALL_Z * float(per_query.std()) / math.sqrt(len(per_query))
 

@@ -11,6 +11,7 @@ from ase.build import bulk
 from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("nequip")
+from adapter_checks import lammps_results  # noqa: E402
 from mpi_run import one_and_two_ranks  # noqa: E402
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform  # noqa: E402
 from nequip.integrations.ase import NequIPCalculator  # noqa: E402
@@ -51,19 +52,8 @@ def setup(request, tmp_path_factory):
 
 
 def test_equals_nequip_calculator(setup):
-    from ltau_lmp.lammps.driver import create_lammps
-
-    lmp = create_lammps(log="none", screen=False)
-    try:
-        lmp.commands_string(HEADER.format(**setup) + "run 0\n")
-        n = lmp.extract_global("nlocal")
-        order = np.argsort(lmp.numpy.extract_atom("id")[:n])
-        forces = lmp.numpy.extract_atom("f")[:n][order].copy()
-        energy = lmp.get_thermo("pe")
-        p = np.array([lmp.get_thermo(k) for k in ("pxx", "pyy", "pzz", "pxy", "pxz", "pyz")])
-        p /= lmp.extract_global("nktv2p")
-    finally:
-        lmp.close()
+    got = lammps_results(HEADER.format(**setup) + "run 0\n")
+    forces, energy, p = got["forces"], got["energy"], got["pressure"] / got["nktv2p"]
     model = load_model(setup["model"])  # a checkpoint of known parts: no unpickling, no opt-in
     assert model.card.family == setup["kind"]
     atoms = setup["atoms"].copy()
