@@ -17,8 +17,8 @@ The recall, the queries it was measured on and the raced speeds are recorded in 
 (``recall_at_10``, ``recall_queries``, ``queries_per_cpu_s``; shown by ``ltau-lmp info``).
 
 Measured (``benchmarks/knn_index.py``, doc/validation/knn_index.json; Si, 3BPA, GAP-20 latents
-replicated with noise, held-out queries, one thread): auto's IVF answers 104-136k queries/s at
-100k entries and 22-56k at 1M, recall@10 0.95-0.97, 40-50x faster than exact at 100k. IVF with
+replicated with noise, held-out queries, one thread): auto's IVF answers 104-132k queries/s at
+100k entries and 21-55k at 1M, recall@10 0.95-0.97, 40-50x faster than exact at 100k. IVF with
 SQ8 / SQ4 / fast-scan PQ codes refined exactly was no faster at recall 0.95 in 32 dimensions:
 near-duplicate MD atoms differ by less than the quantisation error, so the exact refinement
 must re-rank hundreds.
