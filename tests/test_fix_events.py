@@ -18,7 +18,8 @@ def test_parse_all_keywords():
     assert (o.estimator, o.every, o.k, o.metric, o.ci, o.quantile) == ("est", 10, 5, "upper", (0.1, 0.9), 0.5)
     assert (o.halt, o.halt_mode, o.halt_message, o.halt_mode_code) == (0.8, "continue", False, abi.HALT_CONTINUE)
     assert (o.dump_file, o.dump_threshold, o.dump_interval, o.dump_max) == ("frames.xyz", 0.3, 20, 7)
-    assert o.log_file == "ltau.log"
+    assert (o.log_file, o.append) == ("ltau.log", False)
+    assert FixOptions.parse("est log l.txt append yes".split()).append
     defaults = FixOptions.parse(["est"])
     assert (defaults.every, defaults.k, defaults.metric, defaults.dump_file) == (1, None, "expected", None)
     assert (defaults.halt, defaults.halt_mode_code) == (None, abi.HALT_NONE)
@@ -47,6 +48,8 @@ def test_parse_all_keywords():
     (["e", "halt", "1", "over", "0"], "halt ... over must be a positive integer"),
     (["e", "every"], "keyword every needs N"),
     (["e", "dump", "f", "1", "max", "0"], "dump ... max must be a positive integer"),
+    (["e", "append", "yes"], "append yes continues the log and dump files: it needs log FILE"),
+    (["e", "log", "l", "append", "1"], "append must be yes or no"),
 ])
 def test_bad_keywords_are_named(args, message):
     with pytest.raises(LTAUError, match=message):
@@ -76,21 +79,71 @@ def test_pair_style_keywords():
             PairOptions.parse(words)
 
 
-def test_step_log_appends_and_never_repeats_a_step(tmp_path):
+def test_step_log_appends_only_when_asked_and_never_repeats_a_step(tmp_path):
     path = tmp_path / "ltau.log"
     log = StepLog(path, ["step", "max"])
+    log.start(0, ["u: metric expected (eV/Angstrom)", "  halt when > 0.5"])
     assert log.write(0, [0.5]) and log.write(10, [0.25])
-    again = StepLog(path, ["step", "max"])          # a restart
+    again = StepLog(path, ["step", "max"], append=True)          # a restart: append yes
     assert again.last_step == 10
+    again.start(10, ["u: continued"])
     assert not again.write(10, [0.9])                # re-evaluated first step of the continued run
     assert again.write(20, [1])
     lines = path.read_text().splitlines()
-    assert lines == ["# step max", "0 0.5", "10 0.25", "20 1"]
+    assert lines == ["# fix ltau u: metric expected (eV/Angstrom)", "#   halt when > 0.5", "# step max",
+                     "0 0.5", "10 0.25", "# fix ltau u: continued", "# step max", "20 1"]
+    np.testing.assert_array_equal(np.loadtxt(path), [[0, 0.5], [10, 0.25], [20, 1]])
+
+
+def test_step_log_starts_afresh_by_default(tmp_path):
+    """The same input run again (another temperature) must not keep the first run's lines."""
+    path = tmp_path / "ltau.log"
+    first = StepLog(path, ["step", "max"])
+    first.start(0, ["u: first run"])
+    first.write(0, [0.5])
+    second = StepLog(path, ["step", "max"])
+    second.start(0, ["u: second run"])
+    assert second.write(0, [3.0])
+    assert path.read_text().splitlines() == ["# fix ltau u: second run", "# step max", "0 3"]
+
+
+def test_append_onto_later_steps_stops_naming_the_file(tmp_path):
+    path = tmp_path / "ltau.log"
+    log = StepLog(path, ["step", "max"])
+    log.start(0, [])
+    log.write(0, [0.5]), log.write(100, [0.5])
+    again = StepLog(path, ["step", "max"], append=True)
+    with pytest.raises(LTAUError, match=f"log {path}: the file already holds step 100, after step 50"):
+        again.start(50, [])
+    log.start(100, [])                               # a second run of the same fix goes on: fine
+    with pytest.raises(LTAUError, match="already holds step 100, after step 0 .*reset_timestep"):
+        log.start(0, [])                             # reset_timestep between runs
+    dump = FrameDump(tmp_path / "f.xyz")
+    dump.write(_frame(40), 40)
+    with pytest.raises(LTAUError, match="dump .*f.xyz: the file already holds step 40, after step 30"):
+        FrameDump(tmp_path / "f.xyz", append=True).start(30)
+    FrameDump(tmp_path / "f.xyz", append=True).start(40)
+
+
+def test_fix_files_never_overwrite_a_users_file(tmp_path):
+    script = tmp_path / "in.lammps"
+    script.write_text("units metal\n")
+    with pytest.raises(LTAUError, match=f"log {script}: exists and is not a fix ltau log; refusing"):
+        StepLog(script, ["step"])
+    with pytest.raises(LTAUError, match=f"dump {script}: exists and is not a fix ltau dump; refusing"):
+        FrameDump(script)
+    assert script.read_text() == "units metal\n"
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(LTAUError, match=f"dump {tmp_path}/taken/f.xyz: cannot create its folder: "
+                                        f"{tmp_path}/taken is a file"):
+        FrameDump(tmp_path / "taken" / "f.xyz")
+    with pytest.raises(LTAUError, match=f"log {tmp_path}: is a folder"):
+        StepLog(tmp_path, ["step"])
 
 
 def _frame(step, n=3):
     atoms = Atoms("Si" * n, positions=np.arange(3 * n, dtype=float).reshape(n, 3), cell=[5, 5, 5], pbc=True)
-    atoms.info["timestep"] = step
+    atoms.info.update(timestep=step, ltau_metric="expected")
     atoms.arrays["ltau_expected"] = np.linspace(0.1, 0.3, n)
     return atoms
 
@@ -102,16 +155,18 @@ def test_frame_dump_recovers_steps_and_cuts_a_torn_frame(tmp_path):
     dump.write(_frame(9), 9)
     whole = path.read_bytes()
     path.write_bytes(whole + b"3\nLattice=\"5 0 0 0 5 0 0 0 5\" timestep=12\nSi 0 0 0\n")  # torn write
-    again = FrameDump(path)
+    again = FrameDump(path, append=True)
     assert again.steps == [5, 9]
     assert path.read_bytes() == whole
     frames = read(path, ":")
     assert [f.info["timestep"] for f in frames] == [5, 9]
     np.testing.assert_allclose(frames[1].arrays["ltau_expected"], [0.1, 0.2, 0.3])
+    fresh = FrameDump(path)                          # a new run: an earlier ltau dump starts afresh
+    assert fresh.steps == [] and path.read_bytes() == b""
 
 
 def test_frame_dump_rejects_foreign_files(tmp_path):
     path = tmp_path / "x.xyz"
     path.write_text("hello\nworld\n")
-    with pytest.raises(LTAUError, match="not an extended-XYZ file"):
-        FrameDump(path)
+    with pytest.raises(LTAUError, match="append yes: not an extended-XYZ file"):
+        FrameDump(path, append=True)

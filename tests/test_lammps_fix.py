@@ -108,9 +108,12 @@ def files(tmp_path_factory):
 
 
 def _read_log(path: Path) -> np.ndarray:
+    """The rows of a fix ltau log, after checking its header (the fix, then the column names)."""
     lines = Path(path).read_text().splitlines()
-    assert lines[0] == "# step worst mean quantile n_over_dump n_over_halt max_distance worst_tag"
-    return np.array([[float(v) for v in line.split()] for line in lines[1:]]).reshape(-1, 8)
+    assert lines[0].startswith("# fix ltau "), lines[0]
+    assert "# step worst mean quantile n_over_dump n_over_halt max_distance worst_tag" in lines
+    rows = [line for line in lines if not line.startswith("#")]
+    return np.array([[float(v) for v in line.split()] for line in rows]).reshape(-1, 8)
 
 
 def _read_custom(path: Path) -> tuple[int, np.ndarray]:
@@ -337,7 +340,7 @@ def test_soft_halt_restart_continues_without_repeating_steps(files, reference, t
         pair_style ltau
         pair_coeff * * {model} Si
         fix md all nve
-        {fix.format(halt=100 * r['halt'])}
+        {fix.format(halt=100 * r['halt'])} append yes
         run 30
         print "ENDED_AT $(step)"
         """)
@@ -350,7 +353,7 @@ def test_soft_halt_restart_continues_without_repeating_steps(files, reference, t
     log = _read_log(tmp_path / "r.log")
     np.testing.assert_array_equal(log[:, 0], np.arange(0, s + 31, EVERY))   # no step twice, no gap
     assert np.all(log[log[:, 0] < s, 1] <= r["halt"]) and log[log[:, 0] == s, 1] > r["halt"]
-    steps = FrameDump(tmp_path / "r.xyz").steps
+    steps = FrameDump(tmp_path / "r.xyz", append=True).steps
     assert steps[0] == s and len(steps) == len(set(steps)) and steps == sorted(steps)
     assert [f.info["timestep"] for f in read(tmp_path / "r.xyz", ":")] == steps
 
@@ -413,7 +416,7 @@ def test_kill_9_leaves_whole_frames(files, tmp_path):
     frames = read(path, ":")
     assert len(frames) >= 8
     assert all(len(f) == 64 and f.arrays["ltau_expected"].shape == (64,) for f in frames)
-    dump = FrameDump(path)                            # would cut a torn tail: there is none
+    dump = FrameDump(path, append=True)               # would cut a torn tail: there is none
     assert path.stat().st_size == size
     assert dump.steps == [f.info["timestep"] for f in frames] == list(range(len(frames)))
 

@@ -13,7 +13,7 @@ from ctypes import POINTER, Structure, c_char, c_char_p, c_double, c_int, c_int3
 
 from ltau_lmp.errors import LTAUError
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 MSGLEN = 2048
 
 # enum ltau_status
@@ -54,7 +54,7 @@ class FixCreateArgs(Structure):
 
 
 class FixInitArgs(Structure):
-    _fields_ = [("pair", c_void_p)]
+    _fields_ = [("pair", c_void_p), ("step", c_int64), ("natoms_group", c_int64)]
 
 
 class FixStepArgs(Structure):

@@ -23,6 +23,16 @@ METRICS = ("expected", "upper", "distance", "ood")
 METRIC_COLUMN = {"expected": 0, "upper": 2, "distance": 3, "ood": 4}
 LOG_COLUMNS = ["step", "worst", "mean", "quantile", "n_over_dump", "n_over_halt", "max_distance", "worst_tag"]
 AUTO = "auto"
+# what each metric measures, in the units of the values compared with its thresholds
+METRIC_UNITS = {"expected": "expected force error, eV/Angstrom",
+                "upper": "upper end of the force-error interval, eV/Angstrom",
+                "distance": "mean kNN distance in the model's latent space (latent units)",
+                "ood": "out-of-domain p-value, smaller = more unusual"}
+
+
+def plural(n: int, word: str) -> str:
+    """``1 atom``, ``3 atoms``: counts in messages read as English."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def badness(metric: str, values: np.ndarray) -> np.ndarray:
@@ -57,6 +67,7 @@ class FixOptions:
     dump_interval: int = 1
     dump_max: int | None = None
     log_file: str | None = None
+    append: bool = False              # continue the log and dump of an earlier run (restart)
 
     @classmethod
     def parse(cls, args: list[str]) -> "FixOptions":
@@ -114,11 +125,15 @@ class FixOptions:
                         opts.dump_max = value
             elif keyword == "log":
                 opts.log_file = words.take(keyword, "FILE")
+            elif keyword == "append":
+                opts.append = kw.yes_no(words.take(keyword, "yes|no"), "append")
             else:
                 raise LTAUError(f"unknown keyword {keyword!r} (valid: every, k, metric, ci, quantile, "
-                                "halt, error, message, dump, log)")
+                                "halt, error, message, dump, log, append)")
         if opts.ci is None and opts.metric == "upper":
             raise LTAUError("metric upper is the CI's upper end: it needs ci LO HI, not ci no")
+        if opts.append and not (opts.log_file or opts.dump_file):
+            raise LTAUError("append yes continues the log and dump files: it needs log FILE or dump FILE THRESH")
         if given and opts.halt is None:
             raise LTAUError(f"keyword {' and '.join(sorted(given))} needs halt THRESH")
         for what, value in (("halt", opts.halt), ("dump", opts.dump_threshold)):
@@ -130,6 +145,14 @@ class FixOptions:
     def halt_mode_code(self) -> int:
         """The plugin's ``ltau_halt_mode``."""
         return abi.HALT_NONE if self.halt is None else abi.HALT_MODES[self.halt_mode]
+
+
+def describe_tags(tags, limit: int = 10) -> str:
+    """``atom IDs 3, 7 and 12`` (at most ``limit`` listed, sorted): which atoms a message is about."""
+    tags = sorted(int(t) for t in np.unique(tags))
+    shown = ", ".join(map(str, tags[:limit]))
+    more = f" and {len(tags) - limit:,} more" if len(tags) > limit else ""
+    return f"atom ID{'s' if len(tags) > 1 else ''} {shown}{more}"
 
 
 def _threshold_or_auto(text: str, what: str) -> float | str:
@@ -236,9 +259,9 @@ class FixLtau:
             from ltau_lmp.lammps.events import FrameDump, StepLog
 
             if self.opts.log_file:
-                self.log = StepLog(self.opts.log_file, LOG_COLUMNS)
+                self.log = StepLog(self.opts.log_file, LOG_COLUMNS, append=self.opts.append)
             if self.opts.dump_file:
-                self.dump = FrameDump(self.opts.dump_file)
+                self.dump = FrameDump(self.opts.dump_file, append=self.opts.append)
 
     def _resolve(self, value, what: str) -> float | str | None:
         """A threshold as given, or ``auto`` once the estimator is known to recommend one for the metric."""
@@ -269,6 +292,71 @@ class FixLtau:
         self.estimator.check_model(runtime.card, "the model of pair_style ltau")
         self.runtime = runtime
 
+    def start(self, step: int, n_watched: int) -> str:
+        """Called at every ``init``, after ``bind``: check that the files' steps go forward (all
+        ranks stop together when not) and return what rank 0 reports about this fix (printed to
+        screen and log.lammps by the plugin): the whole block at the first run, and again only when
+        it changed (another group size gives other ``auto`` thresholds). Lines starting with
+        ``WARNING: `` become LAMMPS warnings."""
+        report = self.describe(n_watched)
+        agree(self.comm, lambda: self._start_files(step, report))
+        if report == getattr(self, "_reported", None):
+            return ""
+        self._reported = report
+        return "\n".join(report)
+
+    def _start_files(self, step: int, report: list[str]) -> None:
+        if self.log is not None:
+            self.log.start(step, [line for line in report if not line.startswith("WARNING: ")])
+        if self.dump is not None:
+            self.dump.start(step)
+
+    def describe(self, n_watched: int) -> list[str]:
+        """This fix in a few lines: estimator, search, metric and units, thresholds (``auto``
+        resolved for ``n_watched`` atoms), files; then warnings (unchecked model, empty group)."""
+        o, est = self.opts, self.estimator
+        options = est.index.options
+        search = ", ".join(f"{key} {options[key]}" for key in ("nprobe", "ef_search") if key in options)
+        if "recall_at_10" in options:
+            search += f"{', ' if search else ''}recall@10 {options['recall_at_10']:.3f}"
+        model_hash = est.metadata.get("model_hash")
+        binding = f"built for model {model_hash[:12]}" if model_hash else "UNCHECKED model binding"
+        lines = [f"{self.fix_id}: estimator {o.estimator}: {plural(est.n_entries, 'training atom')}, "
+                 f"index {est.index.kind}{f' ({search})' if search else ''}, k {o.k or est.k}, {binding}",
+                 f"  metric {o.metric} ({METRIC_UNITS[o.metric]}), every {plural(o.every, 'step')}, "
+                 f"{plural(n_watched, 'watched atom')}"
+                 + ("" if o.ci is None else f", interval {o.ci[0]:g}-{o.ci[1]:g}")]
+        auto = (thresholds_for(est.alarm_thresholds, n_watched)[o.metric]
+                if AUTO in (self.halt, self.dump_threshold) else None)
+        side = "<=" if o.metric == "ood" else ">"
+
+        def threshold(value) -> str:
+            if value == AUTO:
+                return (f"{side} {auto:.4g} (auto: false-alarm rate "
+                        f"{est.alarm_thresholds['false_alarm_rate']:g} per evaluation of {plural(n_watched, 'atom')})")
+            return f"{side} {value:g}"
+
+        events = []
+        if self.halt is not None:
+            events.append(f"halt when {threshold(self.halt)} (error {o.halt_mode})")
+        if self.dump_threshold is not None:
+            limits = f"interval {o.dump_interval}" + (f", max {o.dump_max}" if o.dump_max else "")
+            events.append(f"dump {o.dump_file} when {threshold(self.dump_threshold)} ({limits})")
+        if o.log_file:
+            events.append(f"log {o.log_file}")
+        if o.append:
+            events.append("append yes")
+        lines.append("  " + ("; ".join(events) if events else "no halt, dump or log: values for the input "
+                                                               "script only (f_ID)"))
+        if not model_hash:
+            lines.append(f"WARNING: Fix ltau {self.fix_id}: estimator {o.estimator} records no model hash, so it "
+                         "cannot be checked against the model of pair_style ltau (only the latent width "
+                         "matches): rebuild it with build-estimator --model MODEL")
+        if n_watched == 0:
+            lines.append(f"WARNING: Fix ltau {self.fix_id}: its group has no atoms; its values stay at their "
+                         "no-atom defaults (0, p-value 1) and it can never halt or dump")
+        return lines
+
     def end_of_step(self, step: int, nlocal: int, x: np.ndarray, tag: np.ndarray, mask: np.ndarray,
                     groupbit: int, peratom: np.ndarray, global_out: np.ndarray,
                     box: np.ndarray, periodic: tuple[bool, bool, bool], check_halt: bool) -> None:
@@ -290,7 +378,13 @@ class FixLtau:
         peratom[:] = 0.0
         score = np.zeros(nlocal)
         if np.any(in_group):
-            res = self.estimator.query(cache.latent[in_group], k=self.opts.k)
+            latent = cache.latent[in_group]
+            bad = ~np.all(np.isfinite(latent), axis=1)
+            if bad.any():
+                raise LTAUError(f"step {step}: the model gave non-finite (NaN or inf) latent features for "
+                                f"{describe_tags(tag[in_group][bad])}: no uncertainty can be computed there "
+                                "(overlapping atoms, or a configuration far outside the training data?)")
+            res = self.estimator.query(latent, k=self.opts.k)
             interval = res.interval(*self.opts.ci).T if self.opts.ci else np.zeros((2, len(res)))
             columns = [res.expected, *interval, res.distance]
             if self.has_ood:
@@ -318,10 +412,13 @@ class FixLtau:
         maxima = np.empty_like(local_max)
         self.comm.Allreduce(local_max, maxima, op=MPI.MAX)
         total, n_group, n_dump, n_halt = sums
-        worst_score, dmax, worst_ood = maxima if n_group else np.zeros(3)
+        # an empty group: nothing is uncertain (worst 0, p-value 1), never -0 or an alarm
+        worst_score, dmax, worst_ood = maxima if n_group else (badness(metric, 1.0 if metric == "ood" else 0.0),
+                                                                0.0, -1.0)
         worst = float(badness(metric, worst_score))
         worst_tag = self._worst_tag(score, in_group, tag, worst_score) if n_group else 0
-        values = [worst, worst, total / n_group if n_group else 0.0, n_dump, n_halt, dmax]
+        mean = total / n_group if n_group else float(badness(metric, worst_score))
+        values = [worst, worst, mean, n_dump, n_halt, dmax]
         global_out[:] = values + ([-worst_ood] if self.has_ood else [])
 
         quantile = self._global_quantile(score[in_group]) if o.log_file else None
@@ -341,7 +438,7 @@ class FixLtau:
             raise HaltCondition(
                 f"{self.fix_id} condition met on step {step} with value {worst:.6g}: {metric} "
                 f"uncertainty {side} the halt threshold {thresholds['halt']:g} (atom tag {worst_tag}, "
-                f"{int(n_halt)} atoms over{held})")
+                f"{plural(int(n_halt), 'atom')} over{held})")
 
     def _write_outputs(self, step: int, log_values: list, frame) -> None:
         if self.log is not None:
@@ -365,7 +462,9 @@ class FixLtau:
         if self.rank != 0:
             return None
         allv = np.concatenate(gathered)
-        return float(badness(self.opts.metric, np.quantile(allv, self.opts.quantile))) if allv.size else 0.0
+        if not allv.size:
+            return 1.0 if self.opts.metric == "ood" else 0.0
+        return float(badness(self.opts.metric, np.quantile(allv, self.opts.quantile)))
 
     def _gather_frame(self, step, nlocal, x, tag, in_group, peratom, box, periodic, worst, threshold):
         """The whole configuration as ASE Atoms on rank 0 (None elsewhere), sorted by tag."""

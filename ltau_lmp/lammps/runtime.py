@@ -23,7 +23,7 @@ from ltau_lmp.errors import LTAUError
 from ltau_lmp.lammps import abi
 from ltau_lmp.lammps import keywords as kw
 from ltau_lmp.lammps.devices import select_device
-from ltau_lmp.lammps.fix import FixLtau, HaltCondition, PeerFailed
+from ltau_lmp.lammps.fix import FixLtau, HaltCondition, PeerFailed, describe_tags
 from ltau_lmp.lammps.keywords import Words
 
 _pairs: dict[int, "PairRuntime"] = {}
@@ -89,7 +89,7 @@ class PairOptions:
                 opts.message_passing = kw.choice(words.take(keyword, "|".join(MESSAGE_PASSING)),
                                                  "message_passing", MESSAGE_PASSING)
             else:
-                raise LTAUError(f"pair_style ltau: unknown keyword {keyword!r} "
+                raise LTAUError(f"unknown keyword {keyword!r} "
                                 f"(valid: allow_pickle, family, message_passing)")
         return opts
 
@@ -104,7 +104,7 @@ def message_passing_mode(card, requested: str | None) -> int:
     if card.num_layers == 1:
         return abi.MP_LOCAL
     if requested == "exchange" and not card.ghost_exchange:
-        raise LTAUError(f"pair_style ltau message_passing exchange: this {card.family} model cannot "
+        raise LTAUError(f"message_passing exchange: this {card.family} model cannot "
                         f"exchange ghost node features (its model card does not declare "
                         f"ghost_exchange); use message_passing shell")
     if requested == "shell" or not card.ghost_exchange:
@@ -240,6 +240,7 @@ class PairRuntime:
                 atom_energy, latent = model(pos, species, c, n, offset, nlocal, exchange=exchange)
             (g,) = torch.autograd.grad(atom_energy.sum(), offset)
         self.cache._latent = latent
+        _check_finite(step, atom_energy, g, c, n, _view(a.tag, (nodes,), np.int32))
         g = g.to(torch.float64)
         # r_ij = x_j - x_i + offset_ij: dE/dx_j = g, dE/dx_i = -g, F = -dE/dx
         forces = torch.from_numpy(_view(a.f, (nodes, 3)))
@@ -265,6 +266,29 @@ class PairRuntime:
                 torch.from_numpy(_view(a.vatom, (nodes, 6))).add_(acc.cpu())
 
 
+def _check_finite(step: int, atom_energy: torch.Tensor, g: torch.Tensor, centers: torch.Tensor,
+                  neighbors: torch.Tensor, tags: np.ndarray) -> None:
+    """Stop on NaN or inf energies or forces before they reach LAMMPS (a run would otherwise go on
+    with ``PotEng -nan``), naming the atoms: a local atom whose energy is not finite, and both
+    atoms of every pair whose force is not. Two reductions per force call: negligible."""
+    energy_ok, force_ok = bool(torch.isfinite(atom_energy).all()), bool(torch.isfinite(g).all())
+    if energy_ok and force_ok:
+        return
+    bad_energy = (~torch.isfinite(atom_energy)).nonzero().flatten()
+    bad_pairs = (~torch.isfinite(g).all(dim=1)).nonzero().flatten()
+    atoms = torch.cat([bad_energy, centers[bad_pairs], neighbors[bad_pairs]]).cpu().numpy()
+    what = " and ".join(w for w, bad in (("energies", not energy_ok), ("forces", not force_ok)) if bad)
+    raise LTAUError(f"step {step}: the model gave non-finite (NaN or inf) {what} involving "
+                    f"{describe_tags(tags[atoms])}: overlapping atoms, or a configuration far outside "
+                    "the model's training data? (check the last dump or write_data before this step)")
+
+
+def _write_message(msg, text: str) -> None:
+    """Copy ``text`` into the plugin's message buffer (truncated to ``abi.MSGLEN``)."""
+    data = text.encode("utf-8", "replace")[: abi.MSGLEN - 1] + b"\0"
+    ctypes.memmove(msg, data, len(data))
+
+
 def _fail(msg, exc: BaseException) -> None:
     """Write the message for LAMMPS (the user's error verbatim, anything else with its type)."""
     if isinstance(exc, (LTAUError, HaltCondition)):
@@ -272,8 +296,7 @@ def _fail(msg, exc: BaseException) -> None:
     else:
         traceback.print_exc(file=sys.stderr)
         text = f"{type(exc).__name__}: {exc}"
-    data = text.encode("utf-8", "replace")[: abi.MSGLEN - 1] + b"\0"
-    ctypes.memmove(msg, data, len(data))
+    _write_message(msg, text)
 
 
 def _words(narg: int, arg) -> list[str]:
@@ -287,14 +310,17 @@ def _comm(fcomm: int):
 
 
 def _guarded(fn):
-    """Callback wrapper: the status for the plugin, the message of any exception.
+    """Callback wrapper: the status for the plugin, the message of any exception (or, with
+    status OK, the report ``fn`` returned for the user).
 
     ``PeerFailed`` means another rank failed in a collective step: this rank returns OK and
     the plugin shows the failing rank's message on all ranks.
     """
     def callback(handle, args, msg):
         try:
-            fn(handle, args.contents)
+            report = fn(handle, args.contents)
+            if report:
+                _write_message(msg, report)
             return abi.OK
         except PeerFailed:
             return abi.OK
@@ -333,7 +359,7 @@ def _pair_destroy(handle):
 def _pair_runtime(pair_handle) -> "PairRuntime":
     runtime = _pairs.get(pair_handle) if pair_handle else None
     if runtime is None:
-        raise LTAUError("fix ltau needs pair_style ltau with its pair_coeff * * MODEL_FILE ... "
+        raise LTAUError("it needs pair_style ltau with its pair_coeff * * MODEL_FILE ... "
                         "(the pair style was redefined without pair_coeff, or is not ltau)")
     return runtime
 
@@ -352,9 +378,11 @@ def _fix_create(handle, a: abi.FixCreateArgs):
 @_guarded
 def _fix_init(handle, a: abi.FixInitArgs):
     if not a.pair:
-        raise LTAUError("fix ltau requires pair_style ltau: the pair style was redefined to another "
+        raise LTAUError("it requires pair_style ltau: the pair style was redefined to another "
                         "style (unfix the ltau fix first, or define pair_style ltau again)")
-    _fixes[handle].bind(_pair_runtime(a.pair))
+    fix = _fixes[handle]
+    fix.bind(_pair_runtime(a.pair))
+    return fix.start(a.step, a.natoms_group)   # collective; the plugin prints rank 0's report
 
 
 @_guarded

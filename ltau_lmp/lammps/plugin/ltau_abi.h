@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 7
+#define LTAU_ABI_VERSION 8
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -131,10 +131,15 @@ typedef struct ltau_fix_create_args {
   int32_t pad_;               /* (alignment; unused) */
 } ltau_fix_create_args;
 
-/* Fix::init() before every run or minimization: the pair style may have been redefined. */
+/* Fix::init() before every run or minimization: the pair style may have been redefined, the
+   timestep reset, the group changed. With LTAU_OK, a non-empty message is rank 0's report on
+   the fix for the user: the plugin prints it to screen and log file, its lines that start with
+   "WARNING: " as LAMMPS warnings. */
 typedef struct ltau_fix_init_args {
   void *pair;                 /* in: the current pair_style ltau object, NULL if the pair style
                                  is not ltau (then the callback reports the error) */
+  int64_t step;               /* in: update->ntimestep, the first step of the coming run */
+  int64_t natoms_group;       /* in: atoms in the fix group over all ranks (group->count) */
 } ltau_fix_init_args;
 
 /* One evaluation of fix ltau (setup, end of every nevery-th step, minimizer force calls).

@@ -21,6 +21,7 @@
 #include "domain.h"
 #include "error.h"
 #include "fix.h"
+#include "group.h"
 #include "force.h"
 #include "memory.h"
 #include "neigh_list.h"
@@ -517,9 +518,12 @@ class FixLTAU : public Fix {
   {
     ltau_fix_init_args args = {};
     args.pair = force->pair_match("ltau", 1, 0);
+    args.step = update->ntimestep;
+    args.natoms_group = group->count(igroup);
     char msg[LTAU_MSGLEN] = "";
     int status = cbs.fix_init(this, &args, msg);
     reduce_status(lmp, world, status, msg, "Fix ltau", LTAU_HALT);
+    if (comm->me == 0) report(msg);
   }
 
   // Like fix halt, the halt condition is checked at end of step (and at minimizer force
@@ -555,6 +559,17 @@ class FixLTAU : public Fix {
   int nmax = 0, ncols = 0;
   int halt_mode = LTAU_HALT_NONE, halt_message = 1;
   bool created = false, forced_timeout = false;
+
+  // Rank 0's report from fix_init: plain lines to screen and log, "WARNING: " lines as warnings.
+  void report(const char *msg)
+  {
+    for (const auto &line : utils::split_lines(msg)) {
+      if (line.rfind("WARNING: ", 0) == 0)
+        error->warning(FLERR, line.substr(9));
+      else if (!line.empty())
+        utils::logmesg(lmp, "Fix ltau {}\n", line);
+    }
+  }
 
   void grow(int n)
   {
