@@ -12,7 +12,8 @@
   only with ``allow_pickle=True``.
 
 The family is read from the pickle's opcode stream without executing it (the classes a pickle
-names are visible as strings), so a refused file is never unpickled.
+names are visible as strings), so a refused file is never unpickled. An explicit ``family`` is
+checked the same way: a file that shows another family is refused, naming the family it is.
 """
 
 from __future__ import annotations
@@ -60,14 +61,18 @@ def save_model(model: LocalForceField, path: str | os.PathLike) -> str:
 
 def detect_family(path: str | os.PathLike) -> str:
     """Model family of a file, from the class names its pickle mentions; nothing is unpickled."""
+    return _identify(path) or "ltau_local"  # an unrecognised torch file: the weights_only load checks it
+
+
+def _identify(path: str | os.PathLike) -> str | None:
+    """The family a file positively shows (a built-in model names its format string), or None."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileFormatError(f"model file {path}: no such file")
+    _check_is_file(path)
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             if f.read(1) != b"\x80":  # every torch file is a zip archive or starts with a pickle
                 raise FileFormatError(f"model file {path}: not a torch model file")
-        return "ltau_local"  # a legacy (non-zip) torch file: the weights_only load checks it
+        return None  # a legacy (non-zip) torch file
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -96,14 +101,38 @@ def detect_family(path: str | os.PathLike) -> str:
         return "allegro"
     if any(text.startswith("nequip.model.") for text in strings):
         return "nequip"
-    return "ltau_local"
+    return "ltau_local" if FORMAT in strings else None
+
+
+def _check_is_file(path: str) -> None:
+    """A model path that is not a file: say what it is (a directory, perhaps an estimator's)."""
+    if os.path.isdir(path):
+        estimator = os.path.isfile(os.path.join(path, "meta.json"))
+        raise FileFormatError(f"model file {path} is a directory" + (
+            ": this is an estimator directory, not a model" if estimator else ", not a model file"))
+    if not os.path.isfile(path):
+        raise FileFormatError(f"model file {path}: no such file")
+
+
+def _other_family(path: str, family: str) -> None:
+    """Refuse a file that positively belongs to another family than the one asked for (nequip and
+    allegro share a loader)."""
+    detected = _identify(path)
+    if detected not in (None, family) and {detected, family} != {"nequip", "allegro"}:
+        raise FileFormatError(f"model file {path} is {_DESCRIPTIONS[detected]} (detected family {detected}), "
+                              f"not {_DESCRIPTIONS[family]}")
+
+
+_DESCRIPTIONS = {"ltau_local": "an ltau_lmp built-in model", "mace": "a MACE model",
+                 "nequip": "a nequip model", "allegro": "an Allegro model"}
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", family: str | None = None,
                allow_pickle: bool = False) -> torch.nn.Module:
     """Load a force field of any supported family; the result honours the forward contract and has ``.card``.
 
-    ``family`` (one of ``FAMILIES``) skips the detection. A MACE or nequip file is unpickled only
+    ``family`` (one of ``FAMILIES``) replaces the detection for a file that shows no family (a file
+    that shows another one is refused). A MACE or nequip file is unpickled only
     with ``allow_pickle=True``; otherwise ``PickleRefusedError`` names the option. Every other defect
     raises ``FileFormatError`` naming the file.
     """
@@ -112,8 +141,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         family = detect_family(path)
     elif family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
-    elif not os.path.isfile(path):
-        raise FileFormatError(f"model file {path}: no such file")
+    else:
+        _other_family(path, family)
     if family == "mace":
         return _load_mace(path, map_location, allow_pickle)
     if family in ("nequip", "allegro"):
@@ -225,10 +254,10 @@ def _load_mace(path: str, map_location, allow_pickle: bool) -> torch.nn.Module:
         raise PickleRefusedError(
             f"model file {path} is a MACE model, a pickled Python module: loading it runs code stored "
             f"in the file. Load it only if you trust its source, with {TRUST_OPTIONS}")
-    from ltau_lmp.model.mace import MACEForceField
+    from ltau_lmp.model.mace import MACEForceField, import_mace
 
     try:
-        import mace.modules  # noqa: F401  (the classes the pickle names)
+        import_mace()  # the classes the pickle names
     except ImportError as exc:
         raise LTAUError(f"model file {path} is a MACE model but mace-torch is not installed "
                         f"(pip install 'ltau-lmp[mace]'): {exc}") from exc
@@ -248,17 +277,18 @@ def _load_mace(path: str, map_location, allow_pickle: bool) -> torch.nn.Module:
 def _load_local(path: str, map_location) -> LocalForceField:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise FileFormatError(f"model file {path}: not a readable torch file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    except Exception as exc:  # torch raises many types; its text would advise weights_only=False
+        raise FileFormatError(f"model file {path}: not an ltau_lmp model file (corrupt, truncated, or holding "
+                              f"objects other than tensors; torch: {type(exc).__name__})") from exc
     if not isinstance(payload, dict):
-        raise FileFormatError(f"model file {path}: expected a dict, found {type(payload).__name__}")
+        raise FileFormatError(f"model file {path}: not an ltau_lmp model file (it holds a "
+                              f"{type(payload).__name__}, not a dict)")
     if {"model", "optimizer"} <= payload.keys() and "format" not in payload:
         raise FileFormatError(f"model file {path} is a training checkpoint (weights without the "
                               f"architecture); give the model file (e.g. MACE's NAME.model)")
     missing = [k for k in _KEYS if k not in payload]
     if missing:
-        raise FileFormatError(f"model file {path}: missing key(s) {', '.join(missing)}")
+        raise FileFormatError(f"model file {path}: not an ltau_lmp model file (missing key(s) {', '.join(missing)})")
     if payload["format"] != FORMAT:
         raise FileFormatError(f"model file {path}: format {payload['format']!r}, expected {FORMAT!r}")
     if payload["version"] != VERSION:

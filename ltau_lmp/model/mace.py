@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -48,6 +49,16 @@ from torch import Tensor, nn
 
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.model.card import ModelCard, hash_state
+
+
+def import_mace() -> None:
+    """Import mace-torch's model classes without the warning that import prints: mace sets
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` and e3nn, which it imports, then reads its constants with a
+    ``torch.load`` that warns about the variable (ltau_lmp's own loads name ``weights_only``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected",
+                                category=UserWarning)
+        import mace.modules  # noqa: F401
 
 
 def invariant_columns(irreps_per_layer: Sequence, layers: Sequence[int]) -> list[int]:
