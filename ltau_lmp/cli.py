@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from ltau_lmp import __version__
@@ -63,13 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
     except LTAUError as exc:
         print(f"ltau-lmp {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ltau-lmp {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``ltau-lmp info ... | head``): stop quietly, as Unix tools do
+    on SIGPIPE, with the shell's status for it (128 + 13)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush would fail again otherwise
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -82,30 +82,31 @@ def test_bad_files_give_one_line_errors(inputs, capsys):
     tmp, log_path = inputs
     (tmp / "junk.npz").write_bytes(b"not a zip file")
     assert main(["build-estimator", "--error-log", str(tmp / "junk.npz"), "--descriptors",
-                 str(tmp / "train.npy"), "-o", str(tmp / "est")]) == 2
+                 str(tmp / "train.npy"), "-o", str(tmp / "est"), "--unchecked-model"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "junk.npz: unreadable error-log file" in err
 
     np.save(tmp / "short.npy", np.zeros((10, 8), np.float32))
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "short.npy"),
-                 "-o", str(tmp / "est")]) == 2
+                 "-o", str(tmp / "est"), "--unchecked-model"]) == 2
     assert "10 descriptors but 300 error distributions" in capsys.readouterr().err
 
     assert main(["predict", str(tmp / "missing"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "x.npz")]) == 2
     assert "estimator directory not found" in capsys.readouterr().err
 
-    main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"), "-o", str(tmp / "e")])
+    main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"), "-o", str(tmp / "e"),
+          "--unchecked-model"])
     np.save(tmp / "wrongdim.npy", np.zeros((3, 5), np.float32))
     assert main(["predict", str(tmp / "e"), "--descriptors", str(tmp / "wrongdim.npy"), "-o", str(tmp / "x.npz")]) == 2
     assert "descriptors must have shape (n, 8), got (3, 5)" in capsys.readouterr().err
     assert main(["predict", str(tmp / "e"), "--descriptors", str(tmp / "query.npy"), "-o", str(tmp / "x.txt")]) == 2
     assert "must end in .npz or .csv" in capsys.readouterr().err
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
-                 "-o", str(tmp / "e"), "--reference-descriptors", str(tmp / "wrongdim.npy")]) == 2
+                 "-o", str(tmp / "e2"), "--reference-descriptors", str(tmp / "wrongdim.npy"), "--unchecked-model"]) == 2
     assert "reference descriptors: descriptors must have shape (n, 8), got (3, 5)" in capsys.readouterr().err
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
-                 "-o", str(tmp / "e"), "--reference-descriptors", str(tmp / "held_out.npy"),
-                 "--false-alarm-rate", "0"]) == 2
+                 "-o", str(tmp / "e2"), "--reference-descriptors", str(tmp / "held_out.npy"),
+                 "--false-alarm-rate", "0", "--unchecked-model"]) == 2
     assert "false_alarm_rate must lie strictly between 0 and 1, got 0.0" in capsys.readouterr().err
 
     save_model(LocalForceField(["Si"], hidden=[8], latent_dim=5, seed=0), tmp / "model5.pt")
@@ -136,6 +137,6 @@ def test_build_defaults_come_from_the_index_module(inputs, capsys):
     assert "{" + ",".join(KIND_CHOICES) + "}" in help_text
     assert f"HNSW search effort (default {OPTION_DEFAULTS['hnsw']['ef_search']})" in help_text
     assert main(["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
-                 "-o", str(tmp / "est"), "--index", "hnsw"]) == 0
+                 "-o", str(tmp / "est"), "--index", "hnsw", "--unchecked-model"]) == 0
     assert LTAUEstimator.load(tmp / "est").index.options == OPTION_DEFAULTS["hnsw"]
     assert "no ood score and no recommended alarm thresholds (give --reference-descriptors)" in capsys.readouterr().out

@@ -48,7 +48,7 @@ def test_save_overwrites_atomically(saved, tmp_path):
     est, path, _ = saved
     target = tmp_path / "e"
     est.save(target)
-    est.save(target)
+    est.save(target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 

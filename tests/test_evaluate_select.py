@@ -117,8 +117,82 @@ def test_select_cli_on_dumped_frames(pipeline, tmp_path, capsys):
                  "-o", str(out)]) == 0
     picked = read(out, ":")
     assert len(picked) == 2 and picked[0].info["timestep"] == 30
-    assert main(["select", str(tmp / "test.xyz"), "--model", str(tmp / "model.pt"), "-o", str(out)]) == 2
+    assert main(["select", str(tmp / "test.xyz"), "--model", str(tmp / "model.pt"), "-o", str(out),
+                 "--overwrite"]) == 2
     assert "no per-atom ltau_expected" in capsys.readouterr().err
+
+
+def _dump(path, n_frames):
+    dump = FrameDump(path)
+    for step, atoms in enumerate(_labelled(n_frames, 0.1, 5)):
+        atoms.calc = None
+        atoms.arrays["ltau_expected"] = np.full(len(atoms), 0.1 * (step + 1))
+        dump.write(atoms, step * 10)
+    return path
+
+
+def test_select_says_when_the_dumps_hold_fewer_frames_than_asked(pipeline, tmp_path, capsys):
+    tmp, _ = pipeline
+    dump = _dump(tmp_path / "dump.xyz", 2)
+    assert main(["select", str(dump), "--model", str(tmp / "model.pt"), "-n", "10", "-o", str(tmp_path / "s.xyz")]) == 0
+    captured = capsys.readouterr()
+    assert "the dumps hold only 2 frames, fewer than the 10 requested" in captured.err
+    assert captured.out.startswith(f"wrote 2 of the 10 requested frames to {tmp_path / 's.xyz'}")
+    assert len(read(tmp_path / "s.xyz", ":")) == 2
+    assert main(["select", str(dump), "--model", str(tmp / "model.pt"), "-n", "1", "-o", str(tmp_path / "one.xyz")]) == 0
+    assert capsys.readouterr().out.startswith("wrote 1 frame to")
+
+
+def test_select_never_replaces_a_users_file(pipeline, tmp_path, capsys):
+    tmp, _ = pipeline
+    dump = _dump(tmp_path / "dump.xyz", 3)
+    mine = tmp_path / "mine.xyz"
+    mine.write_text("my own structures\n")
+    select = ["select", str(dump), "--model", str(tmp / "model.pt"), "-n", "2"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*select, "-o", str(mine), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{mine}: the file exists and is not an earlier" in err
+        assert mine.read_text() == "my own structures\n"
+    assert main([*select, "-o", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder" in capsys.readouterr().err
+    out = tmp_path / "picked.xyz"
+    assert main([*select, "-o", str(out)]) == 0
+    assert main([*select, "-o", str(out)]) == 2
+    assert "holds an earlier `ltau-lmp select` output; give --overwrite" in capsys.readouterr().err
+    assert main([*select, "-n", "1", "-o", str(out), "--overwrite"]) == 0
+    assert len(read(out, ":")) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump.xyz", "mine.xyz", "picked.xyz"]
+
+
+def test_evaluate_output_safety(pipeline, tmp_path, capsys):
+    tmp, _ = pipeline
+    evaluate = ["evaluate", "--model", str(tmp / "model.pt"), "--estimator", str(tmp / "est"),
+                "--set", f"test={tmp / 'test.xyz'}"]
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main([*evaluate, "-o", str(mine), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mine}: the folder exists and was not written by ltau_lmp" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    out = tmp_path / "eval"
+    assert main([*evaluate, "-o", str(out)]) == 0
+    first = (out / "metrics.json").read_text()
+    assert json.loads(first)["figures"]["calibration"] == str(out / "calibration.png")
+    assert main([*evaluate, "-o", str(out)]) == 2
+    assert "give --overwrite" in capsys.readouterr().err
+    assert main([*evaluate, "-o", str(out), "--overwrite", "--tol", "0.2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["tol"] == 0.2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "results"]   # no temporary siblings left
+
+
+def test_evaluate_data_dir_must_exist(pipeline, capsys):
+    tmp, _ = pipeline
+    assert main(["evaluate", "--model", str(tmp / "model.pt"), "--estimator", str(tmp / "est"),
+                 "--data-dir", str(tmp / "no_such_data"), "-o", str(tmp / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp / 'no_such_data'}: no such data folder" in err
 
 
 def test_evaluation_does_not_import_the_trainer():

@@ -19,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config file, or `si` for the built-in silicon sets")
     p.add_argument("-o", "--out-dir", type=Path,
                    help="output folder (default: the config's out_dir; `data` for `si`)")
-    p.add_argument("--sets", nargs="+", metavar="NAME", help="generate only these sets")
+    p.add_argument("--sets", nargs="+", metavar="NAME",
+                   help="generate only these sets (added to an earlier data folder at the output)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier data folder, or its files of the sets generated")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
 
@@ -31,7 +34,8 @@ def _generate(args: argparse.Namespace) -> int:
         cfg, out_dir = silicon_config(), Path("data")
     else:
         cfg, out_dir = load_generate_config(args.config)
-    paths = generate(cfg, args.out_dir or out_dir, sets=args.sets, show_progress=not args.no_progress)
+    paths = generate(cfg, args.out_dir or out_dir, sets=args.sets, show_progress=not args.no_progress,
+                     overwrite=args.overwrite)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

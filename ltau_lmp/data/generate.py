@@ -198,31 +198,64 @@ def generate_set(cfg: GenerateConfig, name: str, spec: SetSpec, progress=None) -
 
 
 def generate(cfg: GenerateConfig, out_dir: str | Path, sets: list[str] | None = None,
-             show_progress: bool = True) -> dict[str, Path]:
-    """Generate the configured sets (or the named subset) into ``out_dir``; returns their paths."""
-    from ase.io import write
-    from tqdm import tqdm
+             show_progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
+    """Generate the configured sets (or the named subset) into ``out_dir``; returns their paths.
+
+    A new ``out_dir`` is written into a temporary sibling and renamed at the end. Into an earlier
+    data folder of ``generate`` the sets are added one file at a time (each written to a temporary
+    sibling and renamed); a set file already there is replaced only with ``overwrite``. Anything
+    else at ``out_dir`` is refused, before any MD runs (``ltau_lmp.outputs``).
+    """
+    from ltau_lmp.outputs import is_earlier_output, output_dir, record_files
 
     names = list(cfg.sets) if sets is None else sets
     missing = [n for n in names if n not in cfg.sets]
     if missing:
         raise ConfigError(f"unknown data set(s) {missing}; configured: {list(cfg.sets)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_earlier_output(out_dir, "generate"):
+        _check_set_files(out_dir, names, overwrite)
+        _generate_into(cfg, names, out_dir, show_progress)
+        record_files(out_dir, "generate", added=[f"{name}.xyz" for name in names] + ["generate.yaml"])
+    else:
+        with output_dir(out_dir, "generate", overwrite) as tmp:
+            _generate_into(cfg, names, tmp, show_progress)
+    return {name: out_dir / f"{name}.xyz" for name in names}
+
+
+def _check_set_files(out_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Adding sets to an earlier data folder: a set file there is replaced only with ``overwrite``, and
+    only if this package wrote it."""
+    from ltau_lmp.outputs import OutputExistsError, written_files
+
+    ours = written_files(out_dir, "generate")
+    taken = [f"{name}.xyz" for name in names if (out_dir / f"{name}.xyz").exists()]
+    foreign = [name for name in taken if name not in ours]
+    if foreign:
+        raise OutputExistsError(f"{out_dir}: {', '.join(foreign)} not written by ltau-lmp generate; move it away "
+                                f"or choose another out_dir (nothing was changed)")
+    if taken and not overwrite:
+        raise OutputExistsError(f"{out_dir}: already holds {', '.join(taken)}; give --overwrite (Python: "
+                                f"overwrite=True) to replace them, or choose another out_dir")
+
+
+def _generate_into(cfg: GenerateConfig, names: list[str], directory: Path, show_progress: bool) -> None:
+    """Each set as ``directory/<name>.xyz`` (temporary sibling, then rename), then generate.yaml."""
+    from ase.io import write
+    from tqdm import tqdm
+
+    from ltau_lmp.outputs import replaced_file
+
     total = sum(cfg.sets[n].n_frames for n in names)
-    paths = {}
     start = time.perf_counter()
     with tqdm(total=total, desc="generate", unit="frame", disable=not show_progress) as bar:
         for name in names:
             bar.set_postfix_str(name)
             frames = generate_set(cfg, name, cfg.sets[name], bar)
-            path = out_dir / f"{name}.xyz"
-            tmp = path.with_suffix(".xyz.tmp")
-            write(tmp, frames, format="extxyz")
-            tmp.replace(path)
-            paths[name] = path
-    (out_dir / "generate.yaml").write_text(_dump_config(cfg, time.perf_counter() - start))
-    return paths
+            with replaced_file(directory / f"{name}.xyz") as tmp:
+                write(tmp, frames, format="extxyz")
+    with replaced_file(directory / "generate.yaml") as tmp:
+        tmp.write_text(_dump_config(cfg, time.perf_counter() - start))
 
 
 def _dump_config(cfg: GenerateConfig, seconds: float) -> str:

@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
                    help="in-domain false-alarm rate per evaluation of all watched atoms (halt auto)")
     p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier estimator at --output")
     p.add_argument("--index", default=DEFAULT_KIND, choices=KIND_CHOICES,
                    help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "
                         f"'ivfpq'; auto = flat below {AUTO_EXACT_LIMIT:,} entries, above that IVF with nprobe tuned "
@@ -52,9 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=int, default=unset, help="IVF / IVF-PQ number of lists (default ~sqrt(n))")
     p.add_argument("--nprobe", type=int, default=unset,
                    help=f"IVF / IVF-PQ lists probed per query (default {ivf['nprobe']} / {ivfpq['nprobe']})")
-    p.add_argument("--model", type=Path,
-                   help="the model that produced the descriptors: its card (family, species, latent, hash) "
-                        "is recorded, so fix ltau and the calculator refuse any other model")
+    binding = p.add_mutually_exclusive_group()
+    binding.add_argument("--model", type=Path,
+                         help="the model that produced the descriptors: its card (family, species, latent, hash) "
+                              "is recorded, so fix ltau and the calculator refuse any other model (required "
+                              "unless --unchecked-model)")
+    binding.add_argument("--unchecked-model", action="store_true",
+                         help="build without the model: any model with the same latent width is then accepted, "
+                              "and the estimator says 'unchecked' (ltau-lmp info, fix ltau)")
     add_model_options(p)
     p.add_argument("--threads", type=int, help="faiss threads")
     p.set_defaults(func=_build)
@@ -71,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("estimator", type=Path, help="estimator directory")
     p.add_argument("--descriptors", required=True, type=Path, help="query descriptors .npy (n x dim)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .npz or .csv")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier predict output at --output")
     p.add_argument("-k", "--neighbors", type=int, help="override the estimator's k")
     p.add_argument("--ci", nargs=2, type=float, default=(0.05, 0.95), metavar=("LO", "HI"),
                    help="quantile levels of the confidence interval")
@@ -81,10 +88,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe an estimator directory, an error-log file or a model file",
                        description="Print, as JSON, what an LTAU estimator directory holds (with the card of "
                                    "the model it was built for), what an error-log .npz holds, or the card "
-                                   "of a model file (family, species, cutoff, receptive field, latent, hash).")
+                                   "of a model file (family, species, cutoff, receptive field, latent, hash). "
+                                   f"Lists longer than {LIST_LIMIT} values are summarised unless --full.")
     p.add_argument("path", type=Path, help="estimator directory, error-log .npz or model file")
+    p.add_argument("--full", action="store_true", help="print long lists (e.g. training-structure indices) whole")
     add_model_options(p)
     p.set_defaults(func=_info)
+
+
+UNCHECKED_WARNING = ("WARNING: model binding unchecked: this estimator records no model hash, so any model with "
+                     "the same latent width is accepted; rebuild it with --model FILE")
+LIST_LIMIT = 8  # `info` shows longer lists as a count with their first and last values
+
+
+def _summarise_lists(value):
+    """``value`` with every list longer than ``LIST_LIMIT`` replaced by a one-line description, so
+    that `info` fits a screen (an estimator from `train` lists every training-structure index)."""
+    if isinstance(value, dict):
+        return {key: _summarise_lists(item) for key, item in value.items()}
+    if isinstance(value, list):
+        if len(value) <= LIST_LIMIT:
+            return [_summarise_lists(item) for item in value]
+        head = ", ".join(json.dumps(item) for item in value[:3])
+        tail = ", ".join(json.dumps(item) for item in value[-2:])
+        return f"{len(value)} values: [{head}, ..., {tail}] (--full lists them)"
+    return value
+
+
+def _predict_output(path: Path) -> bool:
+    """Whether ``path`` is an earlier `ltau-lmp predict` output (``--overwrite`` may replace it)."""
+    import zipfile
+
+    from ltau_lmp.outputs import head_contains
+
+    if path.suffix.lower() == ".csv":
+        return head_contains("# expected,")(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"expected.npy", "ci_levels.npy", "tol.npy"} <= set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _load_npy(path: Path, what: str):
@@ -104,7 +147,13 @@ def _load_npy(path: Path, what: str):
 def _build(args) -> int:
     from ltau_lmp.estimator import ErrorLog, LTAUEstimator
     from ltau_lmp.estimator.calibration import describe_thresholds
+    from ltau_lmp.outputs import check_dir
 
+    if not args.model and not args.unchecked_model:
+        raise ConfigError("give --model FILE (the model that produced the descriptors: fix ltau and the calculator "
+                          "then refuse any other model) or --unchecked-model (any model with the same latent "
+                          "width is accepted, and the estimator says 'unchecked')")
+    check_dir(args.output, "estimator", args.overwrite)
     log = ErrorLog.load(args.error_log)
     descriptors = _load_npy(args.descriptors, "descriptors")
     names = {"hnsw_m": "M", "ef_construction": "ef_construction", "ef_search": "ef_search",
@@ -125,9 +174,11 @@ def _build(args) -> int:
                                   false_alarm_rate=args.false_alarm_rate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    est.save(args.output)
+    est.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {est.n_entries} entries x {est.dim} dims, {est.nbins} bins, "
-          f"index {est.index.kind}, k={est.k}")
+          f"index {est.index.kind}, k={est.k}, model binding {est.model_binding}")
+    if est.model_binding == "unchecked":
+        print(UNCHECKED_WARNING)
     print(describe_thresholds(est.alarm_thresholds, remedy="give --reference-descriptors"))
     return 0
 
@@ -138,9 +189,12 @@ def _predict(args) -> int:
     from ltau_lmp.estimator import LTAUEstimator
     from ltau_lmp.estimator.index import set_threads
 
+    from ltau_lmp.outputs import check_file, output_file
+
     suffix = args.output.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise ConfigError(f"output must end in .npz or .csv, got {args.output}")
+    check_file(args.output, "predict", args.overwrite, _predict_output)
     est = LTAUEstimator.load(args.estimator)
     set_threads(args.threads)
     res = est.query(_load_npy(args.descriptors, "descriptors"), k=args.neighbors)
@@ -154,13 +208,14 @@ def _predict(args) -> int:
         columns["ood"] = res.ood
     elif est.has_ood_reference:
         print(f"no ood column: it is calibrated for the estimator's k={est.k}, not -k {args.neighbors}")
-    if suffix == ".npz":
-        np.savez(args.output, **columns, ci_levels=np.array(args.ci), tol=np.array(args.tol))
-    else:
-        header = ",".join(columns)
-        np.savetxt(args.output, np.column_stack(list(columns.values())), delimiter=",",
-                   header=f"{header}  # ci={args.ci[0]}-{args.ci[1]}, tol={args.tol} eV/Angstrom",
-                   comments="# ", fmt="%.6g")
+    with output_file(args.output, "predict", args.overwrite, _predict_output) as tmp:
+        if suffix == ".npz":
+            np.savez(tmp, **columns, ci_levels=np.array(args.ci), tol=np.array(args.tol))
+        else:
+            header = ",".join(columns)
+            np.savetxt(tmp, np.column_stack(list(columns.values())), delimiter=",",
+                       header=f"{header}  # ci={args.ci[0]}-{args.ci[1]}, tol={args.tol} eV/Angstrom",
+                       comments="# ", fmt="%.6g")
     print(f"wrote {args.output}: {len(res)} points, median expected error "
           f"{np.median(res.expected):.4g} eV/Angstrom, max kNN distance {res.distance.max():.4g}")
     return 0
@@ -171,15 +226,17 @@ def _info(args) -> int:
 
     if not args.path.exists():
         raise FileFormatError(f"{args.path}: no such file or directory")
-    thresholds = None
+    thresholds = unchecked = None
     if args.path.is_dir():
         summary = {"type": "LTAU estimator", **LTAUEstimator.load(args.path).summary()}
-        thresholds = summary["alarm_thresholds"]
+        thresholds, unchecked = summary["alarm_thresholds"], summary["model_binding"] == "unchecked"
     elif args.path.suffix == ".npz":
         summary = {"type": "error log", **ErrorLog.load(args.path).summary()}
     else:  # anything else must be a model file; load_model names what it is not
         summary = {"type": "model", **load_model_option(args.path, args).card.to_dict()}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary if args.full else _summarise_lists(summary), indent=2))
+    if unchecked:
+        print(UNCHECKED_WARNING)
     if thresholds is not None:   # in words, for the group sizes a user runs (halt auto / dump auto)
         from ltau_lmp.estimator.calibration import describe_thresholds
 

@@ -172,6 +172,8 @@ class LTAUEstimator:
 
         ``reference_descriptors``: latents of held-out in-domain atoms (not among ``descriptors``),
         for the ``ood`` p-value and the alarm thresholds at ``false_alarm_rate`` (``calibrate``).
+        ``metadata`` should name the model (``card_metadata``); without a ``model_hash`` the estimator
+        records ``model_binding: "unchecked"`` and says so wherever it is used (``model_binding``).
         """
         descriptors = as_descriptors(descriptors)
         if reference_descriptors is not None:  # checked before the index is built, not after
@@ -192,6 +194,9 @@ class LTAUEstimator:
         set_threads(threads)
         if progress is None:
             progress = descriptors.shape[0] >= PROGRESS_MIN_POINTS
+        metadata = dict(metadata or {})
+        metadata.setdefault("model_binding", "checked" if metadata.get("model_hash") else "unchecked")
+        _check_card_metadata(metadata, descriptors.shape[1])  # before the index is built
         search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress,
                                          tuning_queries=reference_descriptors)
         estimator = cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
@@ -239,15 +244,23 @@ class LTAUEstimator:
 
         Latent features of another model live in another space: the kNN answer would be noise.
         The dimension is always known; the content hash only when the estimator was built with the
-        model's card (``card_metadata``), which every path that has the model records.
+        model's card (``card_metadata``), which every path that has the model records; without it
+        (``model_binding == "unchecked"``) any model of the same latent width passes.
         """
         if card.latent_dim != self.dim:
             raise ConfigError(f"the estimator indexes {self.dim}-dimensional latent features but {model_name} "
                               f"has latent_dim {card.latent_dim}: it was built for another model")
         expected = self.metadata.get("model_hash")
-        if expected and expected != card.model_hash:
+        if self.model_binding == "checked" and expected != card.model_hash:
             raise ConfigError(f"the estimator was built for model {expected[:12]}, not for {model_name} "
                               f"({card.family} model {card.model_hash[:12]}): rebuild the estimator for this model")
+
+    @property
+    def model_binding(self) -> str:
+        """"checked" when the estimator records its model's hash (``check_model`` refuses any other
+        model), "unchecked" when it does not (any model of the same latent width passes): users of an
+        unchecked estimator should be told so (``ltau-lmp info``, fix ltau)."""
+        return "checked" if self.metadata.get("model_hash") else "unchecked"
 
     @property
     def dim(self) -> int:
@@ -310,11 +323,12 @@ class LTAUEstimator:
         inv = 1.0 / np.maximum(dist, 1e-12)
         return inv / inv.sum(axis=1, keepdims=True)
 
-    def save(self, path):
-        """Directory with meta.json, pdfs.npy, bin_edges.npy, index.faiss (see ``io``)."""
+    def save(self, path, overwrite: bool = False):
+        """Directory with meta.json, pdfs.npy, bin_edges.npy, index.faiss (see ``io``); an existing
+        ``path`` is replaced only if it is an earlier estimator and ``overwrite`` is given."""
         from ltau_lmp.estimator.io import save_estimator
 
-        return save_estimator(self, path)
+        return save_estimator(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, mmap: bool = True, verify: bool = True, use_gpu: bool | str = "auto",
@@ -325,9 +339,12 @@ class LTAUEstimator:
         return load_estimator(path, mmap=mmap, verify=verify, use_gpu=use_gpu, gpu_device=gpu_device)
 
     def summary(self) -> dict:
-        """What ``ltau-lmp info`` prints: the model card first (None when built without one), then the index."""
+        """What ``ltau-lmp info`` prints: the model binding and card first (None when built without
+        one), then the index."""
         metadata = dict(self.metadata)
+        metadata.pop("model_binding", None)
         return {
+            "model_binding": self.model_binding,
             "model_card": metadata.pop("model_card", None),
             "n_entries": self.n_entries, "dim": self.dim, "nbins": self.nbins,
             "bin_range": [float(self.bin_edges[0]), float(self.bin_edges[-1])],
@@ -354,6 +371,7 @@ def _check_card_metadata(metadata: dict, dim: int) -> None:
     Catches descriptors of one model built with another model's card (at build) and edited
     metadata (at load).
     """
+    _check_binding(metadata)
     card = metadata.get("model_card")
     if card is None:
         return
@@ -364,6 +382,14 @@ def _check_card_metadata(metadata: dict, dim: int) -> None:
                           f"{card['latent_dim']}: descriptors and card come from different models")
     if card["model_hash"] != metadata.get("model_hash"):
         raise ConfigError("metadata model_hash differs from the model card's: build the metadata with card_metadata")
+
+
+def _check_binding(metadata: dict) -> None:
+    """A recorded ``model_binding`` must say what the metadata holds: "checked" iff a model hash."""
+    binding = metadata.get("model_binding")
+    if binding is not None and binding != ("checked" if metadata.get("model_hash") else "unchecked"):
+        raise ConfigError(f"metadata model_binding {binding!r} contradicts the metadata: "
+                          f"{'a' if metadata.get('model_hash') else 'no'} model_hash is recorded")
 
 
 def as_descriptors(values, dim: int | None = None, what: str = "") -> np.ndarray:

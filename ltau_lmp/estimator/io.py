@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import numpy as np
 from ltau_lmp.errors import ConfigError, FileFormatError, check_file_format
 from ltau_lmp.estimator.estimator import LTAUEstimator, check_pdfs
 from ltau_lmp.estimator.index import INDEX_KINDS, SearchIndex, require_faiss
+from ltau_lmp.outputs import output_dir
 
 faiss = require_faiss()  # estimator files hold a faiss index: nothing here works without it
 
@@ -43,36 +42,30 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def save_estimator(est: LTAUEstimator, path) -> Path:
-    """Write into a temporary sibling directory, then rename: never a half-written estimator."""
+def save_estimator(est: LTAUEstimator, path, overwrite: bool = False) -> Path:
+    """Write into a temporary sibling directory, then rename: never a half-written estimator.
+
+    An existing ``path`` is replaced only when it is an earlier estimator and ``overwrite`` is
+    given; anything else is refused (``ltau_lmp.outputs``).
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / FILES["pdfs"], np.ascontiguousarray(est.pdfs, dtype=np.float32))
-    np.save(tmp / FILES["bin_edges"], est.bin_edges)
-    faiss.write_index(est.index.cpu_index, str(tmp / FILES["index"]))
-    files = dict(FILES)
-    if est.has_ood_reference:
-        files.update(REFERENCE_FILE)
-        np.save(tmp / REFERENCE_FILE["reference_distances"], est.reference_distances)
-    meta = {
-        "format": ESTIMATOR_FORMAT, "version": ESTIMATOR_VERSION,
-        "n_entries": est.n_entries, "dim": est.dim, "nbins": est.nbins,
-        "index": {"kind": est.index.kind, "options": est.index.options},
-        "k": est.k, "weighting": est.weighting, "metadata": est.metadata,
-        "alarm_thresholds": est.alarm_thresholds,
-        "files": files, "sha256": {key: sha256_file(tmp / name) for key, name in files.items()},
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    with output_dir(path, "estimator", overwrite) as tmp:
+        np.save(tmp / FILES["pdfs"], np.ascontiguousarray(est.pdfs, dtype=np.float32))
+        np.save(tmp / FILES["bin_edges"], est.bin_edges)
+        faiss.write_index(est.index.cpu_index, str(tmp / FILES["index"]))
+        files = dict(FILES)
+        if est.has_ood_reference:
+            files.update(REFERENCE_FILE)
+            np.save(tmp / REFERENCE_FILE["reference_distances"], est.reference_distances)
+        meta = {
+            "format": ESTIMATOR_FORMAT, "version": ESTIMATOR_VERSION,
+            "n_entries": est.n_entries, "dim": est.dim, "nbins": est.nbins,
+            "index": {"kind": est.index.kind, "options": est.index.options},
+            "k": est.k, "weighting": est.weighting, "metadata": est.metadata,
+            "alarm_thresholds": est.alarm_thresholds,
+            "files": files, "sha256": {key: sha256_file(tmp / name) for key, name in files.items()},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return path
 
 

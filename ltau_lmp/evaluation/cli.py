@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ltau_lmp.cli import add_model_options, load_model_option
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-domain", default="test", help="name of the in-domain set (negatives for AUROC)")
     p.add_argument("--tol", type=float, default=0.1, help="tolerance for P(error < tol), eV/Angstrom")
     p.add_argument("-o", "--output", required=True, type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation at --output")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
@@ -43,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--frames", type=int, default=10, help="frames to select")
     p.add_argument("--pool", type=int, default=4, help="candidate pool = frames x pool highest-error frames")
     p.add_argument("-o", "--output", required=True, type=Path, help="output extxyz")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier selection at --output")
     p.set_defaults(func=_select)
 
 
@@ -63,8 +66,12 @@ def _parse_sets(args) -> dict[str, Path]:
 def _evaluate(args) -> int:
     from ltau_lmp.evaluation.evaluate import run_evaluation
 
-    report = run_evaluation(load_model_option(args.model, args), args.estimator, _parse_sets(args), args.output,
-                            in_domain=args.in_domain, tol=args.tol)
+    from ltau_lmp.outputs import check_dir
+
+    sets = _parse_sets(args)
+    check_dir(args.output, "evaluate", args.overwrite)  # before the model is loaded
+    report = run_evaluation(load_model_option(args.model, args), args.estimator, sets, args.output,
+                            in_domain=args.in_domain, tol=args.tol, overwrite=args.overwrite)
     print((args.output / "table.md").read_text())
     print(f"metrics: {args.output / 'metrics.json'}; figures: {', '.join(report['figures'].values())}")
     return 0
@@ -73,7 +80,23 @@ def _evaluate(args) -> int:
 def _select(args) -> int:
     from ltau_lmp.evaluation.select import run_selection
 
-    frames = run_selection(args.dumps, load_model_option(args.model, args), args.frames, args.output, args.pool)
-    print(f"wrote {len(frames)} frames to {args.output}: " +
+    from ltau_lmp.outputs import check_file
+    from ltau_lmp.evaluation.select import earlier_selection
+
+    check_file(args.output, "select", args.overwrite, earlier_selection)  # before the model is loaded
+    frames = run_selection(args.dumps, load_model_option(args.model, args), args.frames, args.output, args.pool,
+                           overwrite=args.overwrite)
+    if len(frames) < args.frames:
+        print(f"ltau-lmp select: warning: the dumps hold only {plural(len(frames), 'frame')}, fewer than the "
+              f"{args.frames} requested: all of them were selected", file=sys.stderr)
+        count = f"{len(frames)} of the {args.frames} requested frames"
+    else:
+        count = plural(len(frames), "frame")
+    print(f"wrote {count} to {args.output}: " +
           ", ".join(f"{a.info['source']} (max {a.info['ltau_max']:.3g})" for a in frames))
     return 0
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 frame``, ``2 frames``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -60,6 +60,9 @@ def predict_set(model, estimator, path) -> SetPrediction:
 
 def discover_sets(data_dir: Path, exclude=("train",)) -> dict[str, Path]:
     """Every ``<name>.xyz`` in a data directory except the training set."""
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"{data_dir}: no such data folder (--data-dir takes the folder of labelled <name>.xyz "
+                          f"sets that `ltau-lmp generate` wrote)")
     sets = {p.stem: p for p in sorted(Path(data_dir).glob("*.xyz")) if p.stem not in exclude}
     if not sets:
         raise ConfigError(f"{data_dir}: no labelled .xyz data sets found")
@@ -67,11 +70,15 @@ def discover_sets(data_dir: Path, exclude=("train",)) -> dict[str, Path]:
 
 
 def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_domain: str = "test",
-                   tol: float = 0.1, progress: bool = True) -> dict:
+                   tol: float = 0.1, progress: bool = True, overwrite: bool = False) -> dict:
     """Score every set, write metrics.json / table.md / figures; returns the metrics dict.
 
     ``model``: a loaded model of any family (the caller decides how a file may be loaded).
+    ``out_dir`` is written as a temporary sibling renamed at the end; an existing one is replaced
+    only when it is an earlier evaluation and ``overwrite`` is given (checked before any work).
     """
+    from ltau_lmp.outputs import check_dir, output_dir
+
     from tqdm.auto import tqdm
 
     from ltau_lmp.estimator import LTAUEstimator
@@ -80,8 +87,7 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
 
     if in_domain not in sets:
         raise ConfigError(f"in-domain set {in_domain!r} is not among the data sets ({', '.join(sets)})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_dir(out_dir, "evaluate", overwrite)
     estimator = LTAUEstimator.load(estimator_path)
     estimator.check_model(model.card, "the evaluated model")
     preds = {name: predict_set(model, estimator, path)
@@ -104,26 +110,27 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
                 row["auroc_ood"] = metrics.auroc(-ref.ood, -p.ood)
         report["sets"][name] = row
         calibration[name] = (metrics.DEFAULT_LEVELS, metrics.interval_coverage(p.pdf, edges, p.true_error))
-    figures = {
-        "error_scatter": plots.plot_error_scatter(ref.true_error, ref.expected, out_dir / "error_scatter.png",
-                                                  title=f"{in_domain}: predicted vs true force error"),
-        "error_scatter_all": plots.plot_error_scatter(
-            np.concatenate([p.true_error for p in preds.values()]),
-            np.concatenate([p.expected for p in preds.values()]), out_dir / "error_scatter_all.png",
-            title="all sets: predicted vs true force error"),
-        "calibration": plots.plot_calibration(calibration, out_dir / "calibration.png"),
-        "reliability": plots.plot_reliability(metrics.pdf_cdf(ref.pdf, edges, np.full(len(ref.true_error), tol)),
-                                              ref.true_error < tol, out_dir / "reliability.png", tol=tol),
-    }
-    others = [n for n in preds if n != in_domain]
-    if others:
-        figures["roc_expected"] = plots.plot_roc(
-            {n: (ref.expected, preds[n].expected) for n in others}, out_dir / "roc_expected.png",
-            title=f"Out-of-domain detection by expected error ({in_domain} = negatives)")
-        figures["roc_distance"] = plots.plot_roc(
-            {n: (ref.distance, preds[n].distance) for n in others}, out_dir / "roc_distance.png",
-            title=f"Out-of-domain detection by kNN distance ({in_domain} = negatives)")
-    report["figures"] = {k: str(v) for k, v in figures.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "table.md").write_text(metrics.summary_table(report["sets"]) + "\n")
+    with output_dir(out_dir, "evaluate", overwrite) as tmp:
+        figures = {
+            "error_scatter": plots.plot_error_scatter(ref.true_error, ref.expected, tmp / "error_scatter.png",
+                                                      title=f"{in_domain}: predicted vs true force error"),
+            "error_scatter_all": plots.plot_error_scatter(
+                np.concatenate([p.true_error for p in preds.values()]),
+                np.concatenate([p.expected for p in preds.values()]), tmp / "error_scatter_all.png",
+                title="all sets: predicted vs true force error"),
+            "calibration": plots.plot_calibration(calibration, tmp / "calibration.png"),
+            "reliability": plots.plot_reliability(metrics.pdf_cdf(ref.pdf, edges, np.full(len(ref.true_error), tol)),
+                                                  ref.true_error < tol, tmp / "reliability.png", tol=tol),
+        }
+        others = [n for n in preds if n != in_domain]
+        if others:
+            figures["roc_expected"] = plots.plot_roc(
+                {n: (ref.expected, preds[n].expected) for n in others}, tmp / "roc_expected.png",
+                title=f"Out-of-domain detection by expected error ({in_domain} = negatives)")
+            figures["roc_distance"] = plots.plot_roc(
+                {n: (ref.distance, preds[n].distance) for n in others}, tmp / "roc_distance.png",
+                title=f"Out-of-domain detection by kNN distance ({in_domain} = negatives)")
+        report["figures"] = {k: str(out_dir / Path(v).name) for k, v in figures.items()}  # where they end up
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=2))
+        (tmp / "table.md").write_text(metrics.summary_table(report["sets"]) + "\n")
     return report

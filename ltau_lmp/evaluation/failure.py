@@ -66,16 +66,21 @@ def failure_timeline(dump_path, model, alarm_threshold: float, failure_threshold
                            first_crossing(steps, true, failure_threshold))
 
 
-def write_failure_report(timeline: FailureTimeline, out_dir, halt_step: int | None = None) -> dict:
-    """failure.json + failure_timeline.png; returns the json content."""
+def write_failure_report(timeline: FailureTimeline, out_dir, halt_step: int | None = None,
+                         overwrite: bool = False) -> dict:
+    """failure.json + failure_timeline.png; returns the json content. Written as a temporary sibling
+    folder renamed at the end; an existing ``out_dir`` is replaced only when it is an earlier failure
+    report and ``overwrite`` is given (``ltau_lmp.outputs``)."""
     from ltau_lmp.evaluation.plots import plot_failure_timeline
+    from ltau_lmp.outputs import output_dir
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = {**asdict(timeline), "lead_steps": timeline.lead_steps, "halt_step": halt_step}
-    report["figure"] = str(plot_failure_timeline(timeline.steps, timeline.predicted_max, timeline.true_max,
-                                                 timeline.alarm_threshold, out_dir / "failure_timeline.png",
-                                                 halt_step=halt_step,
-                                                 failure_threshold=timeline.failure_threshold))
-    (out_dir / "failure.json").write_text(json.dumps(report, indent=2))
+    with output_dir(out_dir, "failure", overwrite) as tmp:
+        figure = plot_failure_timeline(timeline.steps, timeline.predicted_max, timeline.true_max,
+                                       timeline.alarm_threshold, tmp / "failure_timeline.png",
+                                       halt_step=halt_step,
+                                       failure_threshold=timeline.failure_threshold)
+        report["figure"] = str(out_dir / Path(figure).name)  # where it ends up
+        (tmp / "failure.json").write_text(json.dumps(report, indent=2))
     return report

@@ -72,16 +72,21 @@ def select_frames(scores: np.ndarray, fingerprints_of, n: int, pool_factor: int 
     return [int(pool[i]) for i in farthest_point_order(fingerprints_of(pool), n)]
 
 
-def run_selection(dump_paths, model, n: int, out_path, pool_factor: int = 4) -> list:
-    """Select ``n`` frames and write them as unlabelled extxyz ready for reference calculations.
+def run_selection(dump_paths, model, n: int, out_path, pool_factor: int = 4, overwrite: bool = False) -> list:
+    """Select ``n`` frames (all of them when the dumps hold fewer) and write them as unlabelled
+    extxyz ready for reference calculations.
 
-    ``model``: the model that ran the simulation, loaded (any family).
+    ``model``: the model that ran the simulation, loaded (any family). ``out_path`` is written as a
+    temporary sibling renamed at the end; an existing file is replaced only when it is an earlier
+    selection and ``overwrite`` is given (checked before any work).
     """
     from ase import Atoms
     from ase.io import write
 
     from ltau_lmp.calculator import LTAUCalculator
+    from ltau_lmp.outputs import check_file, output_file
 
+    check_file(out_path, "select", overwrite, earlier_selection)
     frames = read_dumps(dump_paths)
     calc = LTAUCalculator(model)
     scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
@@ -97,6 +102,13 @@ def run_selection(dump_paths, model, n: int, out_path, pool_factor: int = 4) -> 
         atoms.info.update({"source": src.info["source"], "timestep": src.info.get("timestep", -1),
                            "ltau_max": float(scores[i])})
         out.append(atoms)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    write(out_path, out, format="extxyz")
+    with output_file(out_path, "select", overwrite, earlier_selection) as tmp:
+        write(tmp, out, format="extxyz")
     return out
+
+
+def earlier_selection(path: Path) -> bool:
+    """An extxyz whose first frame carries the ``ltau_max`` that ``run_selection`` writes."""
+    from ltau_lmp.outputs import head_contains
+
+    return head_contains("ltau_max=")(path)

@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "process, no --lbfgs."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-o", "--out-dir", type=Path, help="output directory (default: MACE's --work_dir/ltau)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier mace-train output in --out-dir")
     _add_log_options(p)
     p.add_argument("mace_args", nargs=argparse.REMAINDER, metavar="-- MACE_ARGS",
                    help="mace_run_train arguments, after --")
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "reference_set.xyz): they calibrate the ood p-value and the alarm thresholds")
     add_model_options(p)
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier replay output in --out-dir")
     _add_log_options(p)
     p.set_defaults(func=_replay)
 
@@ -89,7 +91,7 @@ def _mace_train(args) -> int:
         raise ConfigError("give the mace_run_train arguments after `--`")
     log_options, estimator_options = _options(args)
     result = train_with_ltau(mace_args, out_dir=args.out_dir, error_log=log_options,
-                             estimator=estimator_options)
+                             estimator=estimator_options, overwrite=args.overwrite)
     print(json.dumps({"out_dir": str(result.out_dir), "model_file": str(result.model_path),
                       "model_hash": result.model_hash, "atoms": result.error_log.n_samples,
                       "epochs": result.error_log.epoch}, indent=1))
@@ -103,9 +105,11 @@ def _replay(args) -> int:
     from ltau_lmp.estimator import ErrorLog
     from ltau_lmp.estimator.calibration import describe_thresholds
     from ltau_lmp.integrations.replay import read_training_set, replay, write_estimator
+    from ltau_lmp.outputs import check_dir
 
     log_options, estimator_options = _options(args)
     estimator_options.validate("estimator")
+    check_dir(args.out_dir, "replay", args.overwrite)
     model = load_model_option(args.model, args)
     frames = read_training_set(args.train_file, args.forces_key)
     reference = read_extxyz(args.reference_file, "reference file") if args.reference_file else []
@@ -117,7 +121,7 @@ def _replay(args) -> int:
         metadata={"model_file": str(args.model), "epochs": log.epoch,
                   "skip_epochs": log_options.skip_epochs, "replayed": True},
         summary={"model_file": str(args.model), "epochs": log.epoch,
-                 "checkpoints": [str(p) for p in args.checkpoints]})
+                 "checkpoints": [str(p) for p in args.checkpoints]}, kind="replay", overwrite=args.overwrite)
     print(json.dumps({"out_dir": str(args.out_dir), "model_hash": model.card.model_hash,
                       "atoms": log.n_samples, "epochs": log.epoch}, indent=1))
     print(describe_thresholds(estimator.alarm_thresholds, remedy="give --reference-file"))

@@ -197,7 +197,8 @@ def parse_mace_args(mace_args: Sequence[str]):
 
 def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
                     error_log: ErrorLogOptions | None = None, estimator: EstimatorOptions | None = None,
-                    on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> MaceTrainResult:
+                    on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                    overwrite: bool = False) -> MaceTrainResult:
     """Run MACE's training with per-atom error logging, then build and write the LTAU estimator.
 
     ``mace_args``: ``mace_run_train`` command-line arguments. ``out_dir`` (default
@@ -207,17 +208,22 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
     reference_descriptors.npy). ``error_log`` / ``estimator``: the same options as
     ``ltau-lmp train`` (bins, skipped epochs; index kind, k, false-alarm rate), checked before
     training. ``on_step(epoch, atom_ids, errors)`` sees every training step's
-    errors (0-based epoch of this run), e.g. to keep whole trajectories.
+    errors (0-based epoch of this run), e.g. to keep whole trajectories. An existing ``out_dir`` is
+    replaced only when it is an earlier mace-train output and ``overwrite`` is given (checked before
+    training; ``ltau_lmp.outputs``).
     """
     from mace.cli import run_train
 
     from ltau_lmp.estimator import ErrorLog, log_spaced_edges
     from ltau_lmp.model import load_model
+    from ltau_lmp.outputs import check_dir
 
     log_options, estimator_options = error_log or ErrorLogOptions(), estimator or EstimatorOptions()
     estimator_options.validate("estimator")
     edges = log_spaced_edges(log_options.lo, log_options.hi, log_options.nbins)
     args = parse_mace_args(mace_args)
+    out_dir = Path(args.work_dir) / "ltau" if out_dir is None else Path(out_dir)
+    check_dir(out_dir, "mace-train", overwrite)
     state = _Logging(lambda n: ErrorLog(n, edges, skip_epochs=log_options.skip_epochs), on_step)
     start = time.perf_counter()
     with restoring_process_state(), _hooks(state):
@@ -230,13 +236,12 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
     model_path = Path(args.model_dir) / f"{args.name}{'_stagetwo' if args.swa else ''}.model"
     # The file this run just wrote, on the training device for the pass over the training set.
     model = load_model(model_path, map_location=args.device, family="mace", allow_pickle=True)
-    out_dir = Path(args.work_dir) / "ltau" if out_dir is None else Path(out_dir)
     log = state.logger.error_log
     built = write_estimator(
         out_dir, model, state.frames, log, estimator_options, reference_frames=state.reference_frames,
         metadata={"model_file": str(model_path), "epochs": state.epoch,
                   "skip_epochs": log_options.skip_epochs},
         summary={"model_file": str(model_path), "epochs": state.epoch, "train_seconds": train_seconds,
-                 "log_seconds": state.logger.seconds})
+                 "log_seconds": state.logger.seconds}, kind="mace-train", overwrite=overwrite)
     return MaceTrainResult(model_path, out_dir, built.metadata["model_hash"], log, built, state.frames,
                            state.reference_frames)

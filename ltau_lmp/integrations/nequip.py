@@ -21,7 +21,7 @@ What it does, with Lightning hooks only (no nequip code copied or changed):
 * ``on_fit_end`` saves the final state as a Lightning checkpoint ``out_dir/model.ckpt`` (what
   ``load_model`` / ``pair_style ltau`` load: nequip's evaluation model, EMA weights if the
   training module keeps them) and builds the estimator from that model's latents over the
-  training set (``ltau_lmp.integrations.replay.write_estimator``: error_log.npz,
+  training set (``ltau_lmp.integrations.replay.fill_output_dir``: error_log.npz,
   descriptors.npy, estimator/, train_set.xyz, reference_set.xyz, summary.json).
 
 The wrapper and the hook draw no random numbers and change no tensor the trainer uses, so
@@ -42,7 +42,7 @@ from ase import Atoms
 from torch.utils.data import Dataset
 
 from ltau_lmp.errors import LTAUError
-from ltau_lmp.integrations.replay import REF_FORCES, write_estimator
+from ltau_lmp.integrations.replay import REF_FORCES, fill_output_dir
 from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
 
 ID_KEY = "ltau_atom_id"
@@ -88,19 +88,24 @@ class LTAUCallback(lightning.Callback):
     ``out_dir``: where model.ckpt, error_log.npz, descriptors.npy, estimator/, train_set.xyz,
     reference_set.xyz and summary.json go. ``lo``, ``hi``, ``nbins``, ``skip_epochs``: the error
     histograms (as ``ltau-lmp train``); ``index``, ``k``, ``false_alarm_rate``: the estimator.
-    ``build_estimator=False`` writes only the error log and model.ckpt.
+    ``build_estimator=False`` writes only the error log and model.ckpt. Everything is written into
+    a temporary sibling of ``out_dir`` and renamed at the end; an existing ``out_dir`` is replaced
+    only when it is an earlier output of this callback and ``overwrite`` is given, which is checked
+    at ``setup``, before training (``ltau_lmp.outputs``).
     """
 
     def __init__(self, out_dir: str, lo: float = ErrorLogOptions.lo, hi: float = ErrorLogOptions.hi,
                  nbins: int = ErrorLogOptions.nbins, skip_epochs: int = ErrorLogOptions.skip_epochs,
                  index: str = EstimatorOptions.index, k: int = EstimatorOptions.k,
-                 false_alarm_rate: float = EstimatorOptions.false_alarm_rate, build_estimator: bool = True):
+                 false_alarm_rate: float = EstimatorOptions.false_alarm_rate, build_estimator: bool = True,
+                 overwrite: bool = False):
         super().__init__()
         self.out_dir = Path(out_dir)
         self.log_options = ErrorLogOptions(lo=lo, hi=hi, nbins=nbins, skip_epochs=skip_epochs)
         self.estimator_options = EstimatorOptions(index=index, k=k, false_alarm_rate=false_alarm_rate)
         self.estimator_options.validate("LTAUCallback")
         self.build_estimator = build_estimator
+        self.overwrite = overwrite
         self.frames: list[Atoms] = []
         self.reference_frames: list[Atoms] = []
         self.logger = None  # ErrorLogger, from setup
@@ -115,10 +120,12 @@ class LTAUCallback(lightning.Callback):
         from nequip.data import register_fields
 
         from ltau_lmp.estimator import ErrorLog
+        from ltau_lmp.outputs import check_dir
         from ltau_lmp.training.trainer import ErrorLogger
 
         if stage != "fit":
             return
+        check_dir(self.out_dir, "nequip", self.overwrite)
         if trainer.world_size > 1:
             raise LTAUError(f"LTAUCallback: training on {trainer.world_size} processes is not supported "
                             f"(per-rank error logs are not merged); train on one process")
@@ -191,23 +198,24 @@ class LTAUCallback(lightning.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from ltau_lmp.model import load_model
+        from ltau_lmp.outputs import output_dir
 
         if self._hook is not None:
             self._hook.remove()
         log = self.logger.error_log
         if log.epoch == 0:
             raise LTAUError("LTAUCallback: no training epoch ran: nothing was logged")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        model_path = self.out_dir / "model.ckpt"
-        trainer.save_checkpoint(model_path)
-        if not self.build_estimator:
-            log.save(self.out_dir / "error_log.npz")
-            return
-        # the checkpoint this callback just wrote, loaded the way pair_style ltau loads it
-        model = load_model(model_path, map_location=pl_module.device, allow_pickle=True)
-        write_estimator(
-            self.out_dir, model, self.frames, log, self.estimator_options, reference_frames=self.reference_frames,
-            metadata={"model_file": str(model_path), "epochs": log.epoch,
-                      "skip_epochs": self.log_options.skip_epochs},
-            summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.log_seconds,
-                     "setup_seconds": self.setup_seconds, "epoch_seconds": self.epoch_seconds})
+        model_path = self.out_dir / "model.ckpt"  # where it will be: the metadata records this path
+        with output_dir(self.out_dir, "nequip", self.overwrite) as tmp:
+            trainer.save_checkpoint(tmp / model_path.name)
+            if not self.build_estimator:
+                log.save(tmp / "error_log.npz")
+                return
+            # the checkpoint this callback just wrote, loaded the way pair_style ltau loads it
+            model = load_model(tmp / model_path.name, map_location=pl_module.device, allow_pickle=True)
+            fill_output_dir(
+                tmp, model, self.frames, log, self.estimator_options, reference_frames=self.reference_frames,
+                metadata={"model_file": str(model_path), "epochs": log.epoch,
+                          "skip_epochs": self.log_options.skip_epochs},
+                summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.log_seconds,
+                         "setup_seconds": self.setup_seconds, "epoch_seconds": self.epoch_seconds})

@@ -172,7 +172,7 @@ def replay(model, checkpoints: Sequence[str | os.PathLike], frames: Sequence[Ato
 
 def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], error_log,
                     options: EstimatorOptions, metadata: dict, summary: dict,
-                    reference_frames: Sequence[Atoms] = ()):
+                    reference_frames: Sequence[Atoms] = (), kind: str = "replay", overwrite: bool = False):
     """Build the estimator from ``model``'s latents over ``frames`` and ``error_log``; write the outputs.
 
     ``options``: ``EstimatorOptions`` (index kind, k, false-alarm rate). ``reference_frames``:
@@ -182,8 +182,21 @@ def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], 
     with other options), estimator/, train_set.xyz (the training set in id order, with
     ``REF_FORCES``), with reference frames reference_set.xyz and reference_descriptors.npy, and
     summary.json (``summary`` plus the model card, the log's summary and the alarm thresholds).
+    They are written into a temporary sibling renamed at the end; an existing ``out_dir`` is
+    replaced only when it is an earlier output of ``kind`` (the command writing it) and
+    ``overwrite`` is given (``ltau_lmp.outputs``).
     Returns the estimator; its metadata records the card's ``model_hash``.
     """
+    from ltau_lmp.outputs import output_dir
+
+    with output_dir(out_dir, kind, overwrite) as tmp:
+        return fill_output_dir(tmp, model, frames, error_log, options, metadata, summary, reference_frames)
+
+
+def fill_output_dir(directory: Path, model, frames: Sequence[Atoms], error_log, options: EstimatorOptions,
+                    metadata: dict, summary: dict, reference_frames: Sequence[Atoms] = ()):
+    """``write_estimator``'s files, written into ``directory``, a folder the caller owns (the temporary
+    sibling of ``ltau_lmp.outputs.output_dir``)."""
     from ase.io import write
 
     from ltau_lmp.estimator import LTAUEstimator, card_metadata
@@ -199,17 +212,15 @@ def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], 
             reference_descriptors=reference, false_alarm_rate=options.false_alarm_rate)
     except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)
         raise LTAUError(f"cannot build the LTAU estimator: {exc}") from exc
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    error_log.save(out_dir / "error_log.npz")
-    np.save(out_dir / "descriptors.npy", descriptors)
-    estimator.save(out_dir / "estimator")
-    write(out_dir / "train_set.xyz", list(frames), format="extxyz")
+    error_log.save(directory / "error_log.npz")
+    np.save(directory / "descriptors.npy", descriptors)
+    estimator.save(directory / "estimator")
+    write(directory / "train_set.xyz", list(frames), format="extxyz")
     if reference is not None:
-        np.save(out_dir / "reference_descriptors.npy", reference)
-        write(out_dir / "reference_set.xyz", list(reference_frames), format="extxyz")
+        np.save(directory / "reference_descriptors.npy", reference)
+        write(directory / "reference_set.xyz", list(reference_frames), format="extxyz")
     summary = {**summary, "model_card": card.to_dict(), "structures": len(frames),
                "reference_structures": len(reference_frames), "error_log": error_log.summary(),
                "alarm_thresholds": estimator.alarm_thresholds}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (directory / "summary.json").write_text(json.dumps(summary, indent=1))
     return estimator

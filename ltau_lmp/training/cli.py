@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config file")
     p.add_argument("-o", "--out-dir", help="override the config's out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier training output in out_dir")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.add_argument("--seed", type=int, help="override the config's seed (e.g. for ensemble members)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     cfg.validate("train")
-    result = train(cfg, base, show_progress=not args.no_progress)
+    result = train(cfg, base, show_progress=not args.no_progress, overwrite=args.overwrite)
     s = result.summary
     print(json.dumps({"out_dir": str(result.out_dir), "epochs": s["epochs"],
                       "train_seconds": round(s["train_seconds"], 1), "test": s["test"],

@@ -16,6 +16,7 @@ import copy
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -307,19 +308,31 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
     return TrainResult(model, error_log, estimator, metrics, summary, out_dir)
 
 
-def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True) -> TrainResult:
-    """The whole ``ltau-lmp train`` pipeline (data, model set-up, fit, export) into ``cfg.out_dir``."""
+def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True,
+          overwrite: bool = False) -> TrainResult:
+    """The whole ``ltau-lmp train`` pipeline (data, model set-up, fit, export) into ``cfg.out_dir``.
+
+    Everything is written into a temporary sibling of ``out_dir`` (metrics.csv there can be watched
+    during training) and renamed at the end; an existing ``out_dir`` is replaced only when it is an
+    earlier training output and ``overwrite`` is given, and that is checked before training.
+    """
+    from ltau_lmp.outputs import check_dir, output_dir
+
     base_dir = Path(base_dir)
+    out_dir = check_dir(resolve(cfg.out_dir, base_dir), "train", overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     data = load_data(cfg, base_dir, rng)
     model, train_set, val_set = setup_model(cfg, data)
-    out_dir = resolve(cfg.out_dir, base_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fitted = fit(cfg, model, train_set, val_set, rng, out_dir / "metrics.csv", show_progress)
-    return export(cfg, model, data, train_set, val_set, fitted, out_dir, base_dir)
+    with output_dir(out_dir, "train", overwrite) as tmp:
+        if show_progress:
+            print(f"writing into {tmp} (metrics.csv every epoch), renamed to {out_dir} at the end", file=sys.stderr)
+        fitted = fit(cfg, model, train_set, val_set, rng, tmp / "metrics.csv", show_progress)
+        result = export(cfg, model, data, train_set, val_set, fitted, tmp, base_dir)
+    result.out_dir = out_dir
+    return result
 
 
 def _write_metrics(path: Path, metrics: list[dict]) -> None:
