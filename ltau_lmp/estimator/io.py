@@ -72,6 +72,8 @@ def save_estimator(est: LTAUEstimator, path, overwrite: bool = False) -> Path:
 def read_meta(path: Path) -> dict:
     """meta.json, checked for format and version."""
     meta_file = path / "meta.json"
+    if path.is_file():
+        raise FileFormatError(f"{path} is a file, not an estimator directory{_model_file_hint(path)}")
     if not path.is_dir():
         raise FileFormatError(f"{path}: estimator directory not found")
     if not meta_file.is_file():
@@ -88,6 +90,17 @@ def read_meta(path: Path) -> dict:
     if meta["index"].get("kind") not in INDEX_KINDS:
         raise FileFormatError(f"{meta_file}: unknown index kind {meta['index'].get('kind')!r}")
     return meta
+
+
+def _model_file_hint(path: Path) -> str:
+    """What to say when a model file is given where an estimator belongs (the two are easily swapped)."""
+    from ltau_lmp.model.io import detect_family
+
+    try:
+        detect_family(path)
+    except FileFormatError:
+        return ""
+    return ": this is a model file; the estimator is a directory written by build-estimator/train"
 
 
 def _load_array(file: Path, mmap: bool) -> np.ndarray:
