@@ -216,7 +216,7 @@ def test_plots_write_nonempty_pngs(tmp_path):
             {"a": (levels, interval_coverage(pdf, edges, true_error, levels)), "b": (levels, levels**2)},
             tmp_path / "calibration.png",
         ),
-        plots.plot_reliability(p_below, true_error < 0.05, tmp_path / "reliability.png", tol=0.05),
+        plots.plot_reliability({"test": (p_below, true_error < 0.05)}, tmp_path / "reliability.png", tol=0.05),
         plots.plot_roc(
             {"distance": (distance[:150], distance[150:] + 0.1), "random": (levels, levels)},
             tmp_path / "roc.png",

@@ -58,6 +58,37 @@ def predict_set(model, estimator, path) -> SetPrediction:
                          res.distance, res.ood if estimator.has_ood_reference else None, latent)
 
 
+COLUMN_UNITS = {
+    "n_atoms": "count",
+    "mean_true_error": "eV/Å",
+    "mean_predicted_error": "eV/Å",
+    "spearman": "unitless",
+    "pearson_log": "unitless",
+    "spearman_distance": "unitless",
+    "miscalibration_area": "unitless",
+    "pit_miscalibration_area": "unitless",
+    "tol": "eV/Å",
+    "fraction_below_tol": "fraction",
+    "ece_below_tol": "probability",
+    "median_distance": "latent units",
+    "force_rmse_component": "eV/Å",
+    "alarm_rate_expected": "fraction",
+    "alarm_rate_ood": "fraction",
+    "auroc_expected": "unitless",
+    "auroc_distance": "unitless",
+    "auroc_ood": "unitless",
+}
+
+
+def results_table(sets: dict[str, dict]) -> str:
+    """table.md: :func:`~ltau_lmp.evaluation.metrics.summary_table` with each column's unit in its
+    header ("mean_true_error (eV/Å)"), so the table can be read without metrics.json's key list."""
+    from ltau_lmp.evaluation import metrics
+
+    return metrics.summary_table({name: {f"{k} ({COLUMN_UNITS[k]})" if k in COLUMN_UNITS else k: v
+                                         for k, v in row.items()} for name, row in sets.items()})
+
+
 def discover_sets(data_dir: Path, exclude=("train",)) -> dict[str, Path]:
     """Every ``<name>.xyz`` in a data directory except the training set."""
     if not Path(data_dir).is_dir():
@@ -114,13 +145,13 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
         figures = {
             "error_scatter": plots.plot_error_scatter(ref.true_error, ref.expected, tmp / "error_scatter.png",
                                                       title=f"{in_domain}: predicted vs true force error"),
-            "error_scatter_all": plots.plot_error_scatter(
-                np.concatenate([p.true_error for p in preds.values()]),
-                np.concatenate([p.expected for p in preds.values()]), tmp / "error_scatter_all.png",
+            "error_scatter_all": plots.plot_error_scatter_sets(
+                {n: (p.true_error, p.expected) for n, p in preds.items()}, tmp / "error_scatter_all.png",
                 title="all sets: predicted vs true force error"),
             "calibration": plots.plot_calibration(calibration, tmp / "calibration.png"),
-            "reliability": plots.plot_reliability(metrics.pdf_cdf(ref.pdf, edges, np.full(len(ref.true_error), tol)),
-                                                  ref.true_error < tol, tmp / "reliability.png", tol=tol),
+            "reliability": plots.plot_reliability(
+                {n: (metrics.pdf_cdf(p.pdf, edges, np.full(len(p.true_error), tol)), p.true_error < tol)
+                 for n, p in preds.items()}, tmp / "reliability.png", tol=tol),
         }
         others = [n for n in preds if n != in_domain]
         if others:
@@ -132,5 +163,5 @@ def run_evaluation(model, estimator_path, sets: dict[str, Path], out_dir, in_dom
                 title=f"Out-of-domain detection by kNN distance ({in_domain} = negatives)")
         report["figures"] = {k: str(out_dir / Path(v).name) for k, v in figures.items()}  # where they end up
         (tmp / "metrics.json").write_text(json.dumps(report, indent=2))
-        (tmp / "table.md").write_text(metrics.summary_table(report["sets"]) + "\n")
+        (tmp / "table.md").write_text(results_table(report["sets"]) + "\n")
     return report
