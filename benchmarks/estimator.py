@@ -71,7 +71,7 @@ def child_build(kind: str, n: int, dim: int, nbins: int, queries: int, out_dir: 
     t0 = time.perf_counter()
     est = LTAUEstimator.build(vectors, pdfs, np.logspace(-3, 1, nbins + 1), index=kind, threads=2, progress=True)
     build_s = time.perf_counter() - t0
-    est.save(f"{out_dir}/{kind}")
+    est.save(f"{out_dir}/{kind}", overwrite=True)  # the previous benchmark run's estimator
     return {"kind": kind, "build_s": build_s, "peak_rss_mb": peak_rss_mb(),
             "inputs_mb": base_mb, "rss_over_inputs_mb": peak_rss_mb() - base_mb}
 

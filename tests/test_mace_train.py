@@ -218,7 +218,7 @@ def test_replay_cli(runs):
     assert LTAUEstimator.load(out / "estimator").metadata["model_hash"] == result.model_hash
     assert LTAUEstimator.load(out / "estimator").alarm_thresholds is None
     args = parser.parse_args([*argv, "--allow-pickle", "--reference-file", str(result.out_dir / "reference_set.xyz"),
-                              "--false-alarm-rate", "0.1"])
+                              "--false-alarm-rate", "0.1", "--overwrite"])
     assert args.func(args) == 0
     assert LTAUEstimator.load(out / "estimator").alarm_thresholds["n_reference"] == 32
 

@@ -40,7 +40,7 @@ def mace_train_command(config: dict, data: Path, work: Path) -> list[str]:
     ltau = config["ltau"]
     cmd = [str(BIN / "ltau-lmp"), "mace-train", "--skip-epochs", str(ltau["skip_epochs"]), "--lo", str(ltau["lo"]),
            "--hi", str(ltau["hi"]), "--nbins", str(ltau["nbins"]), "--index", ltau["index"], "-k", str(ltau["k"]),
-           "-o", str(work / "ltau"), "--"]
+           "-o", str(work / "ltau"), "--overwrite", "--"]
     mace = {**config["mace"], "train_file": str(data / "train.xyz"), "work_dir": str(work)}
     for key, value in mace.items():
         cmd.append(f"--{key}={value}")
@@ -75,7 +75,7 @@ def main() -> None:
         generate = yaml.safe_load((HERE / config["data"]).read_text())
         generate["generate"]["out_dir"] = str(data)
         (out / "generate.yaml").write_text(yaml.safe_dump({"generate": generate["generate"]}, sort_keys=False))
-        sh(BIN / "ltau-lmp", "generate", out / "generate.yaml")
+        sh(BIN / "ltau-lmp", "generate", out / "generate.yaml", "--overwrite")  # a rerun replaces the earlier outputs
         times["generate"] = time.perf_counter() - t
 
         t = stage("2/5 MACE's own trainer, every training atom's force error logged every epoch")
@@ -84,7 +84,7 @@ def main() -> None:
 
     t = stage("3/5 evaluate LTAU on the labelled sets")
     sh(BIN / "ltau-lmp", "evaluate", "--model", model, "--allow-pickle", "--estimator", estimator,
-       "--data-dir", data, "-o", out / "evaluation")
+       "--data-dir", data, "-o", out / "evaluation", "--overwrite")
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())["sets"]
     halt = in_domain_alarm(model, estimator, data / "test.xyz")
     print(f"halt threshold: {halt:.3f} eV/A (just above the largest expected error of any in-domain test atom)")
@@ -107,7 +107,7 @@ def main() -> None:
     from ltau_lmp.model import load_model
 
     timeline = failure_timeline(md / "heat_frames.xyz", load_model(model, allow_pickle=True), halt, args.failure)
-    failure = write_failure_report(timeline, out / "failure", halt_step=timeline.predicted_cross)
+    failure = write_failure_report(timeline, out / "failure", halt_step=timeline.predicted_cross, overwrite=True)
     times["heat"] = time.perf_counter() - t
 
     summary = {"times_s": times, "halt_threshold": halt, "lead_steps": failure["lead_steps"],

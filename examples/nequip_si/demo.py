@@ -48,18 +48,19 @@ def main() -> None:
     config = yaml.safe_load((HERE / "data.yaml").read_text())
     config["generate"]["out_dir"] = str(data)
     (out / "generate.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    sh(BIN / "ltau-lmp", "generate", out / "generate.yaml")
+    sh(BIN / "ltau-lmp", "generate", out / "generate.yaml", "--overwrite")  # a rerun replaces the earlier outputs
     times["generate"] = time.perf_counter() - t
 
     t = stage(f"2/4 nequip-train ({args.model}) with LTAUCallback: every training atom's force error, every epoch")
     sh(BIN / "nequip-train", "-cp", HERE, "-cn", "nequip_si", f"model={args.model}", f"epochs={args.epochs}",
-       f"train_file={data / 'train.xyz'}", f"val_file={data / 'valid.xyz'}", f"hydra.run.dir={work}")
+       f"train_file={data / 'train.xyz'}", f"val_file={data / 'valid.xyz'}", f"hydra.run.dir={work}",
+       "overwrite_ltau=true")  # a rerun replaces the ltau/ folder of the earlier one
     times["train"] = time.perf_counter() - t
     model, estimator = work / "ltau" / "model.ckpt", work / "ltau" / "estimator"
 
     t = stage("3/4 evaluate LTAU on the labelled sets")
     sh(BIN / "ltau-lmp", "evaluate", "--model", model, "--estimator", estimator,
-       "--data-dir", data, "-o", out / "evaluation")
+       "--data-dir", data, "-o", out / "evaluation", "--overwrite")
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())["sets"]
     times["evaluate"] = time.perf_counter() - t
 

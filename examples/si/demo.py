@@ -80,11 +80,11 @@ def main() -> None:
     mpirun = [BIN / "mpirun", "-np", args.ranks, BIN / "ltau-lmp", "run"]
 
     t = stage("1/5 reference data (LAMMPS, Stillinger-Weber)")
-    sh(BIN / "ltau-lmp", "generate", config)
+    sh(BIN / "ltau-lmp", "generate", config, "--overwrite")  # a rerun replaces the earlier outputs
     times = {"generate": time.perf_counter() - t}
 
     t = stage("2/5 train the force field, logging every atom's error every epoch")
-    sh(BIN / "ltau-lmp", "train", config)
+    sh(BIN / "ltau-lmp", "train", config, "--overwrite")
     times["train"] = time.perf_counter() - t
 
     t = stage(f"3/5 production MD: pair_style ltau + fix ltau on {args.ranks} MPI ranks")
@@ -102,12 +102,12 @@ def main() -> None:
     from ltau_lmp.evaluation.failure import failure_timeline, write_failure_report
 
     timeline = failure_timeline(md / "heat_frames.xyz", run / "model.pt", args.halt, args.failure)
-    failure = write_failure_report(timeline, out / "failure", halt_step=timeline.predicted_cross)
+    failure = write_failure_report(timeline, out / "failure", halt_step=timeline.predicted_cross, overwrite=True)
     times["heat"] = time.perf_counter() - t
 
     t = stage("5/5 evaluate LTAU on the labelled sets")
     sh(BIN / "ltau-lmp", "evaluate", "--model", run / "model.pt", "--estimator", run / "estimator",
-       "--data-dir", out / "data", "-o", out / "evaluation")
+       "--data-dir", out / "data", "-o", out / "evaluation", "--overwrite")
     times["evaluate"] = time.perf_counter() - t
 
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())["sets"]
