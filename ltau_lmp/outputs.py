@@ -121,7 +121,8 @@ def _foreign(directory: Path, kind: str) -> list[str]:
         listed = set(marker["files"]) | {MARKER}
         return [f for f in _files(directory) if f not in listed and not _listed_below(directory, f)]
     patterns = LEGACY.get(kind, ((), None))[0]
-    return [f for f in _files(directory) if not any(fnmatch.fnmatchcase(f, p) for p in patterns)]
+    return [f for f in _files(directory)
+            if not any(fnmatch.fnmatchcase(f, p) for p in patterns) and not _listed_below(directory, f)]
 
 
 def written_files(directory, kind: str) -> set[str]:
@@ -144,6 +145,8 @@ def _listed_below(directory: Path, rel: str) -> bool:
 
 def _check_parent(path: Path) -> None:
     """The folder that will hold ``path`` must be a folder (or creatable)."""
+    if path.name in ("", ".", ".."):
+        raise OutputExistsError(f"{path}: give the output a name of its own (e.g. {path / 'out'})")
     for parent in path.absolute().parents:
         if os.path.lexists(parent):
             if not parent.is_dir():
@@ -171,8 +174,8 @@ def check_dir(path, kind: str, overwrite: bool = False) -> Path:
     """
     path = Path(path)
     label = _label(kind)
+    _check_parent(path)
     if not os.path.lexists(path):
-        _check_parent(path)
         return path
     if path.is_symlink():
         raise OutputExistsError(f"{path}: is a symbolic link, not an earlier {label}; choose another path "
@@ -253,8 +256,8 @@ def check_file(path, kind: str, overwrite: bool = False, earlier: Callable[[Path
     there, or (with ``overwrite``) a file that ``earlier(path)`` recognises as an earlier output."""
     path = Path(path)
     label = _label(kind)
+    _check_parent(path)
     if not os.path.lexists(path):
-        _check_parent(path)
         return path
     if path.is_symlink() or not path.is_file():
         what = "a symbolic link" if path.is_symlink() else "a folder"

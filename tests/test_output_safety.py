@@ -159,6 +159,13 @@ def test_an_output_of_another_kind_is_not_replaced(tmp_path):
         check_dir(tmp_path / "out" / "metrics.json" / "sub", "estimator")
 
 
+def test_the_output_needs_a_name_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (".", ".."):
+        with pytest.raises(OutputExistsError, match="a name of its own"):
+            check_dir(path, "estimator")
+
+
 def test_an_estimator_rebuilt_inside_a_training_output_counts_as_written(tmp_path):
     """train writes estimator/; build-estimator --overwrite may replace it with other files; train
     --overwrite still recognises them all (the estimator's own marker lists them), not a user's file."""
@@ -173,6 +180,11 @@ def test_an_estimator_rebuilt_inside_a_training_output_counts_as_written(tmp_pat
     (tmp_path / "run" / "estimator" / "extra.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="estimator/extra.txt"):
         check_dir(tmp_path / "run", "train", overwrite=True)
+    (tmp_path / "run" / "estimator" / "extra.txt").unlink()
+    with output_dir(tmp_path / "run" / "evaluation", "evaluate") as tmp:
+        (tmp / "table.md").write_text("|")
+    (tmp_path / "run" / MARKER).unlink()        # a training output written before markers: by file names
+    check_dir(tmp_path / "run", "train", overwrite=True)
 
 
 def test_train_refuses_before_training(tmp_path, capsys):

@@ -115,6 +115,17 @@ def _summarise_lists(value):
     return value
 
 
+def _json(value, level: int = 0) -> str:
+    """Indented JSON with lists of plain values on one line (``indent=2`` puts each on its own)."""
+    pad = "  " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(key)}: {_json(item, level + 1)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        return "[\n" + ",\n".join(pad + _json(item, level + 1) for item in value) + "\n" + "  " * level + "]"
+    return json.dumps(value)
+
+
 def _predict_output(path: Path) -> bool:
     """Whether ``path`` is an earlier `ltau-lmp predict` output (``--overwrite`` may replace it)."""
     import zipfile
@@ -234,7 +245,7 @@ def _info(args) -> int:
         summary = {"type": "error log", **ErrorLog.load(args.path).summary()}
     else:  # anything else must be a model file; load_model names what it is not
         summary = {"type": "model", **load_model_option(args.path, args).card.to_dict()}
-    print(json.dumps(summary if args.full else _summarise_lists(summary), indent=2))
+    print(_json(summary if args.full else _summarise_lists(summary)))
     if unchecked:
         print(UNCHECKED_WARNING)
     if thresholds is not None:   # in words, for the group sizes a user runs (halt auto / dump auto)
