@@ -2,7 +2,10 @@
 
 It follows ASE's calculator protocol: every result is named in ``implemented_properties`` (so
 ``calc.get_property(name, atoms)`` works for the extra outputs too), a call computes only what
-was asked for and keeps what is still valid, and bad input raises ASE's exception types.
+was asked for and keeps what is still valid, and it raises ASE's exception types: ``InputError``
+for a bad set-up or structure (``CalculatorInputError``), ``PropertyNotImplementedError`` for a
+property this set-up cannot give, ``CalculationFailed`` when the model's energies or forces are not
+finite (``CalculatorFailedError``); the two ltau_lmp classes are also ``LTAUError`` (one CLI line).
 The model is used only through ``ltau_lmp.model.evaluate`` and its ``card`` (species, cutoff,
 hash), so every family behind the model contract works. The neighbour list is the full periodic
 list with image shifts over all atoms, which is MACE's own graph too: a message-passing model
@@ -11,6 +14,7 @@ sees periodic images through the shifts, so no ghost atoms are needed.
 
 from __future__ import annotations
 
+import numbers
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,11 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, InputError, PropertyNotImplementedError, all_changes
+from ase.calculators.calculator import (CalculationFailed, Calculator, InputError, PropertyNotImplementedError,
+                                         all_changes)
 from ase.outputs import Properties, all_outputs
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ltau_lmp.errors import LTAUError
+from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator.calibration import NO_REFERENCE
 from ltau_lmp.model import evaluate, load_model, neighbor_list, species_indices
 
@@ -33,6 +39,16 @@ OOD_PROPERTY = "ood_pvalue"  # from knn_distance: needs an estimator calibrated 
 
 class CalculatorInputError(InputError, LTAUError):
     """Bad input or set-up: ASE's ``InputError``, and an ``LTAUError`` so the CLI prints one line."""
+
+
+class CalculatorFailedError(CalculationFailed, LTAUError):
+    """The model gave NaN or inf energies or forces: ASE's ``CalculationFailed``, and an ``LTAUError``."""
+
+
+def _atom_list(indices: np.ndarray) -> str:
+    """``atom(s) 3, 7, ...`` (0-based ASE indices), at most 10 named."""
+    shown = ", ".join(str(i) for i in indices[:10])
+    return f"atom(s) {shown}" + (f", ... ({len(indices)} in all)" if len(indices) > 10 else "")
 
 
 @contextmanager
@@ -104,6 +120,8 @@ class LTAUCalculator(Calculator):
     def __init__(self, model: torch.nn.Module | str | os.PathLike, estimator=None, allow_pickle: bool = False,
                  family: str | None = None, ci: tuple[float, float] = (0.05, 0.95), skin: float = 0.5, **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(model, (torch.nn.Module, str, os.PathLike)):
+            raise CalculatorInputError(f"model must be a loaded model or a model file, got {type(model).__name__}")
         with _as_input_error():
             self.model = model if isinstance(model, torch.nn.Module) else load_model(
                 model, family=family, allow_pickle=allow_pickle)
@@ -113,19 +131,23 @@ class LTAUCalculator(Calculator):
                 f"load a file with ltau_lmp.model.load_model, or wrap a MACE module in MACEForceField")
         self.model.eval()
         self.card = self.model.card  # read once: the hash reads every weight
-        lo, hi = (float(q) for q in ci)
+        try:
+            lo, hi = (float(q) for q in ci)
+        except (TypeError, ValueError):  # not two numbers
+            lo = hi = float("nan")
         if not 0.0 <= lo < hi <= 1.0:
-            raise CalculatorInputError(f"ci must be two quantiles 0 <= lo < hi <= 1, got {ci}")
+            raise CalculatorInputError(f"ci must be two quantiles 0 <= lo < hi <= 1, got {ci!r}")
         self.ci = (lo, hi)
-        if not skin >= 0.0:
-            raise CalculatorInputError(f"skin must be >= 0 Angstrom, got {skin}")
+        if not (isinstance(skin, numbers.Real) and skin >= 0.0):
+            raise CalculatorInputError(f"skin must be a number >= 0 Angstrom, got {skin!r}")
         self.skin = float(skin)
         if estimator is not None:
             with _as_input_error():
                 if isinstance(estimator, (str, os.PathLike)):
-                    from ltau_lmp.estimator import LTAUEstimator
-
                     estimator = LTAUEstimator.load(estimator)
+                if not isinstance(estimator, LTAUEstimator):
+                    raise CalculatorInputError(f"estimator must be an LTAUEstimator or its directory, "
+                                               f"got {type(estimator).__name__}")
                 estimator.check_model(self.card)
         self.estimator = estimator
         self._pairs: _PairCache | None = None
@@ -154,6 +176,10 @@ class LTAUCalculator(Calculator):
     def _run_model(self, virial: bool) -> None:
         """Energies, forces and latent features (and the virial when asked) in one pass."""
         atoms, cutoff = self.atoms, self.card.cutoff
+        bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
+        if len(bad) or not np.isfinite(atoms.cell.array).all():
+            raise CalculatorInputError(f"{_atom_list(bad)} have non-finite positions" if len(bad) else
+                                       f"the cell is not finite: {atoms.cell.array.tolist()}")
         with _as_input_error():
             species = species_indices(atoms, self.card.species)
         if self._pairs is None or not self._pairs.valid_for(atoms, self.skin):
@@ -162,9 +188,14 @@ class LTAUCalculator(Calculator):
         out = evaluate(self.model, torch.from_numpy(atoms.positions.copy()), torch.from_numpy(species),
                        torch.from_numpy(centers), torch.from_numpy(neighbors), torch.from_numpy(shifts),
                        len(atoms), forces=True, virial=virial)
-        energies = out.atom_energy.numpy().astype(np.float64)
+        energies, forces = out.atom_energy.numpy().astype(np.float64), out.forces.numpy().astype(np.float64)
+        bad = np.flatnonzero(~(np.isfinite(energies) & np.isfinite(forces).all(axis=1)))
+        if len(bad):  # NaN would otherwise reach the caller as an energy, or the estimator as a latent
+            raise CalculatorFailedError(f"the model gave non-finite (NaN or inf) energies or forces on "
+                                        f"{_atom_list(bad)}: overlapping atoms, or a structure far outside "
+                                        f"the model's training data?")
         self.results.update(energies=energies, energy=float(energies.sum()), free_energy=float(energies.sum()),
-                            forces=out.forces.numpy().astype(np.float64), latent=out.latent.numpy())
+                            forces=forces, latent=out.latent.numpy())
         if virial:
             self.results["stress"] = full_3x3_to_voigt_6_stress(-out.virial.numpy() / atoms.get_volume())
 

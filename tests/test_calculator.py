@@ -5,7 +5,7 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.build import bulk
-from ase.calculators.calculator import InputError, PropertyNotImplementedError
+from ase.calculators.calculator import CalculationFailed, InputError, PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_stress
 from ase.md.verlet import VelocityVerlet
 
@@ -113,7 +113,12 @@ def test_bad_set_up_and_input_raise_ase_errors(model, estimator):
     for bad in (lambda: LTAUCalculator(LocalForceField(["Si"], seed=1), estimator),
                 lambda: LTAUCalculator(model, estimator, ci=(0.9, 0.1)),
                 lambda: LTAUCalculator(model, skin=-1.0),
-                lambda: LTAUCalculator(model, "/no/such/estimator")):
+                lambda: LTAUCalculator(model, "/no/such/estimator"),
+                lambda: LTAUCalculator(model, ci=(0.1, 0.5, 0.9)),
+                lambda: LTAUCalculator(model, ci=None),
+                lambda: LTAUCalculator(model, skin="0.5"),
+                lambda: LTAUCalculator(model, estimator=42),
+                lambda: LTAUCalculator(42)):
         with pytest.raises(InputError) as info:
             bad()
         assert isinstance(info.value, LTAUError)
@@ -127,6 +132,24 @@ def test_bad_set_up_and_input_raise_ase_errors(model, estimator):
     germanium.calc = LTAUCalculator(model)
     with pytest.raises(InputError, match="Ge.*not known to the model"):
         germanium.get_potential_energy()
+
+
+def test_non_finite_structure_or_output_names_the_atoms(model, estimator):
+    """NaN positions are an InputError; NaN energies or forces (overlapping atoms) ASE's CalculationFailed,
+    never a NaN energy or an estimator error about its descriptors."""
+    atoms = si_cell(seed=12)
+    atoms.positions[3] = np.nan
+    atoms.calc = LTAUCalculator(model, estimator)
+    with pytest.raises(InputError, match=r"atom\(s\) 3 have non-finite positions"):
+        atoms.get_potential_energy()
+    atoms = si_cell(seed=12)
+    atoms.positions[1] = atoms.positions[0]
+    atoms.calc = LTAUCalculator(model, estimator)
+    for get in (atoms.get_potential_energy, atoms.calc.get_uncertainty):
+        with pytest.raises(CalculationFailed, match=r"non-finite \(NaN or inf\) energies or forces on atom\(s\) 0, 1") \
+                as info:
+            get()
+        assert isinstance(info.value, LTAUError)
 
 
 def test_every_result_is_an_implemented_property(model, estimator):
