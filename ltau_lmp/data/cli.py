@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sets", nargs="+", metavar="NAME",
                    help="generate only these sets (added to an earlier data folder at the output)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier data folder, or its files of the sets generated")
+                   help="in an earlier data folder at the output, replace the files of the sets generated")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
 
