@@ -80,8 +80,8 @@ def _evaluate(args) -> int:
 def _select(args) -> int:
     from ltau_lmp.evaluation.select import run_selection
 
-    from ltau_lmp.outputs import check_file
     from ltau_lmp.evaluation.select import earlier_selection
+    from ltau_lmp.outputs import check_file
 
     check_file(args.output, "select", args.overwrite, earlier_selection)  # before the model is loaded
     frames = run_selection(args.dumps, load_model_option(args.model, args), args.frames, args.output, args.pool,
