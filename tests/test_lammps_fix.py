@@ -9,6 +9,7 @@ tests launch ``mpirun -np 2`` with a timeout, so a hang fails the test instead o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -757,3 +758,116 @@ def test_ood_column_and_auto_halt_agree_on_one_and_two_ranks(files, tmp_path):
     for step, rows in two.items():
         np.testing.assert_array_equal(rows[:, 0], one[step][:, 0])
         np.testing.assert_allclose(rows[:, 1:], one[step][:, 1:], rtol=1e-6, atol=1e-9, err_msg=f"step {step}")
+
+
+# --------------------------------------------------------------------------------------------
+# what a user keeps and sees: files of a rerun, appends, non-finite model output, the init report
+# --------------------------------------------------------------------------------------------
+
+def test_rerun_in_the_same_folder_starts_the_log_and_dump_afresh(files, tmp_path):
+    """The same input at 1000 K, then at 3000 K: the files hold the second run, not the first."""
+    def run(temp):
+        script = BASE.format(model=files["model_file"]).replace("velocity        all create 1500",
+                                                                 f"velocity        all create {temp}")
+        script += f"fix u all ltau {files['est']} every {EVERY} log u.log dump u.xyz 0 interval 10\nrun 20\n"
+        _, error = _in_process(script.replace("u.log", str(tmp_path / "u.log")).replace("u.xyz", str(tmp_path / "u.xyz")))
+        assert error == ""
+        return _read_log(tmp_path / "u.log"), read(tmp_path / "u.xyz", ":")
+
+    cold_log, cold_frames = run(1000)
+    hot_log, hot_frames = run(3000)
+    np.testing.assert_array_equal(hot_log[:, 0], [0, 5, 10, 15, 20])        # one run's steps, once each
+    assert (tmp_path / "u.log").read_text().count("# fix ltau u:") == 1
+    assert [f.info["timestep"] for f in hot_frames] == [0, 10, 20]
+    assert not np.allclose(hot_frames[-1].positions, cold_frames[-1].positions)
+    assert not np.allclose(hot_log[1:, 1], cold_log[1:, 1])
+
+
+@pytest.mark.mpi
+def test_going_back_in_time_on_a_log_stops_both_ranks_naming_the_file(files, tmp_path):
+    head = BASE.format(model=files["model_file"])
+    fix = f"fix u all ltau {files['est']} every {EVERY} log {tmp_path}/{{name}}.log"
+    scripts = {
+        # reset_timestep between two runs of one fix
+        "in.reset": head + fix.format(name="reset") + "\nrun 20\nreset_timestep 0\nrun 10\n",
+        # append yes onto a file that already holds later steps (another run's log)
+        "in.append": head + fix.format(name="append") + "\nrun 20\nunfix u\nreset_timestep 5\n"
+        + fix.format(name="append") + " append yes\nrun 10\n",
+    }
+    got = per_rank(tmp_path, scripts)
+    for name, first in (("reset", 0), ("append", 5)):
+        for rank in (0, 1):
+            result = got[f"in.{name}"][rank]
+            assert result.startswith("ERROR") and f"log {tmp_path}/{name}.log: the file already holds step 20, " \
+                f"after step {first} of this run" in result, (name, rank, result)
+    np.testing.assert_array_equal(_read_log(tmp_path / "append.log")[:, 0], [0, 5, 10, 15, 20])   # kept
+
+
+OVERLAP = """\
+units           metal
+atom_style      atomic
+boundary        p p p
+region          box block 0 8 0 8 0 8
+create_box      1 box
+create_atoms    1 single 1.0 1.0 1.0
+create_atoms    1 single 1.0 1.0 1.0
+create_atoms    1 single 3.0 1.0 1.0
+create_atoms    1 single 5.0 5.0 5.0
+mass            1 28.0855
+pair_style      ltau
+pair_coeff      * * {model} Si
+"""
+
+
+@pytest.mark.mpi
+def test_non_finite_model_output_stops_both_ranks_naming_the_atoms(files, tmp_path):
+    """Two atoms on one spot: the model's forces are NaN. Without fix ltau the run once went on
+    with PotEng -nan; now every rank stops at the force call, naming the step and the atoms."""
+    scripts = {"in.plain": OVERLAP.format(model=files["model_file"]) + "run 0\n",
+               "in.fix": OVERLAP.format(model=files["model_file"]) + f"fix u all ltau {files['est']}\nrun 0\n"}
+    got = per_rank(tmp_path, scripts)
+    for name, results in got.items():
+        for rank, result in enumerate(results):
+            assert result.startswith("ERROR") and "Pair style ltau: step 0: the model gave non-finite" in result \
+                and "atom IDs 1, 2" in result, (name, rank, result)
+
+
+def test_init_report_names_estimator_metric_units_and_resolved_thresholds(files, tmp_path):
+    from ltau_lmp.estimator.io import load_estimator
+
+    est = load_estimator(files["est_ood"])
+    ood = thresholds_for(est.alarm_thresholds, 64)["ood"]
+    script = BASE.format(model=files["model_file"]) + (
+        f"fix u all ltau {files['est_ood']} every {EVERY} metric ood halt auto dump {tmp_path}/f.xyz 0.01 "
+        f"log {tmp_path}/u.log\nrun 10\nrun 5\n")
+    _, error = _in_process(script, log=tmp_path / "log.lammps")
+    assert error == ""
+    text = (tmp_path / "log.lammps").read_text()
+    first = f"Fix ltau u: estimator {files['est_ood']}: {est.n_entries:,} training atoms, index flat, k 5, " \
+            f"built for model {files['model'].model_hash[:12]}"
+    assert text.count(first) == 1, text[:3000]          # once, not at every run
+    assert "metric ood (out-of-domain p-value, smaller = more unusual), every 5 steps, 64 watched atoms" in text
+    assert f"halt when <= {ood:.4g} (auto: false-alarm rate 0.5 per evaluation of 64 atoms) (error soft)" in text
+    assert f"dump {tmp_path}/f.xyz when <= 0.01 (interval 1)" in text
+    header = [line for line in (tmp_path / "u.log").read_text().splitlines() if line.startswith("#")]
+    assert header[0] == "# fix " + first[len("Fix "):]
+    assert any(f"halt when <= {ood:.4g}" in line for line in header), header
+
+
+def test_unchecked_estimator_and_empty_group_are_warned_about(files, tmp_path):
+    unchecked = tmp_path / "est_unchecked"
+    shutil.copytree(files["est_ood"], unchecked)
+    meta = json.loads((unchecked / "meta.json").read_text())
+    meta["metadata"].pop("model_hash")
+    meta["metadata"]["model_binding"] = "unchecked"
+    (unchecked / "meta.json").write_text(json.dumps(meta))
+    script = BASE.format(model=files["model_file"]) + (
+        f"group nobody empty\nfix u nobody ltau {unchecked} metric ood\n"
+        "thermo_style custom step pe f_u f_u[2] f_u[6]\nrun 0\n")
+    _, error = _in_process(script, log=tmp_path / "log.lammps")
+    assert error == ""
+    text = (tmp_path / "log.lammps").read_text()
+    assert f"WARNING: Fix ltau u: estimator {unchecked} is unchecked (it records no model hash)" in text
+    assert "WARNING: Fix ltau u: its group has no atoms" in text
+    row = text.splitlines()[text.splitlines().index(next(l for l in text.splitlines() if l.split()[:1] == ["Step"])) + 1]
+    assert row.split()[2:] == ["1", "1", "1"], row      # worst p-value, mean, min p-value: 1, never -0

@@ -319,8 +319,8 @@ class FixLtau:
         search = ", ".join(f"{key} {options[key]}" for key in ("nprobe", "ef_search") if key in options)
         if "recall_at_10" in options:
             search += f"{', ' if search else ''}recall@10 {options['recall_at_10']:.3f}"
-        model_hash = est.metadata.get("model_hash")
-        binding = f"built for model {model_hash[:12]}" if model_hash else "UNCHECKED model binding"
+        checked = est.model_binding == "checked"
+        binding = f"built for model {est.metadata['model_hash'][:12]}" if checked else "UNCHECKED model binding"
         lines = [f"{self.fix_id}: estimator {o.estimator}: {plural(est.n_entries, 'training atom')}, "
                  f"index {est.index.kind}{f' ({search})' if search else ''}, k {o.k or est.k}, {binding}",
                  f"  metric {o.metric} ({METRIC_UNITS[o.metric]}), every {plural(o.every, 'step')}, "
@@ -348,10 +348,10 @@ class FixLtau:
             events.append("append yes")
         lines.append("  " + ("; ".join(events) if events else "no halt, dump or log: values for the input "
                                                                "script only (f_ID)"))
-        if not model_hash:
-            lines.append(f"WARNING: Fix ltau {self.fix_id}: estimator {o.estimator} records no model hash, so it "
-                         "cannot be checked against the model of pair_style ltau (only the latent width "
-                         "matches): rebuild it with build-estimator --model MODEL")
+        if not checked:
+            lines.append(f"WARNING: Fix ltau {self.fix_id}: estimator {o.estimator} is unchecked (it records no model "
+                         "hash), so it cannot be checked against the model of pair_style ltau (only the latent "
+                         "width matches): rebuild it with build-estimator --model MODEL")
         if n_watched == 0:
             lines.append(f"WARNING: Fix ltau {self.fix_id}: its group has no atoms; its values stay at their "
                          "no-atom defaults (0, p-value 1) and it can never halt or dump")
