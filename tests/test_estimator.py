@@ -229,8 +229,9 @@ def test_check_model_refuses_another_models_latent_space(tmp_path):
         bare.check_model(_card("b", latent_dim=4))
     # the card travels with the file and is what `info` shows first
     back = LTAUEstimator.load(est.save(tmp_path / "est"))
-    assert back.metadata == card_metadata(_card("a")) and back.summary()["model_card"] == _card("a").to_dict()
-    assert bare.summary()["model_card"] is None
+    assert back.metadata == {**card_metadata(_card("a")), "model_binding": "checked"}
+    assert back.summary()["model_card"] == _card("a").to_dict() and back.model_binding == "checked"
+    assert bare.summary()["model_card"] is None and bare.summary()["model_binding"] == "unchecked"
 
 
 def test_card_metadata_must_describe_the_descriptors():
