@@ -48,6 +48,7 @@ def test_directory_as_model(tmp_path, capsys):
     assert "this is an estimator directory, not a model" in err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the random bytes
 def test_builtin_family_on_foreign_files(tmp_path, model_file):
     good = model_file.read_bytes()
     files = {"random.bin": np.random.default_rng(0).bytes(1000),
