@@ -265,6 +265,8 @@ class StandIn:
         self.opts = FixOptions.parse(args)
     def bind(self, pair_runtime):
         self.runtime = pair_runtime
+    def start(self, step, n_watched):
+        return f"stand-in watching {n_watched} atoms from step {step}"
     def end_of_step(self, step, nlocal, x, tag, mask, groupbit, peratom, global_out, box, periodic, check_halt):
         assert np.allclose(box, [0, 0, 0, 16.293, 16.293, 16.293, 0, 0, 0]) and periodic == (True,) * 3
         assert self.runtime.cache.step == step and self.runtime.cache.latent.shape == (nlocal, 16)
@@ -310,6 +312,7 @@ def test_fix_shim(model_file, data_file, tmp_path):
     out = res.stdout
     assert "AFTER_RUN1 25" in out, out + res.stderr[-2000:]          # halt at 25 of 40
     assert "Fix ltau stand-in halt at step 25" in out                # error continue: run 2 goes on
+    assert out.count("Fix ltau stand-in watching 216 atoms from step 0") == 1   # rank 0's init report
     assert "rank 0 stopped" in out and "rank 1 stopped" in out
     assert "estimator exploded at step 45" in out
     rows = [line.split() for line in out.splitlines() if line.strip().split()[:1] == ["25"]]
