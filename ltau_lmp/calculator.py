@@ -6,10 +6,10 @@ was asked for and keeps what is still valid, and it raises ASE's exception types
 for a bad set-up or structure (``CalculatorInputError``), ``PropertyNotImplementedError`` for a
 property this set-up cannot give, ``CalculationFailed`` when the model's energies or forces are not
 finite (``CalculatorFailedError``); the two ltau_lmp classes are also ``LTAUError`` (one CLI line).
-The model is used only through ``ltau_lmp.model.evaluate`` and its ``card`` (species, cutoff,
-hash), so every family behind the model contract works. The neighbour list is the full periodic
-list with image shifts over all atoms, which is MACE's own graph too: a message-passing model
-sees periodic images through the shifts, so no ghost atoms are needed.
+The model is used only through the contract's ``evaluate`` (``ltau_lmp.model.contract``) and its
+``card`` (species, cutoff, hash), so every family behind the model contract works. The neighbour
+list is the full periodic list with image shifts over all atoms, which is MACE's own graph too: a
+message-passing model sees periodic images through the shifts, so no ghost atoms are needed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator.calibration import NO_REFERENCE
-from ltau_lmp.model import evaluate, load_model, neighbor_list, species_indices
+from ltau_lmp.model import load_model, neighbor_list, species_indices
+from ltau_lmp.model.contract import evaluate
 
 MODEL_PROPERTIES = ("energy", "free_energy", "energies", "forces", "latent")  # one model pass
 UNCERTAINTY_PROPERTIES = ("uncertainty", "uncertainty_ci", "knn_distance")    # one estimator query
@@ -130,7 +131,7 @@ class LTAUCalculator(Calculator):
                 f"{type(self.model).__name__} has no model card, so it does not honour the ltau_lmp model contract: "
                 f"load a file with ltau_lmp.model.load_model, or wrap a MACE module in MACEForceField")
         self.model.eval()
-        self.card = self.model.card  # read once: the hash reads every weight
+        self.card = self.model.card
         try:
             lo, hi = (float(q) for q in ci)
         except (TypeError, ValueError):  # not two numbers

@@ -68,15 +68,18 @@ def explicit_images(atoms, reach):
 
 
 def check_shift_gradient_gives_pair_forces(adapter, atoms):
-    """The LAMMPS runtime differentiates w.r.t. a zero offset added through ``shifts``: scattering
-    that gradient onto both atoms of each pair must give the forces."""
+    """The contract's ``evaluate`` (and so the LAMMPS runtime) differentiates w.r.t. the per-pair
+    offsets (``shifts``) and scatters that gradient onto both atoms of each pair: that must give
+    the forces -dE/dpositions."""
     positions, species, c, n, s, n_local = inputs(adapter, atoms)
-    offset = torch.zeros_like(s, requires_grad=True)
-    atom_energy, _ = adapter(positions, species, c, n, s + offset, n_local)
-    (pair_grad,) = torch.autograd.grad(atom_energy.sum(), offset)
+    positions.requires_grad_()
+    atom_energy, _ = adapter(positions, species, c, n, s, n_local)
+    (grad,) = torch.autograd.grad(atom_energy.sum(), positions)
+    expected = -grad
+    out = evaluate(adapter, positions.detach(), species, c, n, s, n_local)
     forces = torch.zeros(len(atoms), 3, dtype=torch.float64)
-    forces.index_add_(0, c, pair_grad).index_add_(0, n, -pair_grad)  # r_ij = x_j - x_i + s_ij
-    expected = evaluate(adapter, positions, species, c, n, s, n_local).forces
+    forces.index_add_(0, c, out.pair_gradient).index_add_(0, n, -out.pair_gradient)  # r_ij = x_j - x_i + s_ij
+    assert torch.equal(forces, out.forces)
     assert torch.abs(forces - expected).max() <= 1e-12 * torch.abs(expected).max()
 
 

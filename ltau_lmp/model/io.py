@@ -26,6 +26,7 @@ import torch
 
 from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
 from ltau_lmp.model.local import LocalForceField
+from ltau_lmp.model.nequip import model_state
 
 FORMAT = "ltau_lmp.model.local"
 VERSION = 1
@@ -169,7 +170,6 @@ _NEQUIP_PARTS = frozenset({
     "nequip.nn.pair_potential.ZBL", "nequip.nn.pair_potential.LennardJones",
     "nequip.nn.pair_potential.SimpleLennardJones"})
 _NEQUIP_TRAINING_MODULES = {"nequip.train.NequIPLightningModule": False, "nequip.train.EMALightningModule": True}
-_NEQUIP_PREFIX = "model.sole_model."  # the training module's path to its model
 
 
 def _targets(config) -> list[str]:
@@ -201,7 +201,7 @@ def _nequip_checkpoint(path: str):
 
     try:
         model = get_method(builder)(**config, compile_mode="eager")
-        model.load_state_dict({k[len(_NEQUIP_PREFIX):]: v for k, v in state.items() if k.startswith(_NEQUIP_PREFIX)})
+        model.load_state_dict(model_state(state))
         extra = state.get("ema._extra_state")
         swapped = isinstance(extra, dict) and not extra.get("is_holding_ema_weights", True)
         # EMAWeights: ema_weight_i is parameter i's average (unless saved with the two swapped)

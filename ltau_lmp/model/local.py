@@ -18,17 +18,14 @@ readout plus a per-species ``reference_energy`` gives the atom energy.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from typing import NamedTuple
 
 import torch
 from ase.data import atomic_numbers
 from torch import Tensor, nn
 
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.model.card import ModelCard, hash_state
+from ltau_lmp.model.contract import ForceField
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -63,8 +60,10 @@ def _neighbor_slots(centers: Tensor, n_local: int) -> tuple[Tensor, int]:
     return slot, width
 
 
-class LocalForceField(nn.Module):
+class LocalForceField(ForceField):
     """Strictly local invariant force field; see the module docstring and doc/architecture.md."""
+
+    family = "ltau_local"
 
     def __init__(
         self,
@@ -105,6 +104,8 @@ class LocalForceField(nn.Module):
         self.species = species
         self.cutoff = float(cutoff)
         self.latent_dim = int(latent_dim)
+        self.latent_description = (f"last hidden MLP layer ({self.latent_dim} wide) over the normalised radial "
+                                   f"and 3-body invariants (l <= {int(max_l)}) and the species one-hot")
         n_species, n_radial, max_l = len(species), int(n_radial), int(max_l)
 
         self.register_buffer("frequencies", torch.arange(1, n_basis + 1) * math.pi / self.cutoff,
@@ -137,20 +138,9 @@ class LocalForceField(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.readout.weight.dtype
 
-    @property
-    def card(self) -> ModelCard:
-        """The declared contract. Built on access (the hash reads every weight): read it once per setup."""
-        return ModelCard(
-            family="ltau_local", species=tuple(self.species), cutoff=self.cutoff, num_layers=1,
-            receptive_field=self.cutoff, latent_dim=self.latent_dim,
-            latent=(f"last hidden MLP layer ({self.latent_dim} wide) over the normalised radial and "
-                    f"3-body invariants (l <= {self.config['max_l']}) and the species one-hot"),
-            dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash)
-
-    @property
-    def model_hash(self) -> str:
-        """sha256 over the config and every state tensor: identifies the exact weights."""
-        return hash_state(hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()), self.state_dict())
+    def architecture(self) -> dict:
+        """The hash covers the config and every state tensor."""
+        return self.config
 
     def descriptors(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
                     shifts: Tensor | None, n_local: int) -> Tensor:
@@ -224,51 +214,3 @@ class LocalForceField(nn.Module):
         latent = self.mlp(torch.cat([features, onehot], dim=1))
         atom_energy = self.readout(latent).squeeze(1) + self.reference_energy[species[:n_local]]
         return atom_energy, latent
-
-
-class ModelOutput(NamedTuple):
-    atom_energy: Tensor        # (n_local,)
-    forces: Tensor | None      # (n_all, 3), ghosts included
-    latent: Tensor             # (n_local, latent_dim)
-    virial: Tensor | None      # (3, 3), W = -dE/d(strain) = sum_i x_i (x) F_i for a finite system
-
-
-def evaluate(model: nn.Module, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
-             shifts: Tensor | None, n_local: int, forces: bool = True, virial: bool = False,
-             create_graph: bool = False) -> ModelOutput:
-    """Energies, forces = -dE/dpositions and virial of any model honouring the forward contract.
-
-    Shared by the ASE calculator, the trainer and the LAMMPS runtime so all three agree. The virial
-    differentiates a homogeneous strain applied to positions and shifts, so it is right both for
-    shift-based periodic lists and for LAMMPS's explicit ghost images. ``create_graph=True`` keeps
-    the graph (force-matching losses); otherwise the outputs are detached.
-    """
-    dtype = next(model.parameters()).dtype
-    positions = torch.as_tensor(positions, dtype=dtype)
-    shifts = None if shifts is None else torch.as_tensor(shifts, dtype=dtype)
-    species, centers, neighbors = (torch.as_tensor(a, dtype=torch.int64) for a in (species, centers, neighbors))
-    if not (forces or virial):
-        atom_energy, latent = model(positions, species, centers, neighbors, shifts, n_local)
-        if not create_graph:
-            atom_energy, latent = atom_energy.detach(), latent.detach()
-        return ModelOutput(atom_energy, None, latent, None)
-
-    with torch.enable_grad():
-        if not positions.requires_grad:
-            positions = positions.detach().requires_grad_(True)
-        inputs = [positions]
-        pos, shf = positions, shifts
-        if virial:
-            strain = torch.zeros(3, 3, dtype=dtype, device=positions.device, requires_grad=True)
-            inputs.append(strain)
-            deform = torch.eye(3, dtype=dtype, device=positions.device) + strain
-            pos = positions @ deform
-            shf = None if shifts is None else shifts @ deform
-        atom_energy, latent = model(pos, species, centers, neighbors, shf, n_local)
-        # materialize_grads: a rank with no local atoms or no pairs still gets zero forces, not an error
-        grads = torch.autograd.grad(atom_energy.sum(), inputs, create_graph=create_graph,
-                                    allow_unused=True, materialize_grads=True)
-    out = ModelOutput(atom_energy, -grads[0] if forces else None, latent, -grads[1] if virial else None)
-    if not create_graph:
-        out = ModelOutput(*(None if t is None else t.detach() for t in out))
-    return out

@@ -5,8 +5,8 @@ model::
 
     atom_energy, latent = model(positions, species, centers, neighbors, shifts, n_local)
 
-and ``ltau_lmp.model.evaluate``, the trainer's helpers, the ASE calculator and the LAMMPS runtime
-work with it unchanged. Differences from the strictly local model, all consequences of message
+and the contract's ``evaluate`` (``ltau_lmp.model.contract``), hence the trainer's helpers, the ASE
+calculator and the LAMMPS runtime, work with it unchanged. Differences from the strictly local model, all consequences of message
 passing:
 
 * ``centers`` may include ghost atoms (``i >= n_local``). MACE runs on all ``n_all`` nodes of the
@@ -38,8 +38,6 @@ offsets both work.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from collections.abc import Sequence
 
@@ -48,7 +46,7 @@ from ase.data import chemical_symbols
 from torch import Tensor, nn
 
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.model.card import ModelCard, hash_state
+from ltau_lmp.model.contract import ForceField
 
 
 def import_mace() -> None:
@@ -81,7 +79,7 @@ def invariant_columns(irreps_per_layer: Sequence, layers: Sequence[int]) -> list
     return columns
 
 
-class MACEForceField(nn.Module):
+class MACEForceField(ForceField):
     """A MACE energy model honouring the forward contract of ``ltau_lmp.model`` (module docstring).
 
     ``layers``: interaction layers (0-based, negative counts from the end) whose invariant node
@@ -89,6 +87,9 @@ class MACEForceField(nn.Module):
     ``[-1]`` = the last layer only. ``head``: which readout head of a multi-head model; by default
     the only head, else the one named "Default" (as ``MACECalculator``).
     """
+
+    family = "mace"
+    ghost_exchange = True
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, head: str | None = None):
         super().__init__()
@@ -131,40 +132,30 @@ class MACEForceField(nn.Module):
         self.num_layers = num_layers
         self.register_buffer("head_index", torch.tensor([heads.index(head)]), persistent=False)
         self.register_buffer("latent_columns", torch.tensor(columns), persistent=False)
+        self.latent_dim = len(columns)
         # widths of the node features MACE exchanges before each layer after the first (ML-IAP path)
         self.exchange_widths = tuple(o3.Irreps(str(block.linear_up.irreps_out)).dim
                                      for block in model.interactions[1:])
         per_layer = " + ".join(str(len(invariant_columns(irreps, [k]))) for k in chosen)
-        self._latent = (f"MACE invariant (0e) node features of interaction layer(s) "
-                        f"{', '.join(str(k + 1) for k in chosen)} of {num_layers} ({per_layer} channels)")
+        self.latent_description = (f"MACE invariant (0e) node features of interaction layer(s) "
+                                   f"{', '.join(str(k + 1) for k in chosen)} of {num_layers} ({per_layer} channels)")
 
     @property
     def dtype(self) -> torch.dtype:
         return self.mace.r_max.dtype
 
     @property
-    def latent_dim(self) -> int:
-        return len(self.latent_columns)
+    def trainable(self) -> nn.Module:
+        """The MACE module: what MACE's trainer optimises and its checkpoints hold."""
+        return self.mace
 
-    @property
-    def model_hash(self) -> str:
-        """sha256 over the architecture (class, module tree, heads, latent choice) and every weight."""
-        architecture = {
-            "family": "mace", "class": f"{type(self.mace).__module__}.{type(self.mace).__qualname__}",
+    def architecture(self) -> dict:
+        """The class, module tree, heads and latent choice (the hash adds every weight)."""
+        return {
+            "family": self.family, "class": f"{type(self.mace).__module__}.{type(self.mace).__qualname__}",
             "modules": repr(self.mace), "heads": list(self.mace.heads), "head": self.head,
             "latent_layers": list(self.layers),
         }
-        return hash_state(hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()),
-                          self.mace.state_dict())
-
-    @property
-    def card(self) -> ModelCard:
-        """The declared contract. Built on access (the hash reads every weight): read it once per setup."""
-        return ModelCard(
-            family="mace", species=self.species, cutoff=self.cutoff, num_layers=self.num_layers,
-            receptive_field=self.cutoff * self.num_layers, latent_dim=self.latent_dim,
-            latent=self._latent, dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash,
-            ghost_exchange=True)
 
     def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
                 shifts: Tensor | None, n_local: int, exchange=None) -> tuple[Tensor, Tensor]:
@@ -176,9 +167,7 @@ class MACEForceField(nn.Module):
             positions = positions.detach()
         n_all = positions.shape[0]
         if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
-            if exchange is not None:
-                return self._relay(positions, shifts, exchange)
-            return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
+            return self.no_local_atoms(positions, shifts, exchange)
         # MACE sums messages at edge_index[1] with vector x[edge_index[1]] - x[edge_index[0]] + shift,
         # so pair i -> j enters as edge j -> i with shift -s_ij: node i gathers over its own list.
         edge_index = torch.stack([neighbors, centers])
@@ -206,16 +195,6 @@ class MACEForceField(nn.Module):
             out = self.mace(data, training=False, compute_force=False)
         latent = out["node_feats"][:n_local].index_select(1, self.latent_columns)
         return out["node_energy"][:n_local], latent
-
-    def _relay(self, positions: Tensor, shifts: Tensor | None, exchange) -> tuple[Tensor, Tensor]:
-        """No local atoms (MACE cannot run on zero nodes), but this rank must still make every
-        exchange, forward and (in the backward) reverse, as the others do: they are collective,
-        and its ghost rows may relay other ranks' rows. Zeros go through; the calls are chained
-        so the backward visits them in reverse order, and the empty outputs depend on them."""
-        link = positions.sum() * 0 + (0 if shifts is None else shifts.sum() * 0)
-        for width in self.exchange_widths:
-            link = exchange(positions.new_zeros(positions.shape[0], width) + link).sum() * 0
-        return positions[:0, 0] + link, positions.new_zeros(0, self.latent_dim)
 
 
 class _MLIAPExchange:

@@ -43,22 +43,25 @@ nequip itself is imported only when a model is wrapped or loaded.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 from ase.data import atomic_numbers
 from torch import Tensor, nn
 
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.model.card import ModelCard, hash_state
+from ltau_lmp.model.contract import ForceField
 
 # class names, not isinstance: a model from a nequip-package file brings its own copies of the classes
 _CONVOLUTION = "ConvNetLayer"
 _ALLEGRO = "Allegro_Module"
+CHECKPOINT_PREFIX = "model.sole_model."  # a nequip training module's path to its model
 
 
-class NequIPForceField(nn.Module):
+def model_state(lightning_state: dict) -> dict:
+    """The model's state dict inside a nequip training module's (a Lightning checkpoint's "state_dict")."""
+    return {k[len(CHECKPOINT_PREFIX):]: v for k, v in lightning_state.items() if k.startswith(CHECKPOINT_PREFIX)}
+
+
+class NequIPForceField(ForceField):
     """A nequip ``GraphModel`` (NequIP or Allegro) honouring the forward contract (module docstring)."""
 
     def __init__(self, model: nn.Module):
@@ -92,6 +95,7 @@ class NequIPForceField(nn.Module):
         self.graph_model = model
         self.energy_model = energy_model
         self.family = family
+        self.ghost_exchange = family == "nequip"
         self.num_layers = num_layers
         self.species = species
         self.cutoff = float(metadata["r_max"])
@@ -113,37 +117,31 @@ class NequIPForceField(nn.Module):
             if any(ir.l != 0 or ir.p != 1 for _, ir in irreps):
                 raise ConfigError(f"the last NequIP convolution outputs {irreps}, not only invariant (0e) "
                                   f"features")
-            self._latent_dim = irreps.dim
-            self._latent = (f"NequIP node features after the last of {num_layers} convolutions "
-                            f"({irreps.dim} invariant channels, the energy readout's input)")
+            self.latent_dim = irreps.dim
+            self.latent_description = (f"NequIP node features after the last of {num_layers} convolutions "
+                                       f"({irreps.dim} invariant channels, the energy readout's input)")
         else:
-            self._latent_dim = last.irreps_out[AtomicDataDict.EDGE_FEATURES_KEY].dim
-            self._latent = (f"Allegro scalar edge features (the edge-energy readout's input) summed over "
-                            f"the atom's pairs ({self._latent_dim} channels)")
+            self.latent_dim = last.irreps_out[AtomicDataDict.EDGE_FEATURES_KEY].dim
+            self.latent_description = (f"Allegro scalar edge features (the edge-energy readout's input) summed "
+                                       f"over the atom's pairs ({self.latent_dim} channels)")
 
     @property
     def dtype(self) -> torch.dtype:
         return self.graph_model.model_dtype
 
     @property
-    def latent_dim(self) -> int:
-        return self._latent_dim
+    def trainable(self) -> nn.Module:
+        """The nequip GraphModel: what nequip's training module optimises."""
+        return self.graph_model
 
-    @property
-    def model_hash(self) -> str:
-        """sha256 over the architecture (family, module tree, nequip metadata) and every weight."""
-        architecture = {"family": self.family, "modules": repr(self.graph_model), "metadata": self._metadata}
-        return hash_state(hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()),
-                          self.graph_model.state_dict())
+    def architecture(self) -> dict:
+        """The family, module tree and nequip metadata (the hash adds every weight)."""
+        return {"family": self.family, "modules": repr(self.graph_model), "metadata": self._metadata}
 
-    @property
-    def card(self) -> ModelCard:
-        """The declared contract. Built on access (the hash reads every weight): read it once per setup."""
-        return ModelCard(
-            family=self.family, species=self.species, cutoff=self.cutoff, num_layers=self.num_layers,
-            receptive_field=self.cutoff * self.num_layers, latent_dim=self.latent_dim, latent=self._latent,
-            dtype=str(self.dtype).removeprefix("torch."), model_hash=self.model_hash,
-            ghost_exchange=self.family == "nequip")
+    def checkpoint_state(self, payload) -> dict:
+        """The live weights (not EMA: those of that epoch's training steps) in a nequip Lightning
+        checkpoint (``torch.load`` with ``weights_only=True``)."""
+        return model_state(payload.get("state_dict", {}) if isinstance(payload, dict) else {})
 
     def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
                 shifts: Tensor | None, n_local: int, exchange=None) -> tuple[Tensor, Tensor]:
@@ -151,9 +149,7 @@ class NequIPForceField(nn.Module):
         keys = self._keys
         positions = positions.to(self.dtype)
         if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
-            if exchange is not None:
-                return self._relay(positions, shifts, exchange)
-            return positions[:0, 0], positions.new_zeros(0, self.latent_dim)
+            return self.no_local_atoms(positions, shifts, exchange)
         vectors = positions.index_select(0, neighbors) - positions.index_select(0, centers)
         if shifts is not None:
             vectors = vectors + shifts.to(self.dtype)
@@ -178,13 +174,3 @@ class NequIPForceField(nn.Module):
                     features = data[keys["EDGE_FEATURES_KEY"]]
                     latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
         return data[keys["PER_ATOM_ENERGY_KEY"]][:n_local, 0], latent[:n_local]
-
-    def _relay(self, positions: Tensor, shifts: Tensor | None, exchange) -> tuple[Tensor, Tensor]:
-        """No local atoms, but this rank must still make every exchange, forward and (in the
-        backward) reverse, as the others do: they are collective, and its ghost rows may relay
-        other ranks' rows. Zeros of each width go through, chained so that the backward visits
-        them in reverse order, and the empty outputs depend on them."""
-        link = positions.sum() * 0 + (0 if shifts is None else shifts.to(self.dtype).sum() * 0)
-        for width in self.exchange_widths:
-            link = exchange(positions.new_zeros(positions.shape[0], width) + link).sum() * 0
-        return positions[:0, 0] + link, positions.new_zeros(0, self.latent_dim)
