@@ -41,6 +41,27 @@ def test_card_hash_follows_the_weights():
     assert model.card.model_hash != before
 
 
+def test_card_is_built_once_and_follows_loaded_weights():
+    """The card is cached (reading it is cheap) but always describes the current weights: loaded
+    (as replay loads each epoch's checkpoint), moved, or changed in a copy."""
+    import copy
+
+    model = LocalForceField(["Si"], hidden=[8], latent_dim=4, seed=0)
+    other = LocalForceField(["Si"], hidden=[8], latent_dim=4, seed=1)
+    first = model.card
+    assert model.card is first and model.model_hash == first.model_hash
+    clone = copy.deepcopy(model)
+    assert clone.card == first
+    with torch.no_grad():
+        clone.readout.weight.mul_(2.0)
+    assert clone.card.model_hash != first.model_hash and model.card is first
+    model.load_checkpoint({"model": other.state_dict()})   # MACE's layout
+    assert model.card.model_hash == other.card.model_hash
+    model.load_checkpoint(clone.state_dict())              # a plain state dict
+    assert model.card.model_hash == clone.card.model_hash
+    assert model.to(torch.float32).card.dtype == "float32"
+
+
 def test_card_species_tuple_and_equality():
     assert card(species=["Si", "C"]) == card()
 
