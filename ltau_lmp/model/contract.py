@@ -1,5 +1,6 @@
 """The model contract: what every force field declares (``ForceField``) and the one force formulation
-(``evaluate``) that the ASE calculator, the trainer, replay and the LAMMPS runtime share.
+(``evaluate``) that the ASE calculator, the trainer's loss, ``ltau_lmp.prediction`` (evaluate,
+select, replay, the artefact writer) and the LAMMPS pair style share.
 
 Forward contract (doc/architecture.md, "Model contract")::
 
@@ -34,6 +35,8 @@ _FULL_FROM_VOIGT = [0, 3, 4, 3, 1, 5, 4, 5, 2]  # the symmetric 3x3, row by row
 
 
 class ModelOutput(NamedTuple):
+    """What ``evaluate`` returns; what was not asked for is None."""
+
     atom_energy: Tensor               # (n_local,)
     forces: Tensor | None             # (n_all, 3), ghosts included
     latent: Tensor                    # (n_local, latent_dim)
