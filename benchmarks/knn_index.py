@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ltau_lmp.estimator.index import (AUTO_EXACT_LIMIT, SearchIndex, auto_options, require_faiss,
-                                      set_threads)
+from ltau_lmp.estimator.index import require_faiss, set_threads
+from ltau_lmp.estimator.index_tuning import AUTO_EXACT_LIMIT, auto_options, build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared/data")
@@ -52,7 +52,7 @@ def load_dataset(name: str, si_run: Path) -> tuple[np.ndarray, np.ndarray, np.nd
     """(index originals, held-out originals, per-original expected error)."""
     rng = np.random.default_rng(0)
     if name == "si":
-        from ltau_lmp.estimator.estimator import log_midpoints
+        from ltau_lmp.estimator.histogram import log_midpoints
 
         base = np.load(si_run / "descriptors.npy").astype(np.float32)
         held = np.load(si_run / "reference_descriptors.npy").astype(np.float32)
@@ -123,8 +123,8 @@ def run_case(name: str, size: int, si_run: Path) -> list[dict]:
     for label, (kind, options) in specs.items():
         if label not in same_as_flat:
             t0 = time.perf_counter()
-            indexes[label] = SearchIndex.build(vectors, kind, options, use_gpu=False,
-                                               tuning_queries=tuning if label == "auto" else None)
+            indexes[label] = build_index(vectors, kind, options, use_gpu=False,
+                                         tuning_queries=tuning if label == "auto" else None)
             build_s[label] = time.perf_counter() - t0
     exact = indexes["flat"].search(queries[:N_TRUTH], K)[1]
     exhaustive = {label: index for label, index in indexes.items() if index.kind == "flat"}

@@ -171,7 +171,7 @@ def phase_times(estimators: dict, latent, repeats: int = 5) -> dict:
     import numpy as np
 
     from ltau_lmp.estimator import LTAUEstimator
-    from ltau_lmp.estimator.estimator import pdf_quantile, pdf_quantiles
+    from ltau_lmp.estimator.histogram import pdf_quantiles
 
     out = {}
     for name, path in estimators.items():
@@ -184,7 +184,7 @@ def phase_times(estimators: dict, latent, repeats: int = 5) -> dict:
             "mix old": lambda: np.einsum("nk,nkb->nb", res.weights.astype(np.float32), est.pdfs[res.neighbors],
                                          optimize=True),
             "mix new": lambda: est.mix_pdfs(res.neighbors, res.weights),
-            "quantiles old": lambda: [pdf_quantile(mixed, est.bin_edges, q) for q in (0.05, 0.95)],
+            "quantiles old": lambda: [pdf_quantiles(mixed, est.bin_edges, (q,)) for q in (0.05, 0.95)],
             "quantiles new": lambda: pdf_quantiles(mixed, est.bin_edges, (0.05, 0.95)),
         }
         res = est.query(latent)

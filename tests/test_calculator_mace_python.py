@@ -7,7 +7,8 @@ import torch
 from ase.calculators.calculator import InputError
 
 from ltau_lmp.calculator import LTAUCalculator
-from ltau_lmp.estimator import LTAUEstimator, card_metadata
+from ltau_lmp.estimator import LTAUEstimator
+from ltau_lmp.pipeline import card_metadata
 from ltau_lmp.model import MACEForceField, evaluate, load_model, neighbor_list, species_indices
 
 pytest.importorskip("mace")
@@ -85,7 +86,7 @@ def test_batched_prediction_equals_per_structure(adapter):
 
     from ltau_lmp.data.datasets import AtomsDataset
     from ltau_lmp.evaluation.evaluate import predict_frames
-    from ltau_lmp.prediction import latent_features, predict_batch
+    from ltau_lmp.prediction import predict_batch
 
     frames = [si_c_cell((2, 1, 1), seed=1), si_c_cell(cubic=False, seed=3), si_c_cell(seed=2)]
     for atoms in frames:
@@ -107,7 +108,8 @@ def test_batched_prediction_equals_per_structure(adapter):
     assert torch.abs(latent - torch.cat([out.latent for out in order])).max() <= 1e-10
 
     per_atom = np.concatenate([out.latent.numpy() for out in alone]).astype(np.float32)
-    np.testing.assert_allclose(latent_features(adapter, dataset, batch_size=2), per_atom, rtol=0, atol=1e-6)
+    latent_only = predict_frames(adapter, dataset.frames, forces=False, batch_size=2).latent
+    np.testing.assert_allclose(latent_only, per_atom, rtol=0, atol=1e-6)
     f, _, lat = predict_frames(adapter, frames, batch_size=3)
     np.testing.assert_allclose(f, np.concatenate([out.forces.numpy() for out in alone]), rtol=0, atol=1e-10)
     np.testing.assert_allclose(lat, per_atom, rtol=0, atol=1e-6)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.estimator import ErrorLog, LTAUEstimator, SearchIndex, card_metadata, log_midpoints
+from ltau_lmp.estimator import ErrorLog, LTAUEstimator, log_midpoints
+from ltau_lmp.estimator.index_tuning import build_index
+from ltau_lmp.pipeline import card_metadata
 
 DATA = Path(__file__).parent / "data"
 EDGES = np.array([1.0, 2.0, 4.0, 8.0])
@@ -134,8 +136,8 @@ def _clustered(rng, n, dim, n_clusters=50):
 
 
 def _recall_at_10(vectors, queries, kind, **options):
-    exact = SearchIndex.build(vectors, "flat").search(queries, 10)[1]
-    approx = SearchIndex.build(vectors, kind, options).search(queries, 10)[1]
+    exact = build_index(vectors, "flat").search(queries, 10)[1]
+    approx = build_index(vectors, kind, options).search(queries, 10)[1]
     return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
 
 
@@ -172,13 +174,13 @@ def test_ivfpq_backend_finds_most_true_neighbours():
 
 def test_index_options_are_validated():
     with pytest.raises(ConfigError, match="unknown option"):
-        SearchIndex.build(np.zeros((10, 4), np.float32), "hnsw", {"efSearch": 3})
+        build_index(np.zeros((10, 4), np.float32), "hnsw", {"efSearch": 3})
     with pytest.raises(ConfigError, match="must divide"):
-        SearchIndex.build(np.zeros((10, 6), np.float32), "ivfpq", {"pq_m": 4, "nlist": 1})
+        build_index(np.zeros((10, 6), np.float32), "ivfpq", {"pq_m": 4, "nlist": 1})
 
 
 def test_auto_index_kind_follows_size():
-    small = SearchIndex.build(np.zeros((10, 4), np.float32), "auto")
+    small = build_index(np.zeros((10, 4), np.float32), "auto")
     assert small.kind == "flat"
 
 
@@ -192,7 +194,7 @@ def test_ivf_backend_recall_on_real_nequip_descriptors():
 
 def test_search_options_change_without_rebuilding():
     rng = np.random.default_rng(10)
-    index = SearchIndex.build(rng.normal(size=(500, 4)).astype(np.float32), "hnsw")
+    index = build_index(rng.normal(size=(500, 4)).astype(np.float32), "hnsw")
     index.set_search_options(ef_search=64)
     assert index.options["ef_search"] == 64
     assert _faiss_ef_search(index) == 64
@@ -201,9 +203,9 @@ def test_search_options_change_without_rebuilding():
 
 
 def _faiss_ef_search(index):
-    from ltau_lmp.estimator.index import hnsw_graph
+    from ltau_lmp.estimator.index import hnsw_flat
 
-    return hnsw_graph(index.cpu_index).efSearch
+    return hnsw_flat(index.cpu_index).hnsw.efSearch
 
 
 def _card(hash_char, latent_dim=3):

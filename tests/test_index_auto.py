@@ -6,7 +6,9 @@ import pytest
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator import index as index_module
-from ltau_lmp.estimator.index import AUTO_EXACT_LIMIT, AUTO_RECALL, DEFAULT_KIND, SearchIndex
+from ltau_lmp.estimator import index_tuning as tuning
+from ltau_lmp.estimator.index import DEFAULT_KIND
+from ltau_lmp.estimator.index_tuning import AUTO_EXACT_LIMIT, AUTO_RECALL, build_index
 
 pytest.importorskip("faiss")
 
@@ -22,7 +24,7 @@ def _clustered(rng, n, dim=16, n_clusters=40, intrinsic=4):
 @pytest.fixture
 def small_limit(monkeypatch):
     """auto's IVF on a few thousand points: the same code path as above the real limit, fast."""
-    monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 1000)
+    monkeypatch.setattr(tuning, "AUTO_EXACT_LIMIT", 1000)
     return 1000
 
 
@@ -33,19 +35,19 @@ def _recall(found, exact):
 def test_auto_is_the_default_and_exact_below_the_limit():
     rng = np.random.default_rng(0)
     data = rng.normal(size=(AUTO_EXACT_LIMIT - 1, 4)).astype(np.float32)
-    auto = SearchIndex.build(data, use_gpu=False)
+    auto = build_index(data, use_gpu=False)
     assert DEFAULT_KIND == "auto"
     assert (auto.kind, auto.options) == ("flat", {"auto": True})
     queries = rng.normal(size=(50, 4)).astype(np.float32)
-    exact = SearchIndex.build(data, "flat", use_gpu=False)
+    exact = build_index(data, "flat", use_gpu=False)
     for got, want in zip(auto.search(queries, 10), exact.search(queries, 10)):
         np.testing.assert_array_equal(got, want)
 
 
 def test_auto_switches_to_ivf_at_the_limit(small_limit):
     rng = np.random.default_rng(1)
-    assert SearchIndex.build(_clustered(rng, small_limit - 1), use_gpu=False).kind == "flat"
-    index = SearchIndex.build(_clustered(rng, small_limit), use_gpu=False)
+    assert build_index(_clustered(rng, small_limit - 1), use_gpu=False).kind == "flat"
+    index = build_index(_clustered(rng, small_limit), use_gpu=False)
     assert index.kind == "ivf" and index.options["auto"] is True
     assert index.options["target_recall"] == AUTO_RECALL and index.options["nprobe"] >= 1
 
@@ -53,9 +55,9 @@ def test_auto_switches_to_ivf_at_the_limit(small_limit):
 def test_recall_measured_at_build_reaches_target_and_holds_for_new_points(small_limit):
     rng = np.random.default_rng(2)
     data = _clustered(rng, 6000)
-    index = SearchIndex.build(data[1000:], use_gpu=False)
+    index = build_index(data[1000:], use_gpu=False)
     assert index.options["recall_at_10"] >= index.options["target_recall"] == AUTO_RECALL
-    exact = SearchIndex.build(data[1000:], "flat", use_gpu=False).search(data[:1000], 10)[1]
+    exact = build_index(data[1000:], "flat", use_gpu=False).search(data[:1000], 10)[1]
     assert _recall(index.search(data[:1000], 10)[1], exact) >= 0.95  # points not in the index
 
 
@@ -79,17 +81,17 @@ def test_auto_choice_is_reproducible_and_survives_save_and_load(small_limit, tmp
 def test_given_options_override_auto_and_explicit_kinds_keep_their_defaults(small_limit):
     rng = np.random.default_rng(4)
     data = _clustered(rng, 2000)
-    fixed = SearchIndex.build(data, "auto", {"nprobe": 3}, use_gpu=False)
+    fixed = build_index(data, "auto", {"nprobe": 3}, use_gpu=False)
     assert fixed.options["nprobe"] == 3 and fixed.options["target_recall"] is None
     assert 0.0 < fixed.options["recall_at_10"] <= 1.0  # measured, not tuned
-    tuned = SearchIndex.build(data, "ivf", {"nlist": 16, "target_recall": 0.999}, use_gpu=False)
+    tuned = build_index(data, "ivf", {"nlist": 16, "target_recall": 0.999}, use_gpu=False)
     assert tuned.options["recall_at_10"] >= 0.999
-    plain = SearchIndex.build(data, "ivf", {"nlist": 16}, use_gpu=False)
+    plain = build_index(data, "ivf", {"nlist": 16}, use_gpu=False)
     assert plain.options == {"nlist": 16, "nprobe": 8, "quantizer": "flat", "target_recall": None}
 
 
 def test_changing_nprobe_drops_the_stale_recall(small_limit):
-    index = SearchIndex.build(_clustered(np.random.default_rng(5), 2000), use_gpu=False)
+    index = build_index(_clustered(np.random.default_rng(5), 2000), use_gpu=False)
     index.set_search_options(nprobe=1)
     assert index.options["nprobe"] == 1 and index.options["target_recall"] is None
     assert "recall_at_10" not in index.options
@@ -111,19 +113,19 @@ def test_changing_nprobe_drops_the_stale_recall(small_limit):
 def test_bad_options_are_refused_clearly(small_limit, kind, options, message):
     data = _clustered(np.random.default_rng(6), 1500)
     with pytest.raises(ConfigError, match=message):
-        SearchIndex.build(data, kind, options, use_gpu=False)
+        build_index(data, kind, options, use_gpu=False)
 
 
 def test_rebuild_only_options_cannot_change_after_build(small_limit):
-    index = SearchIndex.build(_clustered(np.random.default_rng(7), 1500), use_gpu=False)
+    index = build_index(_clustered(np.random.default_rng(7), 1500), use_gpu=False)
     for option in ("target_recall", "nlist", "quantizer", "recall_at_10"):
         with pytest.raises(ConfigError, match="without rebuilding"):
             index.set_search_options(**{option: 1})
 
 
 def test_auto_uses_an_hnsw_quantizer_for_many_lists_and_reloads_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 100)
-    monkeypatch.setattr(index_module, "AUTO_HNSW_QUANTIZER_NLIST", 64)
+    monkeypatch.setattr(tuning, "AUTO_EXACT_LIMIT", 100)
+    monkeypatch.setattr(tuning, "AUTO_HNSW_QUANTIZER_NLIST", 64)
     rng = np.random.default_rng(8)
     data = _clustered(rng, 2000)
     est = LTAUEstimator.build(data, rng.dirichlet(np.ones(4), size=len(data)).astype(np.float32),
@@ -146,9 +148,9 @@ def test_search_parameter_is_tuned_on_the_reference_atoms_when_there_are_enough(
     data = _clustered(rng, 6000)
     reference, entries = data[:500], data[500:]
     options = None if kind == "auto" else {"target_recall": AUTO_RECALL}
-    index = SearchIndex.build(entries, kind, options, use_gpu=False, tuning_queries=reference)
+    index = build_index(entries, kind, options, use_gpu=False, tuning_queries=reference)
     assert index.options["recall_queries"] == "reference"
-    exact = SearchIndex.build(entries, "flat", use_gpu=False).search(reference, 10)[1]
+    exact = build_index(entries, "flat", use_gpu=False).search(reference, 10)[1]
     assert index.options["recall_at_10"] == round(_recall(index.search(reference, 10)[1], exact), 4)
     assert index.options["recall_at_10"] >= AUTO_RECALL
     assert _recall_bound(index.search(reference, 10)[1], exact) >= AUTO_RECALL
@@ -160,7 +162,7 @@ def test_search_parameter_is_tuned_on_the_reference_atoms_when_there_are_enough(
 
 def _recall_bound(found, exact):
     per_query = (found[:, :, None] == exact[:, None, :]).any(axis=2).mean(axis=1)
-    return per_query.mean() - index_module.RECALL_Z * per_query.std() / np.sqrt(len(per_query))
+    return per_query.mean() - tuning.RECALL_Z * per_query.std() / np.sqrt(len(per_query))
 
 
 @pytest.mark.parametrize("data_kind", ["clustered", "even"])
@@ -174,7 +176,7 @@ def test_auto_races_hnsw_against_ivf_on_the_reference_and_keeps_the_faster(small
     options = est.index.options
     rates = options["queries_per_cpu_s"]
     assert set(rates) == {"ivf", "hnsw"} and min(rates.values()) > 0
-    assert (est.index.kind == "hnsw") == (rates["hnsw"] > index_module.HNSW_MARGIN * rates["ivf"])
+    assert (est.index.kind == "hnsw") == (rates["hnsw"] > tuning.HNSW_MARGIN * rates["ivf"])
     assert options["auto"] is True and options["recall_at_10"] >= AUTO_RECALL
     est.save(tmp_path / "est")
     back = LTAUEstimator.load(tmp_path / "est", use_gpu=False)
@@ -185,8 +187,8 @@ def test_auto_races_hnsw_against_ivf_on_the_reference_and_keeps_the_faster(small
 def test_too_few_reference_atoms_fall_back_to_the_training_sample(small_limit):
     rng = np.random.default_rng(10)
     data = _clustered(rng, 3000)
-    few = index_module.MIN_TUNING_QUERIES - 1
-    index = SearchIndex.build(data[few:], use_gpu=False, tuning_queries=data[:few])
+    few = tuning.MIN_TUNING_QUERIES - 1
+    index = build_index(data[few:], use_gpu=False, tuning_queries=data[:few])
     assert index.options["recall_queries"] == "training"
     assert index.options["recall_at_10"] >= AUTO_RECALL
 
@@ -211,7 +213,7 @@ def test_locality_ordered_search_gives_faiss_own_answers_in_query_order(kind, op
     rng = np.random.default_rng(13)
     data = _clustered(rng, 3000)
     queries = _clustered(rng, 500)
-    index = SearchIndex.build(data, kind, options, use_gpu=False)
+    index = build_index(data, kind, options, use_gpu=False)
     assert len(queries) >= index_module.LOCALITY_MIN_QUERIES
     dist, ids = index.search(queries, 10)
     plain_sq, plain_ids = index.cpu_index.search(queries, 10)
@@ -231,7 +233,7 @@ def test_hnsw_nodes_stored_in_locality_order_answer_as_the_graph_built_in_row_or
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        index = SearchIndex.build(data, "hnsw", {"M": 16, "ef_search": 20}, use_gpu=False)
+        index = build_index(data, "hnsw", {"M": 16, "ef_search": 20}, use_gpu=False)
         plain = faiss.IndexHNSWFlat(data.shape[1], 16)
         plain.hnsw.efConstruction = index.options["ef_construction"]
         plain.add(data)

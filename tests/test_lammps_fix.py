@@ -833,9 +833,7 @@ def test_non_finite_model_output_stops_both_ranks_naming_the_atoms(files, tmp_pa
 
 
 def test_init_report_names_estimator_metric_units_and_resolved_thresholds(files, tmp_path):
-    from ltau_lmp.estimator.io import load_estimator
-
-    est = load_estimator(files["est_ood"])
+    est = LTAUEstimator.load(files["est_ood"])
     ood = thresholds_for(est.alarm_thresholds, 64)["ood"]
     script = BASE.format(model=files["model_file"]) + (
         f"fix u all ltau {files['est_ood']} every {EVERY} metric ood halt auto dump {tmp_path}/f.xyz 0.01 "

@@ -21,7 +21,7 @@ from ase.build import bulk
 
 from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator
-from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
 
 pytest.importorskip("mace")
 from ltau_lmp.integrations import cli  # noqa: E402
@@ -170,7 +170,7 @@ def test_mace_validation_set_calibrates_the_ood_score(runs, train_file):
     """MACE's 4 validation structures (valid_fraction 0.2), none of them trained on, are the reference."""
     from ase.io import read
 
-    from ltau_lmp.integrations.replay import latents
+    from ltau_lmp.prediction import predict_frames
 
     result = runs["logged"]
     model = load_model(result.model_path, allow_pickle=True)
@@ -182,7 +182,7 @@ def test_mace_validation_set_calibrates_the_ood_score(runs, train_file):
         a.positions.tobytes() for a in everything}
     est = LTAUEstimator.load(result.out_dir / "estimator")
     assert est.alarm_thresholds["n_reference"] == 4 * 8
-    reference = latents(model, result.reference_frames)
+    reference = predict_frames(model, result.reference_frames, forces=False).latent
     np.testing.assert_array_equal(np.load(result.out_dir / "reference_descriptors.npy"), reference)
     np.testing.assert_array_equal(est.reference_distances, np.sort(est.query(reference).distance))
     assert len(read(result.out_dir / "reference_set.xyz", index=":")) == 4

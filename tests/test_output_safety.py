@@ -121,7 +121,7 @@ def test_the_python_api_follows_the_same_rule(inputs):
 
 
 def test_a_crash_while_writing_leaves_no_trace(inputs, monkeypatch):
-    import ltau_lmp.estimator.io as io
+    from ltau_lmp.estimator.index import require_faiss
 
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     est = LTAUEstimator.build(x, np.full((50, 2), 0.5, np.float32), [1.0, 2.0, 3.0], index="flat")
@@ -130,7 +130,7 @@ def test_a_crash_while_writing_leaves_no_trace(inputs, monkeypatch):
     def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.faiss, "write_index", broken)
+    monkeypatch.setattr(require_faiss(), "write_index", broken)  # faiss as the estimator file writer imports it
     before = listing(inputs)
     with pytest.raises(OSError, match="disk full"):
         est.save(inputs / "new")

@@ -11,7 +11,8 @@ from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator
 from ltau_lmp.training.config import config_from_dict, load_train_config
-from ltau_lmp.training.trainer import ErrorLogger, train
+from ltau_lmp.pipeline import ErrorLogger
+from ltau_lmp.training.trainer import train
 
 SMALL_MODEL = {"n_basis": 4, "n_radial": 4, "max_l": 2, "hidden": [16], "latent_dim": 8}
 
@@ -120,7 +121,7 @@ def test_training_lowers_loss_and_writes_outputs(data, tmp_path):
 def test_validation_atoms_calibrate_the_ood_score(data, tmp_path, capsys):
     """The held-out validation atoms, under the final model, are the estimator's reference set."""
     from ltau_lmp.model import load_model
-    from ltau_lmp.prediction import latent_features
+    from ltau_lmp.prediction import predict_frames
 
     result = train(small_config(data, tmp_path, epochs=2, estimator={"false_alarm_rate": 0.05}),
                    show_progress=False)
@@ -129,7 +130,7 @@ def test_validation_atoms_calibrate_the_ood_score(data, tmp_path, capsys):
     frames = read_frames(data["train"])
     val_set = AtomsDataset([frames[i] for i in val_idx], model.species, model.cutoff, model.dtype)
     reference = np.load(tmp_path / "reference_descriptors.npy")
-    np.testing.assert_array_equal(reference, latent_features(model, val_set, 3))
+    np.testing.assert_array_equal(reference, predict_frames(model, val_set.frames, forces=False, batch_size=3).latent)
     est = LTAUEstimator.load(tmp_path / "estimator")
     np.testing.assert_array_equal(est.reference_distances, np.sort(est.query(reference).distance))
     thresholds = est.alarm_thresholds

@@ -12,8 +12,9 @@ from ltau_lmp.errors import ConfigError, FileFormatError
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ltau_lmp.estimator.calibration import DEFAULT_FALSE_ALARM_RATE
-    from ltau_lmp.estimator.estimator import DEFAULT_K, WEIGHTINGS
-    from ltau_lmp.estimator.index import AUTO_EXACT_LIMIT, DEFAULT_KIND, KIND_CHOICES, OPTION_DEFAULTS
+    from ltau_lmp.estimator.index import DEFAULT_KIND, KIND_CHOICES, OPTION_DEFAULTS
+    from ltau_lmp.estimator.index_tuning import AUTO_EXACT_LIMIT
+    from ltau_lmp.estimator.options import DEFAULT_K, WEIGHTINGS
 
     hnsw, ivf, ivfpq = OPTION_DEFAULTS["hnsw"], OPTION_DEFAULTS["ivf"], OPTION_DEFAULTS["ivfpq"]
     p = sub.add_parser(
@@ -156,7 +157,7 @@ def _load_npy(path: Path, what: str):
 
 
 def _build(args) -> int:
-    from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+    from ltau_lmp.estimator import ErrorLog, EstimatorOptions, LTAUEstimator
     from ltau_lmp.estimator.calibration import describe_thresholds
     from ltau_lmp.outputs import check_dir
 
@@ -175,14 +176,14 @@ def _build(args) -> int:
     if reference is not None:
         metadata["reference_descriptors"] = str(args.reference_descriptors)
     if args.model:
-        from ltau_lmp.estimator import card_metadata
+        from ltau_lmp.pipeline import card_metadata
 
         metadata.update(card_metadata(load_model_option(args.model, args).card), model_file=str(args.model))
     try:
-        est = LTAUEstimator.build(descriptors, log, index=args.index, k=args.neighbors,
-                                  weighting=args.weighting, metadata=metadata,
-                                  index_options=options, threads=args.threads, reference_descriptors=reference,
-                                  false_alarm_rate=args.false_alarm_rate)
+        choices = EstimatorOptions(index=args.index, k=args.neighbors, weighting=args.weighting,
+                                   index_options=options, false_alarm_rate=args.false_alarm_rate)
+        est = LTAUEstimator.build(descriptors, log, options=choices, metadata=metadata, threads=args.threads,
+                                  reference_descriptors=reference)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     est.save(args.output, overwrite=args.overwrite)

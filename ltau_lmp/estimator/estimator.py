@@ -10,64 +10,22 @@ turns it into a p-value with a stated false-alarm rate.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import calibration
 from ltau_lmp.estimator.errorlog import ErrorLog, validate_bin_edges
-from ltau_lmp.estimator.index import CHUNK_ROWS, DEFAULT_KIND, SearchIndex, set_threads
+from ltau_lmp.estimator.histogram import CHUNK_ROWS, check_pdfs, log_midpoints, pdf_cdf_at, pdf_quantiles
+from ltau_lmp.estimator.index import SearchIndex, set_threads
+from ltau_lmp.estimator.index_tuning import build_index
+from ltau_lmp.estimator.io import load_estimator, save_estimator
+from ltau_lmp.estimator.options import DEFAULT_K, WEIGHTINGS, EstimatorOptions
 
-if TYPE_CHECKING:  # the card's module imports torch; the estimator only reads the card's fields
-    from ltau_lmp.model.card import ModelCard
-
-WEIGHTINGS = ("uniform", "distance")
-DEFAULT_K = 10
 PROGRESS_MIN_POINTS = 500_000
 PDF_CHUNK = 4096  # points per block when mixing PDFs: the (block, k, nbins) gather stays ~16 MB
-
-
-def log_midpoints(bin_edges: np.ndarray) -> np.ndarray:
-    """Geometric mean of each bin's edges: the value a bin stands for on a log axis."""
-    return np.sqrt(bin_edges[:-1] * bin_edges[1:])
-
-
-def pdf_cdf_at(pdf: np.ndarray, bin_edges: np.ndarray, values) -> np.ndarray:
-    """CDF of each row's distribution at ``values`` (scalar or one per row); linear inside a bin."""
-    values = np.broadcast_to(np.asarray(values, dtype=np.float64), (pdf.shape[0],))
-    nbins = pdf.shape[1]
-    b = np.clip(np.searchsorted(bin_edges, values, side="right") - 1, 0, nbins - 1)
-    cdf_lo = np.cumsum(pdf, axis=1, dtype=np.float64) - pdf
-    rows = np.arange(pdf.shape[0])
-    frac = (values - bin_edges[b]) / (bin_edges[b + 1] - bin_edges[b])
-    out = np.minimum(cdf_lo[rows, b] + pdf[rows, b] * np.clip(frac, 0.0, 1.0), 1.0)
-    return np.where(values < bin_edges[0], 0.0, np.where(values >= bin_edges[-1], 1.0, out))
-
-
-def pdf_quantiles(pdf: np.ndarray, bin_edges: np.ndarray, levels) -> np.ndarray:
-    """Inverse CDF per row at each of ``levels``: (n, len(levels)); one cumulative sum for all
-    levels. Inside a bin the CDF is linear in the error value."""
-    levels = [float(q) for q in levels]
-    if not all(0.0 <= q <= 1.0 for q in levels):
-        raise ValueError(f"quantile levels must lie in [0, 1], got {levels}")
-    cdf = np.cumsum(pdf, axis=1, dtype=np.float64)
-    nbins = pdf.shape[1]
-    rows = np.arange(pdf.shape[0])
-    out = np.empty((pdf.shape[0], len(levels)))
-    for column, q in enumerate(levels):
-        b = np.minimum(np.count_nonzero(cdf < q - 1e-12, axis=1), nbins - 1)
-        mass = pdf[rows, b].astype(np.float64)
-        below = cdf[rows, b] - mass
-        frac = np.divide(q - below, mass, out=np.zeros_like(mass), where=mass > 0)
-        out[:, column] = bin_edges[b] + np.clip(frac, 0.0, 1.0) * (bin_edges[b + 1] - bin_edges[b])
-    return out
-
-
-def pdf_quantile(pdf: np.ndarray, bin_edges: np.ndarray, q: float) -> np.ndarray:
-    """Inverse CDF per row at one level ``q``."""
-    return pdf_quantiles(pdf, bin_edges, [q])[:, 0]
 
 
 @dataclass
@@ -101,7 +59,7 @@ class LTAUResult:
         """Error value below which the predicted distribution puts mass ``q``."""
         out = np.empty(len(self))
         for start, stop, block in self._pdf_chunks():
-            out[start:stop] = pdf_quantile(block, self.estimator.bin_edges, q)
+            out[start:stop] = pdf_quantiles(block, self.estimator.bin_edges, (q,))[:, 0]
         return out
 
     def interval(self, lo: float = 0.05, hi: float = 0.95) -> np.ndarray:
@@ -163,21 +121,25 @@ class LTAUEstimator:
                                 calibration.check_thresholds(alarm_thresholds, reference_distances.size))
 
     @classmethod
-    def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, index: str = DEFAULT_KIND, k: int = DEFAULT_K,
-              weighting: str = "uniform", metadata: dict | None = None, index_options: dict | None = None,
-              use_gpu: bool | str = "auto", gpu_device: int = 0, threads: int | None = None,
-              progress: bool | None = None, reference_descriptors=None,
-              false_alarm_rate: float = calibration.DEFAULT_FALSE_ALARM_RATE) -> "LTAUEstimator":
+    def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, options: EstimatorOptions | None = None, *,
+              metadata: dict | None = None, reference_descriptors=None, use_gpu: bool | str = "auto",
+              gpu_device: int = 0, threads: int | None = None, progress: bool | None = None,
+              **choices) -> "LTAUEstimator":
         """From descriptors (n, d) and either an ``ErrorLog`` or PDFs (n, nbins) + ``bin_edges``.
 
-        ``reference_descriptors``: latents of held-out in-domain atoms (not among ``descriptors``),
-        for the ``ood`` p-value and the alarm thresholds at ``false_alarm_rate`` (``calibrate``).
-        ``metadata`` should name the model (``card_metadata``); without a ``model_hash`` the estimator
-        records ``model_binding: "unchecked"`` and says so wherever it is used (``model_binding``).
+        ``options`` (``EstimatorOptions``): what to build: index kind and options, k, weighting and
+        the false-alarm rate of the thresholds; keyword ``choices`` replace its fields
+        (``build(x, log, k=5, index="flat")``). ``reference_descriptors``: latents of held-out
+        in-domain atoms (not among ``descriptors``), for the ``ood`` p-value and the alarm thresholds
+        (``calibrate``). ``metadata`` should name the model (``ltau_lmp.pipeline.card_metadata``: a
+        plain dict of its card); without a ``model_hash`` the estimator records ``model_binding:
+        "unchecked"`` and says so wherever it is used (``model_binding``). ``use_gpu``,
+        ``gpu_device``, ``threads`` and ``progress`` say where and how the index is built and searched.
         """
+        options = dataclasses.replace(options or EstimatorOptions(), **choices)
         descriptors = as_descriptors(descriptors)
         if reference_descriptors is not None:  # checked before the index is built, not after
-            calibration.check_rate(false_alarm_rate)
+            calibration.check_rate(options.false_alarm_rate)
             reference_descriptors = as_descriptors(reference_descriptors, descriptors.shape[1], "reference descriptors")
         if isinstance(error_log_or_pdfs, ErrorLog):
             if bin_edges is not None:
@@ -197,11 +159,11 @@ class LTAUEstimator:
         metadata = dict(metadata or {})
         metadata.setdefault("model_binding", "checked" if metadata.get("model_hash") else "unchecked")
         _check_card_metadata(metadata, descriptors.shape[1])  # before the index is built
-        search_index = SearchIndex.build(descriptors, index, index_options, use_gpu, gpu_device, progress,
-                                         tuning_queries=reference_descriptors)
-        estimator = cls(search_index, pdfs, bin_edges, k=k, weighting=weighting, metadata=metadata)
+        search_index = build_index(descriptors, options.index, options.index_options, use_gpu, gpu_device, progress,
+                                   tuning_queries=reference_descriptors)
+        estimator = cls(search_index, pdfs, bin_edges, k=options.k, weighting=options.weighting, metadata=metadata)
         if reference_descriptors is not None:
-            estimator.calibrate(reference_descriptors, false_alarm_rate)
+            estimator.calibrate(reference_descriptors, options.false_alarm_rate)
         return estimator
 
     def calibrate(self, reference_descriptors,
@@ -239,8 +201,9 @@ class LTAUEstimator:
             raise ConfigError(calibration.NO_REFERENCE)
         return calibration.ood_pvalues(self.reference_distances, distance, self._distance_tail)
 
-    def check_model(self, card: "ModelCard", model_name: str = "this model") -> None:
-        """Refuse a model whose latent space is not the one indexed (``card``: the model's ``ModelCard``).
+    def check_model(self, card, model_name: str = "this model") -> None:
+        """Refuse a model whose latent space is not the one indexed (``card``: the model's ``ModelCard``;
+        its ``latent_dim``, ``model_hash`` and ``family`` are read).
 
         Latent features of another model live in another space: the kNN answer would be noise.
         The dimension is always known; the content hash only when the estimator was built with the
@@ -326,17 +289,13 @@ class LTAUEstimator:
     def save(self, path, overwrite: bool = False):
         """Directory with meta.json, pdfs.npy, bin_edges.npy, index.faiss (see ``io``); an existing
         ``path`` is replaced only if it is an earlier estimator and ``overwrite`` is given."""
-        from ltau_lmp.estimator.io import save_estimator
-
         return save_estimator(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, mmap: bool = True, verify: bool = True, use_gpu: bool | str = "auto",
              gpu_device: int = 0) -> "LTAUEstimator":
         """Load and validate; ``mmap`` shares the arrays' pages between processes on one node."""
-        from ltau_lmp.estimator.io import load_estimator
-
-        return load_estimator(path, mmap=mmap, verify=verify, use_gpu=use_gpu, gpu_device=gpu_device)
+        return load_estimator(path, cls, mmap=mmap, verify=verify, use_gpu=use_gpu, gpu_device=gpu_device)
 
     def summary(self) -> dict:
         """What ``ltau-lmp info`` prints: the model binding and card first (None when built without
@@ -357,14 +316,6 @@ class LTAUEstimator:
         }
 
 
-def card_metadata(card: "ModelCard") -> dict:
-    """Estimator metadata naming the model whose latent features it indexes: ``model_hash`` (what
-    ``check_model`` compares) and the whole card as a dict (``model_card``: family, species, cutoff,
-    receptive field, latent, dtype, ... shown by ``ltau-lmp info``). Every builder that has the
-    model passes it: ``LTAUEstimator.build(..., metadata={**card_metadata(model.card), ...})``."""
-    return {"model_hash": card.model_hash, "model_card": card.to_dict()}
-
-
 def _check_card_metadata(metadata: dict, dim: int) -> None:
     """A recorded card must describe the indexed vectors: same width, same hash as ``model_hash``.
 
@@ -376,12 +327,14 @@ def _check_card_metadata(metadata: dict, dim: int) -> None:
     if card is None:
         return
     if not isinstance(card, dict) or "latent_dim" not in card or "model_hash" not in card:
-        raise ConfigError(f"metadata model_card must be a model card dict (card_metadata), got {card!r:.80}")
+        raise ConfigError(f"metadata model_card must be a model card dict (ltau_lmp.pipeline.card_metadata), "
+                          f"got {card!r:.80}")
     if card["latent_dim"] != dim:
         raise ConfigError(f"the descriptors are {dim}-dimensional but the model card says latent_dim "
                           f"{card['latent_dim']}: descriptors and card come from different models")
     if card["model_hash"] != metadata.get("model_hash"):
-        raise ConfigError("metadata model_hash differs from the model card's: build the metadata with card_metadata")
+        raise ConfigError("metadata model_hash differs from the model card's: build the metadata with "
+                          "ltau_lmp.pipeline.card_metadata")
 
 
 def _check_binding(metadata: dict) -> None:
@@ -404,21 +357,3 @@ def as_descriptors(values, dim: int | None = None, what: str = "") -> np.ndarray
     if not np.all(np.isfinite(X)):
         raise ConfigError(f"{prefix}descriptors contain NaN or infinite values")
     return X
-
-
-def check_pdfs(pdfs: np.ndarray, rows: np.ndarray | None = None, where: str = "PDF array") -> None:
-    """Rows must be non-negative and sum to 1 (checked on ``rows`` only when given, to stay cheap).
-
-    Checked in blocks: temporaries of a whole 1M x 100 array would add ~200 MB to the peak.
-    """
-    if pdfs.ndim != 2:
-        raise ConfigError(f"{where} must be 2-D (n, nbins), got shape {pdfs.shape}")
-    rows = np.arange(pdfs.shape[0]) if rows is None else rows
-    for start in range(0, len(rows), CHUNK_ROWS):
-        sample = pdfs[rows[start:start + CHUNK_ROWS]]
-        if not np.all(np.isfinite(sample)) or np.any(sample < 0):
-            raise ConfigError(f"{where} has negative, NaN or infinite probabilities")
-        sums = sample.sum(axis=1, dtype=np.float64)
-        bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-3)
-        if bad.size:
-            raise ConfigError(f"{where}: rows do not sum to 1 (e.g. {sums[bad[0]]:.6g})")

@@ -10,7 +10,9 @@
                     Estimators without it still load; they give no ``ood`` score.
 
 Loading validates everything it can and names the file and the problem; arrays are
-memory-mapped so MPI ranks on one node share their pages.
+memory-mapped so MPI ranks on one node share their pages. ``LTAUEstimator.save`` / ``load`` call
+``save_estimator`` / ``load_estimator``; this module reads the estimator's attributes and is
+handed its class, so it never imports the estimator (faiss is imported on first use).
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ltau_lmp.errors import ConfigError, FileFormatError, check_file_format
-from ltau_lmp.estimator.estimator import LTAUEstimator, check_pdfs
+from ltau_lmp.estimator.histogram import check_pdfs
 from ltau_lmp.estimator.index import INDEX_KINDS, SearchIndex, require_faiss
 from ltau_lmp.outputs import output_dir
-
-faiss = require_faiss()  # estimator files hold a faiss index: nothing here works without it
 
 ESTIMATOR_FORMAT = "ltau-estimator"
 ESTIMATOR_VERSION = 1
@@ -42,12 +42,14 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def save_estimator(est: LTAUEstimator, path, overwrite: bool = False) -> Path:
-    """Write into a temporary sibling directory, then rename: never a half-written estimator.
+def save_estimator(est, path, overwrite: bool = False) -> Path:
+    """Write ``est`` (an ``LTAUEstimator``) into a temporary sibling directory, then rename: never a
+    half-written estimator.
 
     An existing ``path`` is replaced only when it is an earlier estimator and ``overwrite`` is
     given; anything else is refused (``ltau_lmp.outputs``).
     """
+    faiss = require_faiss()
     path = Path(path)
     with output_dir(path, "estimator", overwrite) as tmp:
         np.save(tmp / FILES["pdfs"], np.ascontiguousarray(est.pdfs, dtype=np.float32))
@@ -112,9 +114,11 @@ def _load_array(file: Path, mmap: bool) -> np.ndarray:
         raise FileFormatError(f"{file}: unreadable or truncated ({type(exc).__name__}: {exc})") from None
 
 
-def load_estimator(path, mmap: bool = True, verify: bool = True, use_gpu: bool | str = "auto",
-                   gpu_device: int = 0) -> LTAUEstimator:
-    """Load and validate (``verify`` also checks every file's sha256 against meta.json)."""
+def load_estimator(path, estimator_class, mmap: bool = True, verify: bool = True, use_gpu: bool | str = "auto",
+                   gpu_device: int = 0):
+    """Load and validate (``verify`` also checks every file's sha256 against meta.json); returns an
+    ``estimator_class`` (``LTAUEstimator``) made from the files."""
+    faiss = require_faiss()
     path = Path(path)
     meta = read_meta(path)
     calibrated = "reference_distances" in meta["sha256"]
@@ -149,7 +153,7 @@ def load_estimator(path, mmap: bool = True, verify: bool = True, use_gpu: bool |
         check_pdfs(pdfs, rows, where=str(files["pdfs"]))
         search_index = SearchIndex(meta["index"]["kind"], meta["index"]["options"], index)
         search_index.place(use_gpu, gpu_device)
-        return LTAUEstimator(search_index, pdfs, edges, k=meta["k"], weighting=meta["weighting"],
+        return estimator_class(search_index, pdfs, edges, k=meta["k"], weighting=meta["weighting"],
                              metadata=meta["metadata"], reference_distances=reference,
                              alarm_thresholds=meta.get("alarm_thresholds"))
     except ConfigError as exc:

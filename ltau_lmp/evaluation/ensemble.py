@@ -14,10 +14,10 @@ from scipy import stats
 
 def ensemble_forces(models, frames) -> tuple[np.ndarray, np.ndarray]:
     """Forces of every member (n_models, n_atoms, 3) and the reference forces (n_atoms, 3)."""
-    from ltau_lmp.evaluation.evaluate import predict_frames
+    from ltau_lmp.prediction import predict_frames
 
-    outputs = [predict_frames(model, frames) for model in models]
-    return np.stack([f for f, _, _ in outputs]), outputs[0][1]
+    members = np.stack([predict_frames(model, frames).forces for model in models])
+    return members, np.concatenate([atoms.get_forces() for atoms in frames])
 
 
 def ensemble_sigma(member_forces: np.ndarray) -> np.ndarray:

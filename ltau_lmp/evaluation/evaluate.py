@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ltau_lmp.errors import ConfigError
+from ltau_lmp.prediction import predict_frames
 
 
 @dataclass
@@ -31,31 +32,15 @@ class SetPrediction:
     latent: np.ndarray       # (n, d) float32
 
 
-def predict_frames(model, frames, batch_size: int = 8):
-    """Model forces and float32 latent features of labelled frames, batched; plus the labels."""
-    import torch
-
-    from ltau_lmp.data.datasets import AtomsDataset
-    from ltau_lmp.prediction import predict_batch
-
-    card = model.card
-    dataset = AtomsDataset(frames, card.species, card.cutoff)
-    forces, reference, latent = [], [], []
-    for batch in dataset.batches(batch_size):
-        _, batch_forces, batch_latent = predict_batch(model, batch)
-        forces.append(batch_forces.numpy())
-        reference.append(batch.forces.numpy())
-        latent.append(batch_latent.to(torch.float32).numpy())
-    return np.concatenate(forces), np.concatenate(reference), np.concatenate(latent)
-
-
 def predict_set(model, estimator, path) -> SetPrediction:
+    """The model's force errors on the labelled set at ``path`` and the estimator's prediction of them."""
     from ltau_lmp.data.datasets import read_frames
 
-    forces, reference, latent = predict_frames(model, read_frames(path))
-    res = estimator.query(latent)
-    return SetPrediction(np.linalg.norm(forces - reference, axis=1), res.expected, res.pdf,
-                         res.distance, res.ood if estimator.has_ood_reference else None, latent)
+    frames = read_frames(path)
+    prediction = predict_frames(model, frames, [atoms.get_forces() for atoms in frames], forces=False)
+    res = estimator.query(prediction.latent)
+    return SetPrediction(prediction.errors, res.expected, res.pdf, res.distance,
+                         res.ood if estimator.has_ood_reference else None, prediction.latent)
 
 
 COLUMN_UNITS = {

@@ -13,7 +13,8 @@ A predicted distribution is a row of probability masses ``pdf`` over shared ``bi
 (``nbins + 1`` increasing values, log-spaced in practice).  The CDF is the cumulative mass up to
 an edge and linear *in error value* inside a bin; below the first edge it is 0, above the last 1.
 :func:`pdf_cdf` and :func:`pdf_quantile` validate, renormalise and chunk, then use the
-estimator's own interpolation, so the evaluation scores exactly what ``fix ltau`` reports.
+estimator's own interpolation (``ltau_lmp.estimator.histogram``), so the evaluation scores exactly
+what ``fix ltau`` reports.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import numpy as np
 from scipy import integrate, stats
 
 from ltau_lmp.errors import LTAUError
-from ltau_lmp.estimator.estimator import pdf_cdf_at as cdf_at
-from ltau_lmp.estimator.estimator import pdf_quantile as quantile_of
-from ltau_lmp.estimator.index import CHUNK_ROWS
+from ltau_lmp.estimator.histogram import CHUNK_ROWS, pdf_cdf_at, pdf_quantiles
 
 __all__ = [
     "MetricInputError",
@@ -160,7 +159,7 @@ def pdf_cdf(pdf, bin_edges, x, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     for s in range(0, p.shape[0], chunk_rows):
         m = _normalised(p[s : s + chunk_rows])
         for col in range(x2.shape[1]):
-            out[s : s + chunk_rows, col] = cdf_at(m, edges, x2[s : s + chunk_rows, col])
+            out[s : s + chunk_rows, col] = pdf_cdf_at(m, edges, x2[s : s + chunk_rows, col])
     return out.reshape(xv.shape)
 
 
@@ -179,9 +178,7 @@ def pdf_quantile(pdf, bin_edges, q, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     q1 = np.atleast_1d(qv)
     out = np.empty((p.shape[0], q1.size))
     for s in range(0, p.shape[0], chunk_rows):
-        m = _normalised(p[s : s + chunk_rows])
-        for col, qk in enumerate(q1):
-            out[s : s + chunk_rows, col] = quantile_of(m, edges, float(qk))
+        out[s : s + chunk_rows] = pdf_quantiles(_normalised(p[s : s + chunk_rows]), edges, q1)
     return out[:, 0] if qv.ndim == 0 else out
 
 

@@ -33,14 +33,17 @@ def read_dumps(paths) -> list:
     return frames
 
 
-def frame_fingerprints(calc, frames, top_atoms: int = 16) -> np.ndarray:
-    """Mean latent vector (from the ``LTAUCalculator`` ``calc``) of each frame's ``top_atoms`` most uncertain atoms."""
+def frame_fingerprints(model, frames, top_atoms: int = 16) -> np.ndarray:
+    """Mean latent vector (``model``'s, through ``ltau_lmp.prediction``) of each frame's ``top_atoms``
+    most uncertain atoms."""
+    from ltau_lmp.prediction import predict_frames
+
+    latent = predict_frames(model, frames, forces=False).latent
+    starts = np.cumsum([0] + [len(atoms) for atoms in frames])
     prints = []
-    for atoms in frames:
-        calc.calculate(atoms, ["energy"])
-        latent = calc.results["latent"]
+    for atoms, start in zip(frames, starts):
         worst = np.argsort(atoms.arrays[SCORE_ARRAY])[::-1][:top_atoms]
-        prints.append(latent[worst].mean(axis=0))
+        prints.append(latent[start + worst].mean(axis=0))
     return np.asarray(prints)
 
 
@@ -83,14 +86,12 @@ def run_selection(dump_paths, model, n: int, out_path, pool_factor: int = 4, ove
     from ase import Atoms
     from ase.io import write
 
-    from ltau_lmp.calculator import LTAUCalculator
     from ltau_lmp.outputs import check_file, output_file
 
     check_file(out_path, "select", overwrite, earlier_selection)
     frames = read_dumps(dump_paths)
-    calc = LTAUCalculator(model)
     scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
-    picked = select_frames(scores, lambda pool: frame_fingerprints(calc, [frames[i] for i in pool]), n,
+    picked = select_frames(scores, lambda pool: frame_fingerprints(model, [frames[i] for i in pool]), n,
                            pool_factor)
     out = []
     for i in picked:

@@ -12,8 +12,8 @@ from ltau_lmp.errors import ConfigError
 
 def _add_log_options(p: argparse.ArgumentParser) -> None:
     """Error-log and estimator options, with the defaults and meaning of ``ltau-lmp train``'s."""
-    from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
     from ltau_lmp.estimator.index import KIND_CHOICES
+    from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
 
     log, est = ErrorLogOptions(), EstimatorOptions()
     p.add_argument("--lo", type=float, default=log.lo, help="lowest error bin edge (eV/Angstrom)")
@@ -27,7 +27,7 @@ def _add_log_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args):
-    from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+    from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
 
     return (ErrorLogOptions(lo=args.lo, hi=args.hi, nbins=args.nbins, skip_epochs=args.skip_epochs),
             EstimatorOptions(index=args.index, k=args.neighbors, false_alarm_rate=args.false_alarm_rate))
@@ -102,26 +102,26 @@ def _mace_train(args) -> int:
 
 def _replay(args) -> int:
     from ltau_lmp.data.datasets import read_extxyz
-    from ltau_lmp.estimator import ErrorLog
     from ltau_lmp.estimator.calibration import describe_thresholds
-    from ltau_lmp.integrations.replay import read_training_set, replay, write_estimator
-    from ltau_lmp.outputs import check_dir
+    from ltau_lmp.integrations.replay import read_training_set, replay
+    from ltau_lmp.outputs import check_dir, output_dir
+    from ltau_lmp.pipeline import write_artefacts
 
     log_options, estimator_options = _options(args)
     estimator_options.validate("estimator")
+    log_options.validate("error_log")
     check_dir(args.out_dir, "replay", args.overwrite)
     model = load_model_option(args.model, args)
     frames = read_training_set(args.train_file, args.forces_key)
     reference = read_extxyz(args.reference_file, "reference file") if args.reference_file else []
-    log = ErrorLog.log_spaced(sum(len(a) for a in frames), lo=log_options.lo, hi=log_options.hi,
-                              nbins=log_options.nbins, skip_epochs=log_options.skip_epochs)
-    replay(model, args.checkpoints, frames, log)
-    estimator = write_estimator(
-        args.out_dir, model, frames, log, estimator_options, reference_frames=reference,
-        metadata={"model_file": str(args.model), "epochs": log.epoch,
-                  "skip_epochs": log_options.skip_epochs, "replayed": True},
-        summary={"model_file": str(args.model), "epochs": log.epoch,
-                 "checkpoints": [str(p) for p in args.checkpoints]}, kind="replay", overwrite=args.overwrite)
+    log = replay(model, args.checkpoints, frames, log_options.new_log(sum(len(a) for a in frames)))
+    with output_dir(args.out_dir, "replay", args.overwrite) as tmp:
+        estimator = write_artefacts(
+            tmp, model, frames, log, estimator_options, reference_frames=reference,
+            provenance={"model_file": str(args.model), "epochs": log.epoch,
+                        "skip_epochs": log_options.skip_epochs, "replayed": True},
+            summary={"model_file": str(args.model), "epochs": log.epoch,
+                     "checkpoints": [str(p) for p in args.checkpoints]}).estimator
     print(json.dumps({"out_dir": str(args.out_dir), "model_hash": model.card.model_hash,
                       "atoms": log.n_samples, "epochs": log.epoch}, indent=1))
     print(describe_thresholds(estimator.alarm_thresholds, remedy="give --reference-file"))

@@ -46,8 +46,8 @@ import torch
 from ase import Atoms
 
 from ltau_lmp.errors import LTAUError
-from ltau_lmp.integrations.replay import REF_FORCES, write_estimator
-from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
+from ltau_lmp.integrations.replay import REF_FORCES
 
 ID_KEY = "ltau_atom_id"
 
@@ -81,7 +81,7 @@ class _Logging:
         self.epoch = 0
 
     def tag_training_set(self, configs) -> None:
-        from ltau_lmp.training.trainer import ErrorLogger
+        from ltau_lmp.pipeline import ErrorLogger
 
         if self.frames is not None:
             raise LTAUError("MACE loaded a second training set (multi-head training or fine-tuning): "
@@ -214,17 +214,17 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
     """
     from mace.cli import run_train
 
-    from ltau_lmp.estimator import ErrorLog, log_spaced_edges
     from ltau_lmp.model import load_model
-    from ltau_lmp.outputs import check_dir
+    from ltau_lmp.outputs import check_dir, output_dir
+    from ltau_lmp.pipeline import write_artefacts
 
     log_options, estimator_options = error_log or ErrorLogOptions(), estimator or EstimatorOptions()
     estimator_options.validate("estimator")
-    edges = log_spaced_edges(log_options.lo, log_options.hi, log_options.nbins)
+    log_options.validate("error_log")
     args = parse_mace_args(mace_args)
     out_dir = Path(args.work_dir) / "ltau" if out_dir is None else Path(out_dir)
     check_dir(out_dir, "mace-train", overwrite)
-    state = _Logging(lambda n: ErrorLog(n, edges, skip_epochs=log_options.skip_epochs), on_step)
+    state = _Logging(log_options.new_log, on_step)
     start = time.perf_counter()
     with restoring_process_state(), _hooks(state):
         run_train.run(args)
@@ -237,11 +237,11 @@ def train_with_ltau(mace_args: Sequence[str], out_dir: str | Path | None = None,
     # The file this run just wrote, on the training device for the pass over the training set.
     model = load_model(model_path, map_location=args.device, family="mace", allow_pickle=True)
     log = state.logger.error_log
-    built = write_estimator(
-        out_dir, model, state.frames, log, estimator_options, reference_frames=state.reference_frames,
-        metadata={"model_file": str(model_path), "epochs": state.epoch,
-                  "skip_epochs": log_options.skip_epochs},
-        summary={"model_file": str(model_path), "epochs": state.epoch, "train_seconds": train_seconds,
-                 "log_seconds": state.logger.seconds}, kind="mace-train", overwrite=overwrite)
+    with output_dir(out_dir, "mace-train", overwrite) as tmp:
+        built = write_artefacts(
+            tmp, model, state.frames, log, estimator_options, reference_frames=state.reference_frames,
+            provenance={"model_file": str(model_path), "epochs": state.epoch, "skip_epochs": log_options.skip_epochs},
+            summary={"model_file": str(model_path), "epochs": state.epoch, "train_seconds": train_seconds,
+                     "log_seconds": state.logger.seconds}).estimator
     return MaceTrainResult(model_path, out_dir, built.metadata["model_hash"], log, built, state.frames,
                            state.reference_frames)

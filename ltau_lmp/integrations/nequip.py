@@ -21,8 +21,8 @@ What it does, with Lightning hooks only (no nequip code copied or changed):
 * ``on_fit_end`` saves the final state as a Lightning checkpoint ``out_dir/model.ckpt`` (what
   ``load_model`` / ``pair_style ltau`` load: nequip's evaluation model, EMA weights if the
   training module keeps them) and builds the estimator from that model's latents over the
-  training set (``ltau_lmp.integrations.replay.fill_output_dir``: error_log.npz,
-  descriptors.npy, estimator/, train_set.xyz, reference_set.xyz, summary.json).
+  training set (``ltau_lmp.pipeline.write_artefacts``: error_log.npz, descriptors.npy,
+  estimator/, train_set.xyz, reference_set.xyz, summary.json).
 
 The wrapper and the hook draw no random numbers and change no tensor the trainer uses, so
 training is unchanged (same losses and validation metrics as a plain run). Not supported
@@ -42,8 +42,8 @@ from ase import Atoms
 from torch.utils.data import Dataset
 
 from ltau_lmp.errors import LTAUError
-from ltau_lmp.integrations.replay import REF_FORCES, fill_output_dir
-from ltau_lmp.training.config import ErrorLogOptions, EstimatorOptions
+from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
+from ltau_lmp.integrations.replay import REF_FORCES
 
 ID_KEY = "ltau_atom_id"
 
@@ -104,6 +104,7 @@ class LTAUCallback(lightning.Callback):
         self.log_options = ErrorLogOptions(lo=lo, hi=hi, nbins=nbins, skip_epochs=skip_epochs)
         self.estimator_options = EstimatorOptions(index=index, k=k, false_alarm_rate=false_alarm_rate)
         self.estimator_options.validate("LTAUCallback")
+        self.log_options.validate("LTAUCallback")
         self.build_estimator = build_estimator
         self.overwrite = overwrite
         self.frames: list[Atoms] = []
@@ -119,9 +120,8 @@ class LTAUCallback(lightning.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         from nequip.data import register_fields
 
-        from ltau_lmp.estimator import ErrorLog
         from ltau_lmp.outputs import check_dir
-        from ltau_lmp.training.trainer import ErrorLogger
+        from ltau_lmp.pipeline import ErrorLogger
 
         if stage != "fit":
             return
@@ -152,9 +152,7 @@ class LTAUCallback(lightning.Callback):
                                  for d, dataset in enumerate(datamodule.val_dataset) for k in range(len(dataset))]
         register_fields(node_fields=[ID_KEY], long_fields=[ID_KEY])
         datamodule.train_dataset = self._tagged = tagged
-        options = self.log_options
-        self.logger = ErrorLogger(ErrorLog.log_spaced(offset, lo=options.lo, hi=options.hi, nbins=options.nbins,
-                                                      skip_epochs=options.skip_epochs))
+        self.logger = ErrorLogger(self.log_options.new_log(offset))
         self.setup_seconds = time.perf_counter() - start
 
     @staticmethod
@@ -199,6 +197,7 @@ class LTAUCallback(lightning.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         from ltau_lmp.model import load_model
         from ltau_lmp.outputs import output_dir
+        from ltau_lmp.pipeline import write_artefacts
 
         if self._hook is not None:
             self._hook.remove()
@@ -213,9 +212,9 @@ class LTAUCallback(lightning.Callback):
                 return
             # the checkpoint this callback just wrote, loaded the way pair_style ltau loads it
             model = load_model(tmp / model_path.name, map_location=pl_module.device, allow_pickle=True)
-            fill_output_dir(
+            write_artefacts(
                 tmp, model, self.frames, log, self.estimator_options, reference_frames=self.reference_frames,
-                metadata={"model_file": str(model_path), "epochs": log.epoch,
-                          "skip_epochs": self.log_options.skip_epochs},
+                provenance={"model_file": str(model_path), "epochs": log.epoch,
+                            "skip_epochs": self.log_options.skip_epochs},
                 summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.log_seconds,
                          "setup_seconds": self.setup_seconds, "epoch_seconds": self.epoch_seconds})

@@ -8,13 +8,13 @@ the end of each saved epoch (with an EMA, the averaged weights), not those of ea
 forward pass; only saved epochs count (MACE saves every ``--eval_interval`` epochs).
 
 The training set is a list of ``ase.Atoms`` whose ``arrays[REF_FORCES]`` hold the reference
-forces; atom ids are positions in the concatenation of the frames, in order.
+forces; atom ids are positions in the concatenation of the frames, in order. The replayed log
+and the final model become the same artefacts as a live run's (``ltau_lmp.pipeline``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
-from ltau_lmp.model import MACEForceField, ModelOutput, NequIPForceField, evaluate, neighbor_list, species_indices
-from ltau_lmp.training.config import EstimatorOptions
+from ltau_lmp.errors import ConfigError, FileFormatError
+from ltau_lmp.model import MACEForceField, NequIPForceField
+from ltau_lmp.prediction import predict_frames
 
 REF_FORCES = "REF_forces"
 # MACE: {name}_run-{seed}_epoch-{N}[_swa].pt; nequip (Lightning ModelCheckpoint with filename
@@ -61,35 +61,12 @@ def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> 
     return frames
 
 
-def frame_outputs(model, frames: Sequence[Atoms], forces: bool = True) -> Iterator[ModelOutput]:
-    """``evaluate`` of each frame on its own periodic neighbour list (images through shifts), on the
-    model's device."""
-    card = model.card
-    species = list(card.species)
-    device = next(model.parameters()).device
-    for atoms in frames:
-        centers, neighbors, shifts = neighbor_list(atoms, card.cutoff)
-        inputs = (atoms.positions, species_indices(atoms, species), centers, neighbors, shifts)
-        yield evaluate(model, *(torch.as_tensor(x, device=device) for x in inputs), len(atoms), forces=forces)
-
-
 def force_errors(model, frames: Sequence[Atoms]) -> np.ndarray:
     """‖F_model − F_ref‖ per atom (eV/Å), concatenated in frame order (= training atom ids).
 
-    Computed in the model's dtype, as a training step computes it.
+    Computed in the model's dtype, as a training step computes it (``ltau_lmp.prediction``).
     """
-    errors = []
-    for atoms, out in zip(frames, frame_outputs(model, frames)):
-        reference = torch.as_tensor(atoms.arrays[REF_FORCES], dtype=out.forces.dtype, device=out.forces.device)
-        errors.append(torch.linalg.vector_norm(out.forces - reference, dim=1).cpu().numpy())
-    return np.concatenate(errors)
-
-
-@torch.no_grad()
-def latents(model, frames: Sequence[Atoms]) -> np.ndarray:
-    """Latent vectors (float32, the estimator's descriptors) of every atom, in training id order."""
-    return np.concatenate([out.latent.cpu().numpy().astype(np.float32)
-                           for out in frame_outputs(model, frames, forces=False)])
+    return predict_frames(model, frames, [atoms.arrays[REF_FORCES] for atoms in frames], forces=False).errors
 
 
 def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Path]]:
@@ -168,59 +145,3 @@ def replay(model, checkpoints: Sequence[str | os.PathLike], frames: Sequence[Ato
         error_log.update(ids, errors)
         error_log.end_epoch()
     return error_log
-
-
-def write_estimator(out_dir: str | os.PathLike, model, frames: Sequence[Atoms], error_log,
-                    options: EstimatorOptions, metadata: dict, summary: dict,
-                    reference_frames: Sequence[Atoms] = (), kind: str = "replay", overwrite: bool = False):
-    """Build the estimator from ``model``'s latents over ``frames`` and ``error_log``; write the outputs.
-
-    ``options``: ``EstimatorOptions`` (index kind, k, false-alarm rate). ``reference_frames``:
-    held-out in-domain structures (a validation set) that calibrate the ``ood`` p-value and the
-    alarm thresholds; without them the estimator has neither.
-    ``out_dir`` receives error_log.npz, descriptors.npy (``ltau-lmp build-estimator`` can rebuild
-    with other options), estimator/, train_set.xyz (the training set in id order, with
-    ``REF_FORCES``), with reference frames reference_set.xyz and reference_descriptors.npy, and
-    summary.json (``summary`` plus the model card, the log's summary and the alarm thresholds).
-    They are written into a temporary sibling renamed at the end; an existing ``out_dir`` is
-    replaced only when it is an earlier output of ``kind`` (the command writing it) and
-    ``overwrite`` is given (``ltau_lmp.outputs``).
-    Returns the estimator; its metadata records the card's ``model_hash``.
-    """
-    from ltau_lmp.outputs import output_dir
-
-    with output_dir(out_dir, kind, overwrite) as tmp:
-        return fill_output_dir(tmp, model, frames, error_log, options, metadata, summary, reference_frames)
-
-
-def fill_output_dir(directory: Path, model, frames: Sequence[Atoms], error_log, options: EstimatorOptions,
-                    metadata: dict, summary: dict, reference_frames: Sequence[Atoms] = ()):
-    """``write_estimator``'s files, written into ``directory``, a folder the caller owns (the temporary
-    sibling of ``ltau_lmp.outputs.output_dir``)."""
-    from ase.io import write
-
-    from ltau_lmp.estimator import LTAUEstimator, card_metadata
-
-    card = model.card
-    descriptors = latents(model, frames)
-    reference = latents(model, reference_frames) if len(reference_frames) else None
-    try:
-        estimator = LTAUEstimator.build(
-            descriptors, error_log, index=options.index, k=options.k,
-            metadata={**card_metadata(card), "units": "eV/Angstrom",
-                      "error": "per-atom force error norm", **metadata},
-            reference_descriptors=reference, false_alarm_rate=options.false_alarm_rate)
-    except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)
-        raise LTAUError(f"cannot build the LTAU estimator: {exc}") from exc
-    error_log.save(directory / "error_log.npz")
-    np.save(directory / "descriptors.npy", descriptors)
-    estimator.save(directory / "estimator")
-    write(directory / "train_set.xyz", list(frames), format="extxyz")
-    if reference is not None:
-        np.save(directory / "reference_descriptors.npy", reference)
-        write(directory / "reference_set.xyz", list(reference_frames), format="extxyz")
-    summary = {**summary, "model_card": card.to_dict(), "structures": len(frames),
-               "reference_structures": len(reference_frames), "error_log": error_log.summary(),
-               "alarm_thresholds": estimator.alarm_thresholds}
-    (directory / "summary.json").write_text(json.dumps(summary, indent=1))
-    return estimator

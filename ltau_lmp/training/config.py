@@ -1,4 +1,6 @@
-"""Options of ``ltau-lmp train`` (the ``train:`` section of a YAML config), all documented here.
+"""Options of ``ltau-lmp train`` (the ``train:`` section of a YAML config), all documented here;
+its ``error_log`` and ``estimator`` sections are the records every builder shares
+(``ltau_lmp.estimator.options``).
 
 Relative paths are relative to the config file's folder.  Unknown keys raise ``ConfigError``.
 """
@@ -10,9 +12,7 @@ from pathlib import Path
 
 from ltau_lmp.data.config import from_dict, load_section, resolve
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.estimator.calibration import DEFAULT_FALSE_ALARM_RATE, check_rate
-from ltau_lmp.estimator.estimator import DEFAULT_K
-from ltau_lmp.estimator.index import DEFAULT_KIND, KIND_CHOICES
+from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
 
 SCHEDULES = ("plateau", "cosine", "none")
 
@@ -43,34 +43,6 @@ class ModelOptions:
 
 
 @dataclass
-class ErrorLogOptions:
-    lo: float = 1e-3  # lowest bin edge of the per-atom force-error histograms (eV/Angstrom)
-    hi: float = 10.0  # highest bin edge; errors outside [lo, hi] are clamped into the end bins
-    nbins: int = 100  # log-spaced bins
-    skip_epochs: int = 0  # first epochs not counted (the early, fast-changing trajectory)
-
-
-@dataclass
-class EstimatorOptions:
-    index: str = DEFAULT_KIND  # faiss index kind: auto | flat (exact) | ivf | hnsw | ivfpq (ltau_lmp.estimator.index)
-    k: int = DEFAULT_K  # nearest neighbours averaged per query
-    # in-domain false-alarm rate per evaluation of all watched atoms (halt auto), of thresholds
-    # calibrated on the validation atoms (ltau_lmp.estimator.calibration)
-    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
-
-    def validate(self, where: str) -> None:
-        """Checked before training: a bad index kind must not surface only after the last epoch."""
-        if self.index not in KIND_CHOICES:
-            raise ConfigError(f"{where}.index: {self.index!r} is not one of {list(KIND_CHOICES)}")
-        if self.k < 1:
-            raise ConfigError(f"{where}.k must be >= 1, got {self.k}")
-        try:
-            check_rate(self.false_alarm_rate)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.{exc}") from None
-
-
-@dataclass
 class TrainConfig:
     """The ``train:`` section of a config file."""
 
@@ -89,8 +61,8 @@ class TrainConfig:
     force_weight: float = 1.0  # weight of the force-component MSE ((eV/Angstrom)^2)
     data: DataOptions = field(default_factory=DataOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
-    error_log: ErrorLogOptions = field(default_factory=ErrorLogOptions)
-    estimator: EstimatorOptions = field(default_factory=EstimatorOptions)
+    error_log: ErrorLogOptions = field(default_factory=ErrorLogOptions)  # bins, skipped epochs (ltau_lmp.estimator.options)
+    estimator: EstimatorOptions = field(default_factory=EstimatorOptions)  # index, k, false-alarm rate, ...
 
     def validate(self, where: str) -> None:
         if self.schedule not in SCHEDULES:

@@ -4,17 +4,15 @@ The per-atom errors come from the forward pass that computes the loss (detached,
 model call), so logging costs only a norm and a histogram update per batch.  Atoms are keyed by
 their global id in the training set, so shuffling and batching do not matter.  After training,
 the final model's latent features of all training atoms and the error log make the estimator;
-the validation atoms, held out of it, calibrate its out-of-domain p-value and alarm thresholds.
-
-External trainers reuse ``ErrorLogger``: call ``logger.log(atom_ids, predicted, reference)``
-after each loss evaluation and ``logger.end_epoch()`` after each epoch.
+the validation atoms, held out of it, calibrate its out-of-domain p-value and alarm thresholds
+(``ltau_lmp.pipeline``: ``ErrorLogger`` during training, ``write_artefacts`` after it, as for
+every other trainer).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import sys
 import time
@@ -26,36 +24,14 @@ import torch
 
 from ltau_lmp.data.datasets import AtomsDataset, read_frames
 from ltau_lmp.errors import ConfigError, LTAUError
-from ltau_lmp.prediction import latent_features, predict_batch
+from ltau_lmp.pipeline import ErrorLogger, write_artefacts
+from ltau_lmp.prediction import predict_batch
 from ltau_lmp.training.config import TrainConfig, resolve
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_energy_rmse", "train_force_rmse",
     "val_loss", "val_energy_rmse", "val_force_rmse", "train_seconds", "val_seconds", "log_seconds",
 ]
-
-
-class ErrorLogger:
-    """Feeds per-atom force errors ‖F_pred − F_ref‖ (eV/Angstrom) into an ``ErrorLog``.
-
-    Works with any trainer: pass the predicted forces of the loss's forward pass (detached here),
-    the reference forces and each atom's stable global id.  ``seconds`` accumulates the time
-    spent, so the logging overhead can be reported.
-    """
-
-    def __init__(self, error_log):
-        self.error_log = error_log
-        self.seconds = 0.0
-
-    def log(self, atom_ids, predicted: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
-        start = time.perf_counter()
-        errors = torch.linalg.vector_norm(predicted.detach() - reference, dim=1).cpu().numpy()
-        self.error_log.update(np.asarray(atom_ids), errors)
-        self.seconds += time.perf_counter() - start
-        return errors
-
-    def end_epoch(self) -> None:
-        self.error_log.end_epoch()
 
 
 @dataclass
@@ -217,10 +193,7 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
     """
     from tqdm import tqdm
 
-    from ltau_lmp.estimator import ErrorLog
-
-    error_log = ErrorLog.log_spaced(train_set.total_atoms, lo=cfg.error_log.lo, hi=cfg.error_log.hi,
-                                    nbins=cfg.error_log.nbins, skip_epochs=cfg.error_log.skip_epochs)
+    error_log = cfg.error_log.new_log(train_set.total_atoms)
     logger = ErrorLogger(error_log)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = _scheduler(cfg, optimizer)
@@ -268,44 +241,34 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
 
 def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset, val_set: AtomsDataset | None,
            fitted: FitResult, out_dir: Path, base_dir: Path) -> TrainResult:
-    """Write model.pt, error_log.npz, descriptors.npy, reference_descriptors.npy (validation atoms),
-    estimator/ and summary.json (with test scores and the recommended alarm thresholds)."""
-    from ltau_lmp.estimator import LTAUEstimator, card_metadata
+    """Write model.pt, then the artefacts (``ltau_lmp.pipeline.write_artefacts``): error_log.npz,
+    descriptors.npy, reference_descriptors.npy (validation atoms), estimator/ and summary.json (with
+    test scores and the recommended alarm thresholds)."""
     from ltau_lmp.model import save_model
 
     error_log, metrics = fitted.error_log, fitted.metrics
-    features = latent_features(model, train_set, cfg.batch_size)
     model_hash = save_model(model, out_dir / "model.pt")
-    error_log.save(out_dir / "error_log.npz")
-    # Both let `ltau-lmp build-estimator` rebuild with other options.
-    np.save(out_dir / "descriptors.npy", features)
-    reference = None
-    if val_set is not None:
-        reference = latent_features(model, val_set, cfg.batch_size)
-        np.save(out_dir / "reference_descriptors.npy", reference)
-    estimator = LTAUEstimator.build(
-        features, error_log, index=cfg.estimator.index, k=cfg.estimator.k,
-        metadata={**card_metadata(model.card), "units": "eV/Angstrom", "error": "per-atom force error norm",
-                  "train_file": str(data.path), "train_structures": data.train_idx.tolist(),
-                  "reference_structures": data.val_idx.tolist(),
-                  "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs},
-        reference_descriptors=reference, false_alarm_rate=cfg.estimator.false_alarm_rate)
-    estimator.save(out_dir / "estimator")
-
     summary = {
         "model_hash": model_hash, "epochs": len(metrics), "best_epoch": fitted.best_epoch,
         "train_seconds": fitted.seconds, "n_train_structures": len(data.train_idx),
         "n_val_structures": len(data.val_idx), "n_train_atoms": train_set.total_atoms,
         "train_structures": data.train_idx.tolist(), "val_structures": data.val_idx.tolist(),
         "log_overhead_fraction": sum(r["log_seconds"] for r in metrics) / sum(r["train_seconds"] for r in metrics),
-        "error_log": error_log.summary(), "alarm_thresholds": estimator.alarm_thresholds, "test": {},
+        "test": {},
     }
     for name, path in cfg.data.test.items():
         test_set = AtomsDataset(read_frames(resolve(path, base_dir)), model.species, model.cutoff, model.dtype)
         e_rmse, f_rmse = evaluate_dataset(model, test_set, cfg.batch_size)
         summary["test"][name] = {"energy_rmse": e_rmse, "force_rmse": f_rmse, "n_atoms": test_set.total_atoms}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return TrainResult(model, error_log, estimator, metrics, summary, out_dir)
+    # descriptors.npy and reference_descriptors.npy let `ltau-lmp build-estimator` rebuild with other options
+    artefacts = write_artefacts(
+        out_dir, model, train_set.frames, error_log, cfg.estimator,
+        reference_frames=val_set.frames if val_set is not None else (),
+        provenance={"train_file": str(data.path), "train_structures": data.train_idx.tolist(),
+                    "reference_structures": data.val_idx.tolist(),
+                    "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs},
+        summary=summary, save_frames=False, batch_size=cfg.batch_size)
+    return TrainResult(model, error_log, artefacts.estimator, metrics, artefacts.summary, out_dir)
 
 
 def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True,

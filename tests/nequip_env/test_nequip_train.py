@@ -14,7 +14,8 @@ from conftest import nequip_train, validation_metrics  # noqa: E402
 from ltau_lmp.errors import LTAUError  # noqa: E402
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
 from ltau_lmp.integrations.nequip import LTAUCallback  # noqa: E402
-from ltau_lmp.integrations.replay import force_errors, latents, read_training_set, replay  # noqa: E402
+from ltau_lmp.integrations.replay import force_errors, read_training_set, replay  # noqa: E402
+from ltau_lmp.prediction import predict_frames  # noqa: E402
 from ltau_lmp.model import load_model  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def test_estimator_belongs_to_the_saved_model(nequip_run):
     estimator = LTAUEstimator.load(out / "estimator")
     assert estimator.metadata["model_hash"] == model.card.model_hash
     frames = read_training_set(out / "train_set.xyz")
-    np.testing.assert_array_equal(np.load(out / "descriptors.npy"), latents(model, frames))
+    np.testing.assert_array_equal(np.load(out / "descriptors.npy"), predict_frames(model, frames, forces=False).latent)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reference_structures"] == 4 and summary["epochs"] == 3
 
