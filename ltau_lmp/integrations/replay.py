@@ -25,14 +25,12 @@ import torch
 from ase import Atoms
 
 from ltau_lmp.errors import ConfigError, FileFormatError
-from ltau_lmp.model import MACEForceField, NequIPForceField
 from ltau_lmp.prediction import predict_frames
 
 REF_FORCES = "REF_forces"
 # MACE: {name}_run-{seed}_epoch-{N}[_swa].pt; nequip (Lightning ModelCheckpoint with filename
 # "NAME_epoch-{epoch}", auto_insert_metric_name false): NAME_epoch-N.ckpt
 CHECKPOINT_NAME = re.compile(r"_epoch-(\d+)(?:_swa)?\.(?:pt|ckpt)$")
-NEQUIP_PREFIX = "model.sole_model."  # the nequip Lightning module's path to its model
 
 
 def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> list[Atoms]:
@@ -104,31 +102,20 @@ def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
                   frames: Sequence[Atoms]) -> Iterator[tuple[int, Path, np.ndarray]]:
     """(epoch, checkpoint, per-atom force errors) for each checkpoint, in epoch order.
 
-    Checkpoints hold a state dict (alone or under "model", MACE's layout) of the module the
-    trainer optimised: for ``MACEForceField`` the wrapped MACE module; for ``NequIPForceField``
-    a nequip Lightning checkpoint (read with ``weights_only=True``), whose live weights (not
-    EMA) are taken, the weights of that epoch's training steps. ``model`` is not modified.
+    Checkpoints hold the weights of the module the trainer optimised (``model.trainable``), read
+    with ``weights_only=True`` and loaded by ``model.load_checkpoint``: a state dict, alone or under
+    "model" (MACE's layout), or a nequip Lightning checkpoint, whose live weights (not EMA) are
+    taken, the weights of that epoch's training steps. ``model`` is not modified.
     """
     work = copy.deepcopy(model)
-    if isinstance(work, MACEForceField):
-        target = work.mace
-    elif isinstance(work, NequIPForceField):
-        target = work.graph_model
-    else:
-        target = work
-    device = next(target.parameters()).device
+    device = next(work.trainable.parameters()).device
     for epoch, path in checkpoint_files(checkpoints):
         try:
             payload = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises many types for damaged files
             raise FileFormatError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
-        if isinstance(work, NequIPForceField):
-            lightning_state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
-            state = {k[len(NEQUIP_PREFIX):]: v for k, v in lightning_state.items() if k.startswith(NEQUIP_PREFIX)}
-        else:
-            state = payload["model"] if isinstance(payload, dict) and "model" in payload else payload
         try:
-            target.load_state_dict(state)
+            work.load_checkpoint(payload)
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise FileFormatError(f"checkpoint {path}: its weights do not fit the model "
                                   f"({str(exc).splitlines()[0]})") from exc
