@@ -1,5 +1,5 @@
 """The model contract: what every force field declares (``ForceField``) and the one force formulation
-(``evaluate``) that the ASE calculator, the trainer's loss, ``ltau_lmp.prediction`` (evaluate,
+(``evaluate``) that the ASE calculator, ``ltau_lmp.prediction`` (the trainer's loss, evaluate,
 select, replay, the artefact writer) and the LAMMPS pair style share.
 
 Forward contract (doc/architecture.md, "Model contract")::
