@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ltau_lmp.data.datasets import Batch
-from ltau_lmp.model import ModelOutput, evaluate, neighbor_list, species_indices
+from ltau_lmp.model import neighbor_list, species_indices
+from ltau_lmp.model.contract import ModelOutput, evaluate
 
 BATCH_SIZE = 8  # frames per model call
 

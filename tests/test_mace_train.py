@@ -68,7 +68,7 @@ def validation_losses(work_dir):
     return [json.loads(line)["loss"] for line in lines if json.loads(line)["mode"] == "eval"]
 
 
-CLI = ("import argparse, sys; from ltau_lmp.integrations.cli import register; "
+CLI = ("import argparse, sys; from ltau_lmp.cli.integrations import register; "
        "p = argparse.ArgumentParser(); register(p.add_subparsers()); a = p.parse_args(); sys.exit(a.func(a))")
 
 

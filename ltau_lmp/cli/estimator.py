@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ltau_lmp.cli import add_model_options, load_model_option
+from ltau_lmp.cli.options import add_model_options, load_model_option
 from ltau_lmp.errors import ConfigError, FileFormatError
 
 
