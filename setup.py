@@ -46,8 +46,10 @@ plugin_dir = os.path.join("ltau_lmp", "lammps", "plugin")
 setup(
     ext_modules=[Extension(
         PLUGIN,
-        sources=[os.path.join(plugin_dir, "ltau_plugin.cpp")],
-        depends=[os.path.join(plugin_dir, h) for h in ("lammpsplugin.h", "ltau_abi.h")],
+        sources=[os.path.join(plugin_dir, f) for f in ("ltau_plugin.cpp", "ltau_bridge.cpp", "pair_ltau.cpp",
+                                                        "fix_ltau.cpp")],
+        depends=[os.path.join(plugin_dir, h) for h in ("lammpsplugin.h", "ltau_abi.h", "ltau_bridge.h",
+                                                       "pair_ltau.h", "fix_ltau.h")],
         include_dirs=[plugin_dir, lmp_inc, mpi_inc],
         define_macros=[("LAMMPS_SMALLBIG", None),
                        ("LTAU_LIBPYTHON", f'"{_libpython()}"'),

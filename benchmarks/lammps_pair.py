@@ -78,19 +78,20 @@ def bridge_overhead(model: str, steps: int) -> tuple[float, float, float, int]:
     """
     import torch
 
-    from ltau_lmp.lammps import runtime
+    from ltau_lmp.lammps import pair
+    from ltau_lmp.lammps.abi import view
     from ltau_lmp.lammps.driver import create_lammps
 
     c = {}
-    compute = runtime.PairRuntime.compute
+    compute = pair.PairRuntime.compute
 
     def capture(self, a):
         nall = a.nlocal + a.nghost
         c.update(model=self.model, nlocal=a.nlocal,
-                 pos=torch.from_numpy(runtime._view(a.x, (nall, 3)).copy()),
-                 species=torch.from_numpy(self.type2species[runtime._view(a.type, (nall,))]),
-                 centers=torch.from_numpy(runtime._view(a.centers, (a.nedges,)).copy()),
-                 neighbors=torch.from_numpy(runtime._view(a.neighbors, (a.nedges,)).copy()))
+                 pos=torch.from_numpy(view(a.x, (nall, 3)).copy()),
+                 species=torch.from_numpy(self.type2species[view(a.type, (nall,))]),
+                 centers=torch.from_numpy(view(a.centers, (a.nedges,)).copy()),
+                 neighbors=torch.from_numpy(view(a.neighbors, (a.nedges,)).copy()))
         return compute(self, a)
 
     def bare_positions():
@@ -103,12 +104,12 @@ def bridge_overhead(model: str, steps: int) -> tuple[float, float, float, int]:
         energy, _ = c["model"](c["pos"], c["species"], c["centers"], c["neighbors"], offset, c["nlocal"])
         torch.autograd.grad(energy.sum(), offset)
 
-    runtime.PairRuntime.compute = capture
+    pair.PairRuntime.compute = capture
     try:
         lmp = create_lammps(log="none", screen=False)
         lmp.commands_string(si_script(8, _pair(model), temperature=300) + "run 0\n")
     finally:
-        runtime.PairRuntime.compute = compute
+        pair.PairRuntime.compute = compute
     natoms = lmp.get_natoms()
     best = [float("inf")] * 3
     for _ in range(steps + 1):   # first round is warm-up

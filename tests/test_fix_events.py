@@ -8,8 +8,9 @@ from ase.io import read
 from ltau_lmp.errors import LTAUError
 from ltau_lmp.lammps.events import FrameDump, StepLog
 from ltau_lmp.lammps import abi
-from ltau_lmp.lammps.fix import FixOptions, Persistence
-from ltau_lmp.lammps.runtime import PairOptions
+from ltau_lmp.lammps.fix_decision import Persistence
+from ltau_lmp.lammps.fix_options import FixOptions
+from ltau_lmp.lammps.pair import PairOptions
 
 
 def test_parse_all_keywords():

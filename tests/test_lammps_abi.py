@@ -90,8 +90,8 @@ def test_version_mismatch_is_refused_by_both_sides(monkeypatch):
             lmp.commands_string("units metal\nregion b block 0 5 0 5 0 5\ncreate_box 1 b\npair_style ltau\n")
     finally:
         # put the real table back for the rest of the session
-        from ltau_lmp.lammps import runtime
+        from ltau_lmp.lammps import bridge
 
-        table = next(iter(runtime._registered.values()))[1]
+        table = next(iter(bridge._registered.values()))[1]
         lib.ltau_set_callbacks(ctypes.byref(table))
         lmp.close()

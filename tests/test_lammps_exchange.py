@@ -30,7 +30,7 @@ from test_mace_adapter import tiny_mace  # noqa: E402
 from ltau_lmp.errors import LTAUError  # noqa: E402
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
 from ltau_lmp.lammps import abi  # noqa: E402
-from ltau_lmp.lammps.runtime import PairOptions, message_passing_mode  # noqa: E402
+from ltau_lmp.lammps.pair import PairOptions, message_passing_mode  # noqa: E402
 from ltau_lmp.model import MACEForceField, ModelCard, evaluate, neighbor_list, species_indices  # noqa: E402
 
 
@@ -69,16 +69,16 @@ WIDE = r"""
 import json
 import numpy as np, torch
 from mpi4py import MPI
-from ltau_lmp.lammps import driver, runtime
+from ltau_lmp.lammps import driver, pair
 
-real_compute, seen = runtime.PairRuntime.compute, {}
+real_compute, seen = pair.PairRuntime.compute, {}
 
 def compute(self, a):
     # the first force call: exchange 300-column rows (3 rounds of the plugin's 128) both ways
     if not seen:
         nall = a.nlocal + a.nghost
         tag = np.ctypeslib.as_array(a.tag, (nall,)).astype(np.float64)
-        exchange = runtime.GhostExchange(a.exchange, self.handle, nall)
+        exchange = pair.GhostExchange(a.exchange, self.handle, nall)
         expected = torch.from_numpy(tag[:, None] * 1000 + np.arange(300.0))
         rows = torch.full((nall, 300), -1.0, dtype=torch.float64)
         rows[:a.nlocal] = expected[:a.nlocal]
@@ -91,7 +91,7 @@ def compute(self, a):
         seen["nall"] = nall
     real_compute(self, a)
 
-runtime.PairRuntime.compute = compute
+pair.PairRuntime.compute = compute
 lmp = driver.create_lammps(log="none", screen=False)
 lmp.file("in.exchange")
 lmp.close()
@@ -119,10 +119,10 @@ def test_exchange_rows_wider_than_a_round_through_relays(files, tmp_path):
 FAILING = r"""
 import sys
 from mpi4py import MPI
-from ltau_lmp.lammps import driver, runtime
+from ltau_lmp.lammps import driver, pair
 
 rank = MPI.COMM_WORLD.Get_rank()
-real_call, real_backward = runtime.GhostExchange.__call__, runtime._GhostRows.backward
+real_call, real_backward = pair.GhostExchange.__call__, pair._GhostRows.backward
 calls = {"n": 0}
 
 def fail_between(self, rows):              # rank 1, before its 2nd exchange
@@ -137,8 +137,8 @@ def fail_in_backward(ctx, grad):           # rank 1, in the backward, before its
     return real_backward(ctx, grad)
 
 with open(f"results.{rank}", "w") as out:
-    for name, cls, attr, patch in (("between", runtime.GhostExchange, "__call__", fail_between),
-                                   ("backward", runtime._GhostRows, "backward", staticmethod(fail_in_backward))):
+    for name, cls, attr, patch in (("between", pair.GhostExchange, "__call__", fail_between),
+                                   ("backward", pair._GhostRows, "backward", staticmethod(fail_in_backward))):
         original = cls.__dict__[attr]
         setattr(cls, attr, patch)
         lmp = driver.create_lammps(log="none", screen=False)

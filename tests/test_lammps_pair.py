@@ -222,16 +222,16 @@ def test_bad_input_stops_both_ranks(case, model_file, data_file, tmp_path):
 RANK1_FAILS = """
 import sys
 from mpi4py import MPI
-from ltau_lmp.lammps import driver, runtime
+from ltau_lmp.lammps import driver, pair
 
 rank = MPI.COMM_WORLD.Get_rank()
 if rank == 1:
-    compute = runtime.PairRuntime.compute
+    compute = pair.PairRuntime.compute
     def failing(self, args):
         if args.step >= 5:
             raise RuntimeError("injected failure on rank 1")
         return compute(self, args)
-    runtime.PairRuntime.compute = failing
+    pair.PairRuntime.compute = failing
 lmp = driver.create_lammps(log="none")
 try:
     lmp.file("in.md")
@@ -254,34 +254,39 @@ def test_exception_on_one_rank_stops_all(model_file, data_file, tmp_path):
 FIX_STANDIN = '''
 import numpy as np
 from mpi4py import MPI
-from ltau_lmp.lammps import driver, runtime
-from ltau_lmp.lammps.fix import FixOptions, HaltCondition
+from ltau_lmp.collective import HaltCondition
+from ltau_lmp.lammps import bridge, driver
+from ltau_lmp.lammps.fix_options import FixOptions
 
 class StandIn:
     """Stand-in for FixLtau (no estimator): column 1 = tag, halt once at 25, error at 45."""
     n_peratom, n_vector = 4, 5
-    def __init__(self, fix_id, args, comm, pair_runtime):
-        self.comm, self.runtime, self.args, self.halted = comm, pair_runtime, args, False
+    def __init__(self, fix_id, args, comm, features):
+        self.comm, self.features, self.args, self.halted = comm, features, args, False
         self.opts = FixOptions.parse(args)
-    def bind(self, pair_runtime):
-        self.runtime = pair_runtime
+    def bind(self, features):
+        self.features = features
     def start(self, step, n_watched):
         return f"stand-in watching {n_watched} atoms from step {step}"
-    def end_of_step(self, step, nlocal, x, tag, mask, groupbit, peratom, global_out, box, periodic, check_halt):
-        assert np.allclose(box, [0, 0, 0, 16.293, 16.293, 16.293, 0, 0, 0]) and periodic == (True,) * 3
-        assert self.runtime.cache.step == step and self.runtime.cache.latent.shape == (nlocal, 16)
-        assert np.array_equal(np.sort(self.runtime.cache.tags), np.sort(tag))
-        peratom[:, 0] = tag
-        peratom[:, 1:] = self.runtime.cache.latent[:, :3]
-        global_out[0] = self.comm.allreduce(float(tag.max(initial=0)), op=MPI.MAX)
-        global_out[1:] = [step, len(self.args), self.comm.allreduce(nlocal), 0, 0]
+    def end_of_step(self, v):
+        step, nlocal = v.step, len(v.tag)
+        assert np.allclose(v.box, [0, 0, 0, 16.293, 16.293, 16.293, 0, 0, 0]) and v.periodic == (True,) * 3
+        assert self.features.step == step and self.features.latent.shape == (nlocal, 16)
+        assert np.array_equal(np.sort(self.features.tags), np.sort(v.tag))
+        # the fix's own arrays: its group, the forces and the types (as the pair's elements)
+        assert v.in_group.all() and v.f.shape == (nlocal, 3) and np.isfinite(v.f).all()
+        assert set(self.features.symbols(v.type)) <= {"Si", "C"}
+        v.peratom[:, 0] = v.tag
+        v.peratom[:, 1:] = self.features.latent[:, :3]
+        v.global_out[0] = self.comm.allreduce(float(v.tag.max(initial=0)), op=MPI.MAX)
+        v.global_out[1:] = [step, len(self.args), self.comm.allreduce(nlocal), 0, 0]
         if step == 45:
             raise ValueError("estimator exploded at step 45")
-        if step == 25 and check_halt and not self.halted:
+        if step == 25 and v.check_halt and not self.halted:
             self.halted = True
             raise HaltCondition("stand-in halt at step 25")
 
-runtime.FixLtau = StandIn
+bridge.FixLtau = StandIn
 lmp = driver.create_lammps(log="none")
 try:
     lmp.file("in.fix")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import ctypes
 from ctypes import POINTER, Structure, c_char, c_char_p, c_double, c_int, c_int32, c_int64, c_void_p
 
+import numpy as np
+
 from ltau_lmp.errors import LTAUError
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 MSGLEN = 2048
 
 # enum ltau_status
@@ -32,7 +34,7 @@ EXCHANGE = ctypes.CFUNCTYPE(c_int32, c_void_p, _PD, c_int32, c_int32)   # ltau_e
 
 
 class PairCoeffArgs(Structure):
-    _fields_ = [("ntypes", c_int32), ("narg", c_int32), ("nsettings", c_int32), ("pad0_", c_int32),
+    _fields_ = [("ntypes", c_int32), ("narg", c_int32), ("nsettings", c_int32), ("fcomm", c_int32),
                 ("arg", POINTER(c_char_p)), ("settings", POINTER(c_char_p)), ("cutoff", c_double),
                 ("receptive_field", c_double), ("message_passing", c_int32), ("pad_", c_int32)]
 
@@ -59,8 +61,16 @@ class FixInitArgs(Structure):
 
 class FixStepArgs(Structure):
     _fields_ = [("step", c_int64), ("nlocal", c_int32), ("groupbit", c_int32), ("x", _PD),
-                ("tag", _PI32), ("mask", _PI32), ("peratom", _PD), ("global_", _PD),
+                ("f", _PD), ("type", _PI32), ("tag", _PI32), ("mask", _PI32), ("peratom", _PD),
+                ("global_", _PD),
                 ("box", c_double * 9), ("periodic", c_int32 * 3), ("check_halt", c_int32)]
+
+
+def view(ptr, shape, dtype=None) -> np.ndarray:
+    """Zero-copy numpy view of a LAMMPS array; an empty array when nothing is there (NULL)."""
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype=dtype or np.float64)
+    return np.ctypeslib.as_array(ptr, shape=shape)
 
 
 def _callback(args_type):

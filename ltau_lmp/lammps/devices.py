@@ -10,23 +10,25 @@ import os
 import torch
 
 
-def local_rank() -> tuple[int, int]:
-    """(rank, size) among the ranks of this node, from the launcher's environment."""
-    for rank_var, size_var in (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-                               ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-                               ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
-        if rank_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1").split("(")[0])
-    return 0, 1
+def local_rank(comm=None) -> tuple[int, int]:
+    """(rank, size) among the ranks of ``comm`` (default COMM_WORLD) on this node, for any
+    launcher: MPI's shared-memory split. Collective over ``comm``."""
+    from mpi4py import MPI
+
+    node = (comm or MPI.COMM_WORLD).Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
 
 
-def select_device() -> torch.device:
-    """One GPU per rank (by local rank) when CUDA is available, else the CPU.
+def select_device(comm=None) -> torch.device:
+    """One GPU per rank (by local rank) when CUDA is available, else the CPU. Collective.
 
     On the CPU the cores are shared out between the ranks of the node, unless the user set
     OMP_NUM_THREADS (torch already honours it); oversubscription slows every rank down.
     """
-    rank, size = local_rank()
+    rank, size = local_rank(comm)
     if torch.cuda.is_available():
         return torch.device("cuda", rank % torch.cuda.device_count())
     if "OMP_NUM_THREADS" not in os.environ:
@@ -35,12 +37,14 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
-def faiss_gpu_device() -> int | None:
-    """The GPU this rank searches its faiss index on (local rank modulo GPUs), None without faiss-gpu."""
+def faiss_gpu_device(comm=None) -> int | None:
+    """The GPU this rank searches its faiss index on (local rank modulo GPUs), None without
+    faiss-gpu. Collective (whether or not faiss-gpu is there)."""
+    rank, _ = local_rank(comm)    # first: every rank takes part, whatever fails after
     from ltau_lmp.estimator import gpu_available
 
     if not gpu_available():
         return None
     import faiss
 
-    return local_rank()[0] % faiss.get_num_gpus()
+    return rank % faiss.get_num_gpus()

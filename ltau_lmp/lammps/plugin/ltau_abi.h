@@ -1,4 +1,4 @@
-/* The C ABI between the ltau LAMMPS plugin (ltau_plugin.cpp) and its Python runtime.
+/* The C ABI between the ltau LAMMPS plugin (pair_ltau.cpp, fix_ltau.cpp) and its Python runtime.
 
    Copyright (C) the ltau_lmp authors. GPL-2.0-only.
 
@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define LTAU_ABI_VERSION 8
+#define LTAU_ABI_VERSION 9
 #define LTAU_MSGLEN 2048
 
 /* Return value of every callback. The plugin reduces it over all ranks (MPI_MAX). */
@@ -72,7 +72,7 @@ typedef struct ltau_pair_coeff_args {
   int32_t ntypes;             /* in: number of LAMMPS atom types */
   int32_t narg;               /* in: number of words in arg (1 + ntypes) */
   int32_t nsettings;          /* in: number of words in settings */
-  int32_t pad0_;              /* (alignment; unused) */
+  int32_t fcomm;              /* in: MPI_Comm_c2f() of the LAMMPS world communicator */
   const char *const *arg;     /* in: MODEL_FILE El1 ... ElN (the words after `* *`) */
   const char *const *settings;/* in: the words after `pair_style ltau` (keyword value ...) */
   double cutoff;              /* out: model cutoff (A) of one layer; LAMMPS's force cutoff */
@@ -149,6 +149,9 @@ typedef struct ltau_fix_step_args {
   int32_t nlocal;             /* in: atoms owned by this rank */
   int32_t groupbit;           /* in: the fix group's bit in mask */
   const double *x;            /* in: (nlocal, 3) positions */
+  const double *f;            /* in: (nlocal, 3) forces: complete at end of step (ghost forces
+                                 summed onto their owners, other fixes included) */
+  const int32_t *type;        /* in: (nlocal) LAMMPS atom types 1..ntypes */
   const int32_t *tag;         /* in: (nlocal) atom IDs */
   const int32_t *mask;        /* in: (nlocal) group masks */
   double *peratom;            /* out: (nlocal, size_peratom_cols) per-atom values */
