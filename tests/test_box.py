@@ -7,7 +7,7 @@ from scipy.spatial.transform import Rotation
 
 from ltau_lmp.data.reference import PotentialSpec, new_lammps, setup_system
 from ltau_lmp.errors import LTAUError
-from ltau_lmp.lammps.box import cell_to_lammps, lammps_box_to_cell, lammps_tensor_to_3x3
+from ltau_lmp.geometry import cell_to_lammps, lammps_box_to_cell, lammps_tensor_to_3x3
 
 
 def random_cells(n=20, seed=0):

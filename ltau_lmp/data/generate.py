@@ -22,7 +22,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ltau_lmp.data.config import from_dict, load_section, resolve
 from ltau_lmp.data.reference import PotentialSpec, new_lammps, read_labels, setup_system
 from ltau_lmp.errors import ConfigError
-from ltau_lmp.lammps.box import lammps_box_to_cell
+from ltau_lmp.geometry import lammps_box_to_cell
 
 KINDS = ("crystal", "vacancy", "surface", "liquid", "amorphous")
 

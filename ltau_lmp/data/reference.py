@@ -18,7 +18,7 @@ from ase.data import atomic_masses, atomic_numbers
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ltau_lmp.errors import ConfigError, LTAUError
-from ltau_lmp.lammps.box import cell_to_lammps, lammps_tensor_to_3x3
+from ltau_lmp.geometry import cell_to_lammps, lammps_tensor_to_3x3
 
 
 def potentials_dir() -> Path:

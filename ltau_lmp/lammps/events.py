@@ -261,7 +261,7 @@ class FixFiles:
         """The whole configuration as ASE Atoms, sorted by tag."""
         from ase import Atoms
 
-        from ltau_lmp.lammps.box import lammps_box_to_cell
+        from ltau_lmp.geometry import lammps_box_to_cell
 
         tags, syms, pos, forces, values, group = (np.concatenate(a) for a in zip(*parts))
         order = np.argsort(tags, kind="stable")
