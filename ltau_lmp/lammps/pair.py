@@ -24,6 +24,7 @@ from ltau_lmp.lammps.devices import select_device
 from ltau_lmp.lammps.features import PairFeatures
 from ltau_lmp.lammps.keywords import Words
 from ltau_lmp.lammps.messages import describe_tags
+from ltau_lmp.model.contract import VOIGT_COLS, VOIGT_ROWS, evaluate
 
 
 MESSAGE_PASSING = ("exchange", "shell")
@@ -159,10 +160,10 @@ class PairRuntime:
         with ``a.exchange`` the model refreshes ghost node features through it after each layer,
         on every rank, even one without local atoms, since the exchanges are collective.
 
-        The gradient is taken with respect to the per-pair offset (zero, or the folding shift)
-        added to every pair vector, which gives g_ij = dE/dr_ij in one backward pass: forces
-        follow by scattering g onto both atoms of the pair, the global virial is
-        -sum r_ij (x) g_ij, and the per-atom virial splits each pair's term between its atoms.
+        Forces and virials come from the model contract's ``evaluate`` (ltau_lmp/model/contract.py),
+        the one force formulation that the ASE calculator and the trainers use too: the gradient
+        with respect to the per-pair offset (zero, or the folding shift) scattered onto both atoms
+        of each pair, the virial summed over pairs.
         """
         model = self.model
         if model is None:
@@ -189,49 +190,31 @@ class PairRuntime:
         species = torch.from_numpy(species_np).to(dev)
         c = torch.from_numpy(view(a.centers, (nedges,), np.int64)).to(dev)
         n = torch.from_numpy(view(a.neighbors, (nedges,), np.int64)).to(dev)
-        if folded:
-            offset = torch.from_numpy(view(a.shifts, (nedges, 3))).to(dev, dtype)
-        else:
-            offset = torch.zeros((nedges, 3), dtype=dtype, device=dev)
-        offset.requires_grad_()
-        with torch.enable_grad():
-            if exchange is None:
-                atom_energy, latent = model(pos, species, c, n, offset, nlocal)
-            else:
-                atom_energy, latent = model(pos, species, c, n, offset, nlocal, exchange=exchange)
-            (g,) = torch.autograd.grad(atom_energy.sum(), offset)
-        self.features.publish(step, tags[:nlocal], latent)
-        _check_finite(step, atom_energy, g, c, n, tags)
-        g = g.to(torch.float64)
-        # r_ij = x_j - x_i + offset_ij: dE/dx_j = g, dE/dx_i = -g, F = -dE/dx
-        forces = torch.from_numpy(view(a.f, (nodes, 3)))
-        if dev.type == "cpu":
-            forces.index_add_(0, c, g).index_add_(0, n, g, alpha=-1.0)
-        else:
-            acc = torch.zeros((nodes, 3), dtype=torch.float64, device=dev)
-            forces += acc.index_add_(0, c, g).index_add_(0, n, g, alpha=-1.0).cpu()
-        atom_energy = atom_energy.detach().to(torch.float64)
+        shifts = torch.from_numpy(view(a.shifts, (nedges, 3))).to(dev, dtype) if folded else None
+        out = evaluate(model, pos, species, c, n, shifts, nlocal, exchange=exchange, virial=bool(a.vflag_global),
+                       atom_virial=bool(a.vflag_atom), force_dtype=torch.float64)
+        self.features.publish(step, tags[:nlocal], out.latent)
+        _check_finite(step, out.atom_energy, out.pair_gradient, c, n, tags)
+        torch.from_numpy(view(a.f, (nodes, 3))).add_(out.forces.cpu())
+        atom_energy = out.atom_energy.to(torch.float64)
         a.energy = float(atom_energy.sum())
         if a.eflag_atom:
             view(a.eatom, (nodes,))[:nlocal] += atom_energy.cpu().numpy()
-        if a.vflag_global or a.vflag_atom:
-            r = (pos[n] - pos[c] + offset.detach()).to(torch.float64)
-            rows, cols = (0, 1, 2, 0, 0, 1), (0, 1, 2, 1, 2, 2)    # xx yy zz xy xz yz
-            pair_virial = -r[:, rows] * g[:, cols]
-            if a.vflag_global:
-                a.virial[:] = pair_virial.sum(0).tolist()
-            if a.vflag_atom:
-                half = 0.5 * pair_virial
-                acc = torch.zeros((nodes, 6), dtype=torch.float64, device=dev)
-                acc.index_add_(0, c, half).index_add_(0, n, half)
-                torch.from_numpy(view(a.vatom, (nodes, 6))).add_(acc.cpu())
+        if a.vflag_global:
+            a.virial[:] = out.virial[VOIGT_ROWS, VOIGT_COLS].tolist()
+        if a.vflag_atom:
+            torch.from_numpy(view(a.vatom, (nodes, 6))).add_(out.atom_virial.cpu())
 
 
 def _check_finite(step: int, atom_energy: torch.Tensor, g: torch.Tensor, centers: torch.Tensor,
                   neighbors: torch.Tensor, tags: np.ndarray) -> None:
     """Stop on NaN or inf energies or forces before they reach LAMMPS (a run would otherwise go on
     with ``PotEng -nan``), naming the atoms: a local atom whose energy is not finite, and both
-    atoms of every pair whose force is not. Two reductions per force call: negligible."""
+    atoms of every pair whose force is not."""
+    # a sum is finite only if every term is (one reduction, ~10x cheaper than an elementwise test);
+    # the elementwise test then finds the atoms, or clears a sum that only overflowed
+    if bool(torch.isfinite(atom_energy.sum())) and bool(torch.isfinite(g.sum())):
+        return
     energy_ok, force_ok = bool(torch.isfinite(atom_energy).all()), bool(torch.isfinite(g).all())
     if energy_ok and force_ok:
         return
