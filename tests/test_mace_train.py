@@ -24,7 +24,7 @@ from ltau_lmp.estimator import ErrorLog, LTAUEstimator
 from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
 
 pytest.importorskip("mace")
-from ltau_lmp.integrations import cli  # noqa: E402
+from ltau_lmp.cli import integrations as cli  # noqa: E402
 from ltau_lmp.integrations.mace import ID_KEY, parse_mace_args, train_with_ltau  # noqa: E402
 from ltau_lmp.integrations.replay import (checkpoint_files, force_errors, read_training_set,  # noqa: E402
                                           replay, replay_errors)
