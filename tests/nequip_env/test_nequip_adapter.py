@@ -9,33 +9,14 @@ import torch
 
 pytest.importorskip("nequip")
 pytest.importorskip("allegro")
-from allegro.model import AllegroModel  # noqa: E402
 from nequip.data import AtomicDataDict  # noqa: E402
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform  # noqa: E402
 from nequip.integrations.ase import NequIPCalculator  # noqa: E402
-from nequip.model import NequIPGNNModel  # noqa: E402
-from nequip.utils.global_state import set_global_state  # noqa: E402
 
-from adapter_checks import Touch, check_shift_gradient_gives_pair_forces, explicit_images, inputs, si_c_cell  # noqa: E402
+from helpers.adapter_checks import Touch, check_shift_gradient_gives_pair_forces, explicit_images, inputs, si_c_cell  # noqa: E402
+from helpers.nequip_models import TYPES, tiny  # noqa: E402
 from ltau_lmp.errors import ConfigError, FileFormatError  # noqa: E402
 from ltau_lmp.model import NequIPForceField, PickleRefusedError, detect_family, evaluate, load_model  # noqa: E402
-
-set_global_state()
-TYPES = ["C", "Si"]
-
-
-def tiny(kind: str, seed: int = 0, dtype: str = "float64"):
-    """A randomly initialised two-species NequIP (2 convolutions) or Allegro (2 layers), r_max 4 A."""
-    common = dict(seed=seed, model_dtype=dtype, type_names=TYPES, r_max=4.0, avg_num_neighbors=12.0,
-                  per_type_energy_shifts={"C": -7.5, "Si": -4.3}, per_type_energy_scales={"C": 1.2, "Si": 0.7})
-    if kind == "nequip":
-        model = NequIPGNNModel(num_layers=2, l_max=1, num_features=8, radial_mlp_width=16, **common)
-    else:
-        model = AllegroModel(l_max=1, num_layers=2, num_scalar_features=8, num_tensor_features=4,
-                             radial_chemical_embed={"_target_": "allegro.nn.TwoBodyBesselScalarEmbed",
-                                                    "num_bessels": 8},
-                             allegro_mlp_hidden_layers_width=16, readout_mlp_hidden_layers_width=8, **common)
-    return model.eval()
 
 
 def calculator(model):
@@ -43,10 +24,6 @@ def calculator(model):
         ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES,
                                         chemical_species_to_atom_type_map={t: t for t in TYPES}),
         NeighborListTransform(r_max=4.0)])
-
-
-
-
 
 
 @pytest.fixture(scope="module", params=["nequip", "allegro"])

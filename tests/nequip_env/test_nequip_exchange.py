@@ -18,10 +18,11 @@ import torch
 from ase.build import bulk
 
 pytest.importorskip("nequip")
-from adapter_checks import explicit_images, inputs, si_c_cell  # noqa: E402
-from exchange_checks import (check_exchange_equals_shell_and_one_rank, check_rank_without_atoms,  # noqa: E402
-                             write_cell_and_slab)
-from test_nequip_adapter import tiny  # noqa: E402
+pytest.importorskip("allegro")     # helpers.nequip_models builds Allegro models too
+from helpers.adapter_checks import explicit_images, inputs, si_c_cell  # noqa: E402
+from helpers.exchange_checks import (check_exchange_equals_shell_and_one_rank, check_rank_without_atoms,  # noqa: E402
+                                     write_cell_and_slab)
+from helpers.nequip_models import tiny  # noqa: E402
 
 from ltau_lmp.model import NequIPForceField, evaluate  # noqa: E402
 

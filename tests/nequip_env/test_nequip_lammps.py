@@ -11,8 +11,8 @@ from ase.build import bulk
 from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("nequip")
-from adapter_checks import lammps_results  # noqa: E402
-from mpi_run import one_and_two_ranks  # noqa: E402
+from helpers.adapter_checks import lammps_results  # noqa: E402
+from helpers.mpi_run import one_and_two_ranks  # noqa: E402
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform  # noqa: E402
 from nequip.integrations.ase import NequIPCalculator  # noqa: E402
 

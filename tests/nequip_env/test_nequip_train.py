@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("nequip")
-from conftest import nequip_train, validation_metrics  # noqa: E402
+from helpers.nequip_runs import nequip_train, validation_metrics  # noqa: E402
 
 from ltau_lmp.errors import LTAUError  # noqa: E402
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402

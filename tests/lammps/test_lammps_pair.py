@@ -16,8 +16,8 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io.lammpsdata import write_lammps_data
 
-from adapter_checks import lammps_results
-from mpi_run import mpirun
+from helpers.adapter_checks import lammps_results
+from helpers.mpi_run import mpirun
 
 from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.model import LocalForceField, save_model

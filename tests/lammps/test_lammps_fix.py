@@ -24,7 +24,8 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import read
 
-from mpi_run import BIN, ENV, mpirun, per_rank
+from helpers.mpi_run import BIN, ENV, mpirun, per_rank
+from helpers.paths import INPUTS
 
 from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.estimator import LTAUEstimator
@@ -33,7 +34,6 @@ from ltau_lmp.estimator.errorlog import ErrorLog
 from ltau_lmp.lammps.events import FrameDump
 from ltau_lmp.model import LocalForceField, save_model
 
-INPUTS = Path(__file__).resolve().parents[1] / "lammps_inputs"
 EVERY, STEPS = 5, 60
 
 # 64 rattled Si atoms at 1500 K under the random model: the uncertainty drifts upwards.

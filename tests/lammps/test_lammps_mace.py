@@ -18,9 +18,9 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("mace")
 from mace.calculators import MACECalculator  # noqa: E402
-from adapter_checks import lammps_results  # noqa: E402
-from mpi_run import one_and_two_ranks, per_rank  # noqa: E402
-from test_mace_adapter import tiny_mace  # noqa: E402
+from helpers.adapter_checks import lammps_results  # noqa: E402
+from helpers.mpi_run import one_and_two_ranks, per_rank  # noqa: E402
+from helpers.mace_models import tiny_mace  # noqa: E402
 
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
 from ltau_lmp.model import MACEForceField, evaluate, neighbor_list, species_indices  # noqa: E402

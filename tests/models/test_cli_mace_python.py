@@ -14,8 +14,8 @@ from ltau_lmp.estimator import ErrorLog, LTAUEstimator
 from ltau_lmp.model import load_model
 
 pytest.importorskip("mace")
-from adapter_checks import si_c_cell  # noqa: E402
-from test_mace_adapter import tiny_mace  # noqa: E402
+from helpers.adapter_checks import si_c_cell  # noqa: E402
+from helpers.mace_models import tiny_mace  # noqa: E402
 
 
 def _labelled(adapter, seeds, rattle):

@@ -1,7 +1,5 @@
 """LTAUEstimator: hand-computed cases, index backends and recall on real latent spaces."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -10,7 +8,8 @@ from ltau_lmp.estimator import ErrorLog, LTAUEstimator, log_midpoints
 from ltau_lmp.estimator.index_tuning import build_index
 from ltau_lmp.pipeline import card_metadata
 
-DATA = Path(__file__).parent / "data"
+from helpers.paths import DATA
+
 EDGES = np.array([1.0, 2.0, 4.0, 8.0])
 
 

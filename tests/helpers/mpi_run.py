@@ -1,6 +1,6 @@
 """Running LAMMPS scripts under ``mpirun`` from the tests, with a timeout so a hang fails the test.
 
-Shared by the tests/test_lammps_*.py files (pytest puts this folder on sys.path).
+Shared by tests/lammps and tests/nequip_env.
 """
 
 from __future__ import annotations

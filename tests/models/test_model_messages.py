@@ -100,7 +100,7 @@ def test_model_file_as_estimator(tmp_path, model_file, capsys):
 @pytest.fixture()
 def mace_file(tmp_path):
     pytest.importorskip("mace")
-    from test_mace_adapter import tiny_mace
+    from helpers.mace_models import tiny_mace
 
     path = tmp_path / "tiny.model"
     torch.save(tiny_mace(), path)

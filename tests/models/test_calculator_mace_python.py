@@ -13,8 +13,8 @@ from ltau_lmp.model import MACEForceField, evaluate, load_model, neighbor_list, 
 
 pytest.importorskip("mace")
 from mace.calculators import MACECalculator  # noqa: E402
-from adapter_checks import si_c_cell  # noqa: E402
-from test_mace_adapter import tiny_mace  # noqa: E402
+from helpers.adapter_checks import si_c_cell  # noqa: E402
+from helpers.mace_models import tiny_mace  # noqa: E402
 
 
 @pytest.fixture(scope="module")

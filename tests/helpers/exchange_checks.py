@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from ase.io.lammpsdata import write_lammps_data
 
-from mpi_run import mpirun, read_dump_rows
+from helpers.mpi_run import mpirun, read_dump_rows
 
 SCRIPT = """\
 units           metal

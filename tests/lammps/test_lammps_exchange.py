@@ -21,11 +21,11 @@ import pytest
 import torch
 
 pytest.importorskip("mace")
-from mpi_run import mpirun  # noqa: E402
-from adapter_checks import si_c_cell  # noqa: E402
-from exchange_checks import (SCRIPT, check_exchange_equals_shell_and_one_rank, check_rank_without_atoms,  # noqa: E402
-                             write_cell_and_slab)
-from test_mace_adapter import tiny_mace  # noqa: E402
+from helpers.mpi_run import mpirun  # noqa: E402
+from helpers.adapter_checks import si_c_cell  # noqa: E402
+from helpers.exchange_checks import (SCRIPT, check_exchange_equals_shell_and_one_rank, check_rank_without_atoms,  # noqa: E402
+                                     write_cell_and_slab)
+from helpers.mace_models import tiny_mace  # noqa: E402
 
 from ltau_lmp.errors import LTAUError  # noqa: E402
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator  # noqa: E402
