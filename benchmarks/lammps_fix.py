@@ -32,7 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # torch and faiss: one thread per rank
 
-from si_cell import loop_time, ltau_pair, si_script  # noqa: E402
+from si_cell import loop_time, ltau_pair, si_script, synthetic_estimator_arrays  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "examples" / "si" / "run" / "model.pt"
@@ -74,27 +74,13 @@ def _latent_pool(model, seed: int = 0):
 
 
 def _synthetic(model, n: int, kind: str, cache: Path) -> Path:
-    import numpy as np
-
     from ltau_lmp.estimator import LTAUEstimator
-    from ltau_lmp.estimator.errorlog import log_spaced_edges
 
     path = cache / f"est_{model.model_hash[:12]}_{n}_{kind}_ref"
     if (path / "meta.json").is_file():
         return path
     t0 = time.perf_counter()
-    pool = _latent_pool(model)
-    rng = np.random.default_rng(1)
-    noise = 0.02 * pool.std(axis=0, keepdims=True)
-    desc = pool[rng.integers(0, len(pool), n)] + rng.normal(size=(n, pool.shape[1])).astype(np.float32) * noise
-    edges = log_spaced_edges(1e-3, 10.0, 100)
-    logmid = 0.5 * (np.log(edges[1:]) + np.log(edges[:-1]))
-    pdfs = np.empty((n, 100), np.float32)
-    for s in range(0, n, 100_000):
-        e = min(n, s + 100_000)
-        mu = rng.normal(np.log(0.05), 0.7, (e - s, 1))
-        p = np.exp(-0.5 * ((logmid[None, :] - mu) / 0.5) ** 2)
-        pdfs[s:e] = p / p.sum(axis=1, keepdims=True)
+    desc, pdfs, edges = synthetic_estimator_arrays(_latent_pool(model), n)
     est = LTAUEstimator.build(desc, pdfs, bin_edges=edges, index=kind, k=10, reference_descriptors=_latent_pool(model, 3),
                               metadata={"model_hash": model.model_hash, "synthetic": True})
     est.save(path)

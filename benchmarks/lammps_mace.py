@@ -36,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from si_cell import loop_time, ltau_pair, si_script  # noqa: E402
+from si_cell import loop_time, ltau_pair, si_script, synthetic_estimator_arrays  # noqa: E402
 
 
 def random_mace(path: Path) -> Path:
@@ -109,22 +109,11 @@ def latent_pool(model):
 
 
 def synthetic_estimator(model, entries: int, index: str, path: Path) -> Path:
-    import numpy as np
-
     from ltau_lmp.estimator import LTAUEstimator
-    from ltau_lmp.estimator.errorlog import log_spaced_edges
 
     if (path / "meta.json").is_file():
         return path
-    pool = latent_pool(model)
-    rng = np.random.default_rng(1)
-    noise = 0.02 * pool.std(axis=0, keepdims=True)
-    desc = pool[rng.integers(0, len(pool), entries)] + rng.normal(size=(entries, pool.shape[1])).astype(np.float32) * noise
-    edges = log_spaced_edges(1e-3, 10.0, 100)
-    logmid = 0.5 * (np.log(edges[1:]) + np.log(edges[:-1]))
-    mu = rng.normal(np.log(0.05), 0.7, (entries, 1))
-    pdfs = np.exp(-0.5 * ((logmid[None, :] - mu) / 0.5) ** 2).astype(np.float32)
-    pdfs /= pdfs.sum(axis=1, keepdims=True)
+    desc, pdfs, edges = synthetic_estimator_arrays(latent_pool(model), entries)
     LTAUEstimator.build(desc, pdfs, bin_edges=edges, k=10, index=index,
                         metadata={"model_hash": model.card.model_hash, "synthetic": True}).save(path)
     return path
