@@ -2,6 +2,8 @@
 (MACE in the main environment, NequIP in .venv-nequip): exchange ≡ ghost shell ≡ one rank, and a
 rank without atoms taking part in every exchange.
 
+The two tests at the end are the same for every family: a family's test file imports them next
+to its module-scoped ``files`` fixture, and pytest collects them there, with that fixture.
 ``files``: ``model``, ``est``, ``data`` (a periodic cell), ``slab`` (the same atoms in a third of
 a box three times as long), ``elements`` (``pair_coeff`` words), ``masses`` (``mass`` lines),
 ``pair_options`` and ``fix_options`` (extra keywords of ``pair_style ltau`` and ``fix ltau``).
@@ -116,3 +118,14 @@ def check_rank_without_atoms(files, tmp_path):
     assert np.abs(rows[:, 1:4] - reference[:, 1:4]).max() <= 1e-10
     np.testing.assert_allclose(rows[:, 4:8], reference[:, 4:8], rtol=1e-6, atol=1e-9)
     assert "ghost exchange after each layer" in log
+
+
+
+@pytest.mark.mpi
+def test_exchange_equals_shell_and_one_rank(files, tmp_path):
+    check_exchange_equals_shell_and_one_rank(files, tmp_path, "ghost atoms out to 10 A (receptive field 8 A + skin 2 A)")
+
+
+@pytest.mark.mpi
+def test_rank_without_atoms_takes_part_in_the_exchanges(files, tmp_path):
+    check_rank_without_atoms(files, tmp_path)

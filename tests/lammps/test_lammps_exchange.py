@@ -23,8 +23,9 @@ import torch
 pytest.importorskip("mace")
 from helpers.mpi_run import mpirun  # noqa: E402
 from helpers.adapter_checks import si_c_cell  # noqa: E402
-from helpers.exchange_checks import (SCRIPT, check_exchange_equals_shell_and_one_rank, check_rank_without_atoms,  # noqa: E402
-                                     write_cell_and_slab)
+from helpers.exchange_checks import SCRIPT, write_cell_and_slab  # noqa: E402
+from helpers.exchange_checks import (test_exchange_equals_shell_and_one_rank,  # noqa: E402,F401 (collected here)
+                                     test_rank_without_atoms_takes_part_in_the_exchanges)
 from helpers.mace_models import tiny_mace  # noqa: E402
 
 from ltau_lmp.errors import LTAUError  # noqa: E402
@@ -53,16 +54,6 @@ def files(tmp_path_factory):
     return {"model": str(root / "tiny.model"), "est": str(root / "est"), "elements": "C Si",
             "masses": "mass 1 12.011\nmass 2 28.0855", "pair_options": "allow_pickle yes",
             "fix_options": "metric distance", **cells}
-
-
-@pytest.mark.mpi
-def test_exchange_equals_shell_and_one_rank(files, tmp_path):
-    check_exchange_equals_shell_and_one_rank(files, tmp_path, "ghost atoms out to 10 A (receptive field 8 A + skin 2 A)")
-
-
-@pytest.mark.mpi
-def test_rank_without_atoms_takes_part_in_the_exchanges(files, tmp_path):
-    check_rank_without_atoms(files, tmp_path)
 
 
 WIDE = r"""

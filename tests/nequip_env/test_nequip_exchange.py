@@ -20,8 +20,9 @@ from ase.build import bulk
 pytest.importorskip("nequip")
 pytest.importorskip("allegro")     # helpers.nequip_models builds Allegro models too
 from helpers.adapter_checks import explicit_images, inputs, si_c_cell  # noqa: E402
-from helpers.exchange_checks import (check_exchange_equals_shell_and_one_rank, check_rank_without_atoms,  # noqa: E402
-                                     write_cell_and_slab)
+from helpers.exchange_checks import write_cell_and_slab  # noqa: E402
+from helpers.exchange_checks import (test_exchange_equals_shell_and_one_rank,  # noqa: E402,F401 (collected here)
+                                     test_rank_without_atoms_takes_part_in_the_exchanges)
 from helpers.nequip_models import tiny  # noqa: E402
 
 from ltau_lmp.model import NequIPForceField, evaluate  # noqa: E402
@@ -89,13 +90,3 @@ def files(nequip_run, tmp_path_factory):
     return {"model": str(nequip_run / "ltau" / "model.ckpt"), "est": str(nequip_run / "ltau" / "estimator"),
             "elements": "Si", "masses": "mass 1 28.0855", "pair_options": "", "fix_options": "",
             **write_cell_and_slab(root, atoms, ["Si"])}
-
-
-@pytest.mark.mpi
-def test_exchange_equals_shell_and_one_rank(files, tmp_path):
-    check_exchange_equals_shell_and_one_rank(files, tmp_path, "ghost atoms out to 10 A (receptive field 8 A + skin 2 A)")
-
-
-@pytest.mark.mpi
-def test_rank_without_atoms_takes_part_in_the_exchanges(files, tmp_path):
-    check_rank_without_atoms(files, tmp_path)

@@ -9,20 +9,13 @@ import numpy as np
 import pytest
 
 from ltau_lmp.cli import main
-from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.model import LocalForceField, save_model
 
 
 @pytest.fixture()
-def inputs(tmp_path):
-    rng = np.random.default_rng(0)
-    log = ErrorLog.log_spaced(300, 1e-3, 10.0, 40)
-    for _ in range(4):
-        log.update(np.arange(300), rng.lognormal(-2.5, 0.7, 300))
-        log.end_epoch()
-    log_path = log.save(tmp_path / "errors.npz")
-    desc = rng.normal(size=(300, 8)).astype(np.float32)
-    np.save(tmp_path / "train.npy", desc)
+def inputs(tmp_path, error_log_and_descriptors):
+    log_path, desc, rng = error_log_and_descriptors(epochs=4)
     np.save(tmp_path / "query.npy", desc[:25] + 0.05)
     np.save(tmp_path / "held_out.npy", rng.normal(size=(200, 8)).astype(np.float32))
     return tmp_path, log_path

@@ -15,20 +15,14 @@ import numpy as np
 import pytest
 
 from ltau_lmp.cli import main
-from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.model import LocalForceField, save_model
 from ltau_lmp.outputs import MARKER, OutputExistsError, check_dir, output_dir
 
 
 @pytest.fixture()
-def inputs(tmp_path):
-    rng = np.random.default_rng(0)
-    log = ErrorLog.log_spaced(300, 1e-3, 10.0, 40)
-    for _ in range(3):
-        log.update(np.arange(300), rng.lognormal(-2.5, 0.7, 300))
-        log.end_epoch()
-    log.save(tmp_path / "errors.npz")
-    np.save(tmp_path / "train.npy", rng.normal(size=(300, 8)).astype(np.float32))
+def inputs(tmp_path, error_log_and_descriptors):
+    error_log_and_descriptors(epochs=3)
     save_model(LocalForceField(["Si"], hidden=[8], latent_dim=8, seed=0), tmp_path / "model.pt")
     return tmp_path
 
