@@ -1,7 +1,7 @@
 """ctypes mirror of ``plugin/ltau_abi.h``: the one C ABI between the plugin and the runtime.
 
 Field for field the header's structs, in the same order; the header documents every field.
-``tests/test_lammps_abi.py`` compiles the header and checks each size and offset against these
+``tests/lammps/test_lammps_abi.py`` compiles the header and checks each size and offset against these
 classes. Change both together and bump ``ABI_VERSION`` (the plugin checks it, and
 :func:`check_plugin` checks the plugin's).
 """

@@ -3,7 +3,7 @@
    Copyright (C) the ltau_lmp authors. GPL-2.0-only.
 
    This header is the whole contract. The Python side mirrors it once, field for field, in
-   ltau_lmp/lammps/abi.py (ctypes); tests/test_lammps_abi.py compiles this header and checks
+   ltau_lmp/lammps/abi.py (ctypes); tests/lammps/test_lammps_abi.py compiles this header and checks
    every size and offset against that mirror. Any change to a struct, a callback signature or
    the meaning of a field bumps LTAU_ABI_VERSION on both sides: the plugin and the runtime each
    check the other's number, and a mismatch stops with "rebuild the plugin (`pip install -e .`)"
