@@ -113,6 +113,8 @@ void FixLTAU::report(const char *msg)
   for (const auto &line : utils::split_lines(msg)) {
     if (line.rfind("WARNING: ", 0) == 0)
       error->warning(FLERR, line.substr(9));
+    else if (!line.empty() && line[0] == ' ')    // a continuation line of the block
+      utils::logmesg(lmp, "        {}\n", line);
     else if (!line.empty())
       utils::logmesg(lmp, "Fix ltau {}\n", line);
   }
