@@ -31,7 +31,7 @@ from ltau_lmp.errors import LTAUError
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator.calibration import NO_REFERENCE
 from ltau_lmp.model import load_model, neighbor_list, species_indices
-from ltau_lmp.model.contract import evaluate
+from ltau_lmp.model.contract import evaluate, non_finite
 
 MODEL_PROPERTIES = ("energy", "free_energy", "energies", "forces", "latent")  # one model pass
 UNCERTAINTY_PROPERTIES = ("uncertainty", "uncertainty_ci", "knn_distance")    # one estimator query
@@ -189,12 +189,12 @@ class LTAUCalculator(Calculator):
         out = evaluate(self.model, torch.from_numpy(atoms.positions.copy()), torch.from_numpy(species),
                        torch.from_numpy(centers), torch.from_numpy(neighbors), torch.from_numpy(shifts),
                        len(atoms), forces=True, virial=virial)
-        energies, forces = out.atom_energy.numpy().astype(np.float64), out.forces.numpy().astype(np.float64)
-        bad = np.flatnonzero(~(np.isfinite(energies) & np.isfinite(forces).all(axis=1)))
-        if len(bad):  # NaN would otherwise reach the caller as an energy, or the estimator as a latent
+        found = non_finite(out, torch.from_numpy(centers), torch.from_numpy(neighbors))
+        if found is not None:  # NaN would otherwise reach the caller as an energy, or the estimator as a latent
             raise CalculatorFailedError(f"the model gave non-finite (NaN or inf) energies or forces on "
-                                        f"{_atom_list(bad)}: overlapping atoms, or a structure far outside "
-                                        f"the model's training data?")
+                                        f"{_atom_list(found[1].numpy())}: overlapping atoms, or a structure far "
+                                        f"outside the model's training data?")
+        energies, forces = out.atom_energy.numpy().astype(np.float64), out.forces.numpy().astype(np.float64)
         self.results.update(energies=energies, energy=float(energies.sum()), free_energy=float(energies.sum()),
                             forces=forces, latent=out.latent.numpy())
         if virial:

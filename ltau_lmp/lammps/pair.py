@@ -24,7 +24,7 @@ from ltau_lmp.lammps.devices import select_device
 from ltau_lmp.lammps.features import PairFeatures
 from ltau_lmp.lammps.keywords import Words
 from ltau_lmp.lammps.messages import describe_tags
-from ltau_lmp.model.contract import VOIGT_COLS, VOIGT_ROWS, evaluate
+from ltau_lmp.model.contract import VOIGT_COLS, VOIGT_ROWS, evaluate, non_finite
 
 
 MESSAGE_PASSING = ("exchange", "shell")
@@ -194,7 +194,7 @@ class PairRuntime:
         out = evaluate(model, pos, species, c, n, shifts, nlocal, exchange=exchange, virial=bool(a.vflag_global),
                        atom_virial=bool(a.vflag_atom), force_dtype=torch.float64)
         self.features.publish(step, tags[:nlocal], out.latent)
-        _check_finite(step, out.atom_energy, out.pair_gradient, c, n, tags)
+        _check_finite(step, out, c, n, tags)
         torch.from_numpy(view(a.f, (nodes, 3))).add_(out.forces.cpu())
         atom_energy = out.atom_energy.to(torch.float64)
         a.energy = float(atom_energy.sum())
@@ -206,22 +206,12 @@ class PairRuntime:
             torch.from_numpy(view(a.vatom, (nodes, 6))).add_(out.atom_virial.cpu())
 
 
-def _check_finite(step: int, atom_energy: torch.Tensor, g: torch.Tensor, centers: torch.Tensor,
-                  neighbors: torch.Tensor, tags: np.ndarray) -> None:
+def _check_finite(step: int, out, centers: torch.Tensor, neighbors: torch.Tensor, tags: np.ndarray) -> None:
     """Stop on NaN or inf energies or forces before they reach LAMMPS (a run would otherwise go on
-    with ``PotEng -nan``), naming the atoms: a local atom whose energy is not finite, and both
-    atoms of every pair whose force is not."""
-    # a sum is finite only if every term is (one reduction, ~10x cheaper than an elementwise test);
-    # the elementwise test then finds the atoms, or clears a sum that only overflowed
-    if bool(torch.isfinite(atom_energy.sum())) and bool(torch.isfinite(g.sum())):
-        return
-    energy_ok, force_ok = bool(torch.isfinite(atom_energy).all()), bool(torch.isfinite(g).all())
-    if energy_ok and force_ok:
-        return
-    bad_energy = (~torch.isfinite(atom_energy)).nonzero().flatten()
-    bad_pairs = (~torch.isfinite(g).all(dim=1)).nonzero().flatten()
-    atoms = torch.cat([bad_energy, centers[bad_pairs], neighbors[bad_pairs]]).cpu().numpy()
-    what = " and ".join(w for w, bad in (("energies", not energy_ok), ("forces", not force_ok)) if bad)
-    raise LTAUError(f"step {step}: the model gave non-finite (NaN or inf) {what} involving "
-                    f"{describe_tags(tags[atoms])}: overlapping atoms, or a configuration far outside "
-                    "the model's training data? (check the last dump or write_data before this step)")
+    with ``PotEng -nan``), naming the atoms by ID (``non_finite``)."""
+    found = non_finite(out, centers, neighbors)
+    if found is not None:
+        what, nodes = found
+        raise LTAUError(f"step {step}: the model gave non-finite (NaN or inf) {what} involving "
+                        f"{describe_tags(tags[nodes.cpu().numpy()])}: overlapping atoms, or a configuration "
+                        "far outside the model's training data? (check the last dump or write_data before this step)")
