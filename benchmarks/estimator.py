@@ -1,4 +1,5 @@
-"""Estimator benchmark: build time + peak memory per backend, query throughput, recall, log updates.
+"""Estimator benchmark: build time + peak memory per backend, query throughput, recall, the PDF
+table against a dense one (bytes, mixing time), log updates.
 
     python benchmarks/estimator.py                 # 1M entries x 32 dims x 100 bins (paper-scale)
     python benchmarks/estimator.py --entries 200000 --queries 20000
@@ -42,15 +43,17 @@ def clustered(n: int, dim: int, seed: int, n_clusters: int = 256, intrinsic_dim:
 
 
 def synthetic_pdfs(n: int, nbins: int, seed: int) -> np.ndarray:
-    """Log-normal-shaped PDFs with per-entry centres, built in blocks to bound memory."""
+    """Error histograms like real ones (si_cell.epoch_histograms: 100 epochs' errors around each
+    entry's median, median log-uniform over bins 20-80 of 1e-3..10), built in blocks."""
+    from si_cell import epoch_histograms
+
     rng = np.random.default_rng(seed)
-    grid = np.arange(nbins, dtype=np.float32)
+    edges = np.logspace(-3, 1, nbins + 1)
     out = np.empty((n, nbins), dtype=np.float32)
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
-        centre = rng.uniform(20, 80, stop - start).astype(np.float32)[:, None]
-        block = np.exp(-0.5 * ((grid - centre) / 8.0) ** 2)
-        out[start:stop] = block / block.sum(axis=1, keepdims=True)
+        median = 10.0 ** (-3 + 4 * rng.uniform(20, 80, (stop - start, 1)) / nbins)
+        out[start:stop] = epoch_histograms(rng, median, edges)
     return out
 
 
@@ -93,6 +96,25 @@ def throughput(est, queries: np.ndarray, threads: int, with_interval: bool, repe
 
 def recall_at_10(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
+
+
+def pdf_table_comparison(est, pdfs: np.ndarray, queries: np.ndarray, k: int = 10, repeats: int = 5) -> None:
+    """Bytes and mixing time (4096 queries x k) of the PDF table against the dense float32 table that
+    version-1 estimators held (its product, ``DensePDFTable``), side by side, interleaved."""
+    from ltau_lmp.estimator.pdf_table import DensePDFTable
+
+    dense = DensePDFTable(pdfs)
+    res = est.query(queries[:4096], k=k)
+    best = {"dense": float("inf"), "table": float("inf")}
+    for _ in range(repeats):
+        for name, table in (("dense", dense), ("table", est.pdfs)):
+            t0 = time.perf_counter()
+            table.mix(res.neighbors, res.weights)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print(f"\nPDF table ({est.n_entries:,} entries x {est.nbins} bins): dense float32 {dense.nbytes / 1e6:.1f} MB, "
+          f"table {est.pdfs.nbytes / 1e6:.1f} MB ({est.pdfs.describe()})")
+    print(f"mix {len(res):,} queries x k={k}: dense {best['dense'] * 1e3:.2f} ms, table {best['table'] * 1e3:.2f} ms "
+          f"({best['table'] / best['dense']:.2f}x)")
 
 
 def errorlog_throughput(n_samples: int, nbins: int, batch: int = 10_000, epochs: int = 3,
@@ -154,6 +176,7 @@ def main() -> None:
               f"{recall:10.3f} {q1:11,.0f} {q2:11,.0f} {qci:11,.0f}")
     print("(q/s: kNN search + expected error + distance; +CI adds the 5-95 % interval from the mixed PDFs)")
     print("(peak MB: whole build process incl. the synthetic inputs; +build MB: above the inputs)")
+    pdf_table_comparison(ests["flat"], synthetic_pdfs(args.entries, args.nbins, seed=1), queries)
     rate = errorlog_throughput(args.entries, args.nbins)
     worst = errorlog_throughput(args.entries, args.nbins, atoms_per_structure=1)
     print(f"\nErrorLog.update ({args.entries:,} samples x {args.nbins} bins, batches of 10k errors): "

@@ -52,13 +52,11 @@ def load_dataset(name: str, si_run: Path) -> tuple[np.ndarray, np.ndarray, np.nd
     """(index originals, held-out originals, per-original expected error)."""
     rng = np.random.default_rng(0)
     if name == "si":
-        from ltau_lmp.estimator.histogram import log_midpoints
+        from ltau_lmp.estimator import LTAUEstimator
 
         base = np.load(si_run / "descriptors.npy").astype(np.float32)
         held = np.load(si_run / "reference_descriptors.npy").astype(np.float32)
-        pdfs = np.load(si_run / "estimator" / "pdfs.npy")
-        edges = np.load(si_run / "estimator" / "bin_edges.npy")
-        return base, held, pdfs @ log_midpoints(edges)
+        return base, held, LTAUEstimator.load(si_run / "estimator", use_gpu=False).entry_expected
     file = {"3bpa": "3bpa/descriptors.npy", "gap20": "gap20/descriptors_sample_215.npy"}[name]
     data = np.load(SHARED / file).astype(np.float32)
     perm = rng.permutation(len(data))
@@ -172,7 +170,7 @@ def main() -> None:
           f"{'rel':>7s}  options")
     results = []
     for name in args.datasets:
-        if name == "si" and not (args.si_run / "estimator" / "pdfs.npy").is_file():
+        if name == "si" and not (args.si_run / "estimator" / "meta.json").is_file():
             print(f"# skipping si: no trained run in {args.si_run} (make demo)")
             continue
         for size in args.sizes:

@@ -152,23 +152,26 @@ def phase_times(estimators: dict, latent, repeats: int = 5) -> dict:
     """Per-phase cost of one evaluation of ``latent`` (fastest of ``repeats``, interleaved):
     the kNN search (as the estimator runs it, in latent-locality order, and as faiss alone does
     in the atoms' order: the same answers), the expected error, mixing the neighbours' PDFs and the interval quantiles,
-    the ood p-value; mixing and quantiles both as before this change (gathered einsum, one
-    cumulative sum per quantile) and as now (sparse product, one cumulative sum for both)."""
+    the ood p-value; mixing as with a dense float32 PDF table (version-1 estimators) and as now
+    (the compressed table, ``pdf_table``), quantiles as before one cumulative sum served both
+    levels and as now."""
     import numpy as np
 
     from ltau_lmp.estimator import LTAUEstimator
     from ltau_lmp.estimator.histogram import pdf_quantiles
+    from ltau_lmp.estimator.pdf_table import DensePDFTable
 
     out = {}
     for name, path in estimators.items():
         est = LTAUEstimator.load(path)
         res = est.query(latent[:64])
+        dense = DensePDFTable(np.concatenate([est.pdfs.rows(np.arange(s, min(s + 65_536, est.n_entries)))
+                                              for s in range(0, est.n_entries, 65_536)]))
         phases = {
             "search": lambda: est.index.search(latent, est.k),
             "search faiss order": lambda: est.index.cpu_index.search(latent, est.k),
             "query (search + expected)": lambda: est.query(latent),
-            "mix old": lambda: np.einsum("nk,nkb->nb", res.weights.astype(np.float32), est.pdfs[res.neighbors],
-                                         optimize=True),
+            "mix old": lambda: dense.mix(res.neighbors, res.weights),
             "mix new": lambda: est.mix_pdfs(res.neighbors, res.weights),
             "quantiles old": lambda: [pdf_quantiles(mixed, est.bin_edges, (q,)) for q in (0.05, 0.95)],
             "quantiles new": lambda: pdf_quantiles(mixed, est.bin_edges, (0.05, 0.95)),

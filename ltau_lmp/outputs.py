@@ -46,7 +46,7 @@ LABELS = {
     "select": "`ltau-lmp select` output",
 }
 
-_ESTIMATOR_FILES = ("meta.json", "pdfs.npy", "bin_edges.npy", "index.faiss", "reference_distances.npy")
+_ESTIMATOR_FILES = ("meta.json", "pdfs.npy", "pdf_*.npy", "bin_edges.npy", "index.faiss", "reference_distances.npy")
 _LTAU_FILES = ("error_log.npz", "descriptors.npy", "reference_descriptors.npy", "train_set.xyz",
                "reference_set.xyz", "summary.json", "model.ckpt", "estimator/*")
 

@@ -1,8 +1,9 @@
 """The LTAU estimator: error distributions of the k nearest training atoms in latent space.
 
 Build: descriptors D (n_train x d, from the final model) and per-atom error PDFs P
-(n_train x nbins, from the training-error log) on fixed bin edges. Query: the predicted error
-PDF of a new atom is the mean of its k nearest neighbours' PDFs (L2 in latent space).
+(n_train x nbins, from the training-error log; stored compressed, ``pdf_table``) on fixed bin
+edges. Query: the predicted error PDF of a new atom is the mean of its k nearest neighbours' PDFs
+(L2 in latent space).
 From that PDF: expected error, quantiles, P(err < tol); the mean kNN distance flags atoms far
 from the training data, and its rank among held-out in-domain atoms' distances (``calibration``)
 turns it into a p-value with a stated false-alarm rate.
@@ -18,14 +19,15 @@ import numpy as np
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import calibration
 from ltau_lmp.estimator.errorlog import ErrorLog, validate_bin_edges
-from ltau_lmp.estimator.histogram import CHUNK_ROWS, check_pdfs, log_midpoints, pdf_cdf_at, pdf_quantiles
+from ltau_lmp.estimator.histogram import CHUNK_ROWS, log_midpoints, pdf_cdf_at, pdf_quantiles
 from ltau_lmp.estimator.index import SearchIndex, set_threads
 from ltau_lmp.estimator.index_tuning import build_index
 from ltau_lmp.estimator.io import load_estimator, save_estimator
 from ltau_lmp.estimator.options import DEFAULT_K, WEIGHTINGS, EstimatorOptions
+from ltau_lmp.estimator.pdf_table import DensePDFTable, PDFTable, as_pdf_table
 
 PROGRESS_MIN_POINTS = 500_000
-PDF_CHUNK = 4096  # points per block when mixing PDFs: the (block, k, nbins) gather stays ~16 MB
+PDF_CHUNK = 4096  # points per block when mixing PDFs: k = 10 neighbours' gathered blocks ~6 MB as float32
 
 
 @dataclass
@@ -96,11 +98,12 @@ class LTAUResult:
 class LTAUEstimator:
     """kNN over training-atom descriptors + their training-error distributions."""
 
-    def __init__(self, index: SearchIndex, pdfs: np.ndarray, bin_edges: np.ndarray, k: int = DEFAULT_K,
-                 weighting: str = "uniform", metadata: dict | None = None,
+    def __init__(self, index: SearchIndex, pdfs: PDFTable | DensePDFTable | np.ndarray, bin_edges: np.ndarray,
+                 k: int = DEFAULT_K, weighting: str = "uniform", metadata: dict | None = None,
                  reference_distances: np.ndarray | None = None, alarm_thresholds: dict | None = None):
+        """``pdfs``: the entries' error distributions, a table (``pdf_table``: what ``build`` and
+        ``load`` pass, kept as ``self.pdfs``) or float PDFs (n_entries, nbins), quantised into one."""
         self.index = index
-        self.pdfs = pdfs
         self.bin_edges = validate_bin_edges(bin_edges)
         self.metadata = dict(metadata or {})
         self.k = self._check_k(k)
@@ -108,11 +111,12 @@ class LTAUEstimator:
             raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         self.weighting = weighting
         _check_card_metadata(self.metadata, index.dim)
-        if pdfs.shape != (index.ntotal, self.nbins):
-            raise ConfigError(f"PDF array {pdfs.shape} does not match {index.ntotal} indexed entries "
-                              f"x {self.nbins} bins")
+        self.pdfs = as_pdf_table(pdfs)
+        if (self.pdfs.n_entries, self.pdfs.nbins) != (index.ntotal, self.nbins):
+            raise ConfigError(f"PDF table {(self.pdfs.n_entries, self.pdfs.nbins)} does not match "
+                              f"{index.ntotal} indexed entries x {self.nbins} bins")
         # Expected error is linear in the PDF: precompute it per training entry once.
-        self.entry_expected = np.asarray(pdfs @ log_midpoints(self.bin_edges).astype(np.float32), np.float64)
+        self.entry_expected = self.pdfs.expected(log_midpoints(self.bin_edges))
         if (reference_distances is None) != (alarm_thresholds is None):
             raise ConfigError("reference_distances and alarm_thresholds come together (calibrate)")
         self.reference_distances = self.alarm_thresholds = self._distance_tail = None
@@ -145,14 +149,17 @@ class LTAUEstimator:
             if bin_edges is not None:
                 raise ConfigError("bin_edges come from the ErrorLog; do not pass them as well")
             bin_edges = error_log_or_pdfs.bin_edges
-            pdfs = error_log_or_pdfs.pdfs()
+            try:  # the counts themselves: exact, where the float PDFs would be quantised
+                pdfs = PDFTable.from_counts(error_log_or_pdfs.counts)
+            except ConfigError as exc:
+                raise ConfigError(f"error log: {exc}; were they logged, and did training run past "
+                                  f"skip_epochs={error_log_or_pdfs.skip_epochs}?") from None
         else:
             if bin_edges is None:
                 raise ConfigError("building from a PDF array needs bin_edges")
-            pdfs = np.ascontiguousarray(error_log_or_pdfs, dtype=np.float32)
-            check_pdfs(pdfs)
-        if pdfs.shape[0] != descriptors.shape[0]:
-            raise ConfigError(f"{descriptors.shape[0]} descriptors but {pdfs.shape[0]} error distributions")
+            pdfs = PDFTable.from_pdfs(error_log_or_pdfs)
+        if pdfs.n_entries != descriptors.shape[0]:
+            raise ConfigError(f"{descriptors.shape[0]} descriptors but {pdfs.n_entries} error distributions")
         set_threads(threads)
         if progress is None:
             progress = descriptors.shape[0] >= PROGRESS_MIN_POINTS
@@ -243,18 +250,9 @@ class LTAUEstimator:
         return int(k)
 
     def mix_pdfs(self, neighbors: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Weighted mean of the neighbours' PDFs: (n, k) ids and weights → (n, nbins).
-
-        A sparse (n x entries) weight matrix times the PDF table: one pass over the k rows of
-        each point, without the (n, k, nbins) gathered copy (2.4x faster at 4096 x 10 x 100 bins,
-        benchmarks/lammps_fix.py).
-        """
-        from scipy import sparse
-
-        n, k = neighbors.shape
-        mixing = sparse.csr_matrix((weights.astype(np.float32).ravel(), neighbors.ravel(), np.arange(0, n * k + 1, k)),
-                                   shape=(n, self.n_entries))
-        return np.asarray(mixing @ self.pdfs, dtype=np.float32)
+        """Weighted mean of the neighbours' PDFs: (n, k) ids and weights → (n, nbins) float32
+        (``PDFTable.mix``: without the dense table)."""
+        return self.pdfs.mix(neighbors, weights)
 
     def query(self, descriptors, k: int | None = None, chunk_size: int = CHUNK_ROWS,
               progress: bool | None = None) -> LTAUResult:
@@ -287,8 +285,8 @@ class LTAUEstimator:
         return inv / inv.sum(axis=1, keepdims=True)
 
     def save(self, path, overwrite: bool = False):
-        """Directory with meta.json, pdfs.npy, bin_edges.npy, index.faiss (see ``io``); an existing
-        ``path`` is replaced only if it is an earlier estimator and ``overwrite`` is given."""
+        """Directory with meta.json, the PDF table's pdf_*.npy, bin_edges.npy, index.faiss (see ``io``);
+        an existing ``path`` is replaced only if it is an earlier estimator and ``overwrite`` is given."""
         return save_estimator(self, path, overwrite=overwrite)
 
     @classmethod
@@ -307,6 +305,7 @@ class LTAUEstimator:
             "model_card": metadata.pop("model_card", None),
             "n_entries": self.n_entries, "dim": self.dim, "nbins": self.nbins,
             "bin_range": [float(self.bin_edges[0]), float(self.bin_edges[-1])],
+            "pdf_table": self.pdfs.describe(),
             "index": {"kind": self.index.kind, **self.index.options},
             "k": self.k, "weighting": self.weighting,
             "n_reference": 0 if self.reference_distances is None else int(self.reference_distances.size),

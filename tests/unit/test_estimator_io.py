@@ -26,7 +26,9 @@ def saved(tmp_path_factory):
 def test_round_trip_is_bit_exact(saved, mmap):
     est, path, x = saved
     back = LTAUEstimator.load(path, mmap=mmap)
-    np.testing.assert_array_equal(back.pdfs, est.pdfs)
+    for name, array in est.pdfs.arrays().items():
+        np.testing.assert_array_equal(back.pdfs.arrays()[name], array)
+        assert back.pdfs.arrays()[name].dtype == array.dtype
     np.testing.assert_array_equal(back.bin_edges, est.bin_edges)
     assert back.summary() == est.summary()
     a, b = est.query(x[:50] + 0.01), back.query(x[:50] + 0.01)
@@ -68,7 +70,7 @@ def test_missing_directory_and_files(saved, tmp_path):
     _, path, _ = saved
     with pytest.raises(FileFormatError, match="estimator directory not found"):
         LTAUEstimator.load(tmp_path / "nothing")
-    for name in ("meta.json", "pdfs.npy", "index.faiss"):
+    for name in ("meta.json", "pdf_blocks.npy", "pdf_totals.npy", "index.faiss"):
         bad = _copy(path, tmp_path / name)
         (bad / name).unlink()
         with pytest.raises(FileFormatError, match=f"{name}: missing"):
@@ -91,7 +93,8 @@ def test_bad_meta(saved, tmp_path):
         LTAUEstimator.load(bad)
 
 
-@pytest.mark.parametrize("name", ["pdfs.npy", "index.faiss", "bin_edges.npy"])
+@pytest.mark.parametrize("name", ["pdf_indptr.npy", "pdf_columns.npy", "pdf_blocks.npy", "pdf_totals.npy",
+                                  "index.faiss", "bin_edges.npy"])
 def test_truncated_files(saved, tmp_path, name):
     _, path, _ = saved
     bad = _copy(path, tmp_path)
@@ -106,10 +109,10 @@ def test_truncated_files(saved, tmp_path, name):
 def test_flipped_byte_is_caught_by_checksum(saved, tmp_path):
     _, path, _ = saved
     bad = _copy(path, tmp_path)
-    data = bytearray((bad / "pdfs.npy").read_bytes())
+    data = bytearray((bad / "pdf_blocks.npy").read_bytes())
     data[-5] ^= 0xFF
-    (bad / "pdfs.npy").write_bytes(bytes(data))
-    with pytest.raises(FileFormatError, match="pdfs.npy: checksum"):
+    (bad / "pdf_blocks.npy").write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="pdf_blocks.npy: checksum"):
         LTAUEstimator.load(bad)
 
 
@@ -120,16 +123,16 @@ def test_inconsistent_shapes_and_dtypes(saved, tmp_path):
     with pytest.raises(FileFormatError, match="dimension 8, meta.json says 400 of dimension 16"):
         LTAUEstimator.load(bad)
     bad = _copy(path, tmp_path / "dtype")
-    np.save(bad / "pdfs.npy", np.load(bad / "pdfs.npy").astype(np.float64))
-    with pytest.raises(FileFormatError, match=r"pdfs.npy: expected float32 \(400, 10\), got float64"):
+    np.save(bad / "pdf_blocks.npy", np.load(bad / "pdf_blocks.npy").astype(np.float32))
+    with pytest.raises(FileFormatError, match=r"PDF table blocks must be a 2-D uint16 array, got float32"):
         LTAUEstimator.load(bad, verify=False)
     bad = _copy(path, tmp_path / "rows")
-    np.save(bad / "pdfs.npy", np.load(bad / "pdfs.npy")[:300])
-    with pytest.raises(FileFormatError, match=r"expected float32 \(400, 10\), got float32 \(300, 10\)"):
+    np.save(bad / "pdf_totals.npy", np.load(bad / "pdf_totals.npy")[:300])
+    with pytest.raises(FileFormatError, match=r"indptr has 401 values for 300 rows"):
         LTAUEstimator.load(bad, verify=False)
     bad = _copy(path, tmp_path / "sum")
-    np.save(bad / "pdfs.npy", np.load(bad / "pdfs.npy") * 3)
-    with pytest.raises(FileFormatError, match="do not sum to 1"):
+    np.save(bad / "pdf_blocks.npy", np.load(bad / "pdf_blocks.npy") * 3)
+    with pytest.raises(FileFormatError, match=r"row 0's masses sum to 151200, its total is 50400"):
         LTAUEstimator.load(bad, verify=False)
     bad = _copy(path, tmp_path / "edges")
     np.save(bad / "bin_edges.npy", np.load(bad / "bin_edges.npy")[::-1].copy())

@@ -60,8 +60,8 @@ def files(tmp_path_factory):
     est = build_estimator(model, root / "est")
     corrupt = root / "est_corrupt"
     shutil.copytree(est, corrupt)
-    pdfs = corrupt / "pdfs.npy"
-    pdfs.write_bytes(pdfs.read_bytes()[: pdfs.stat().st_size // 2])
+    masses = corrupt / "pdf_blocks.npy"
+    masses.write_bytes(masses.read_bytes()[: masses.stat().st_size // 2])
     wide = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=32, seed=1)
     other = LocalForceField(["Si"], cutoff=4.0, hidden=(32,), latent_dim=16, seed=1)
     return {"root": root, "model": model, "model_file": str(root / "model.pt"), "est": str(est),

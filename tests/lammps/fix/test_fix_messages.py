@@ -22,7 +22,7 @@ from ltau_lmp.estimator.calibration import thresholds_for
 BAD = {
     "unknown_keyword": ("{est} every 5 colour red", "unknown keyword 'colour'"),
     "missing_estimator": ("/nonexistent/estimator", "estimator directory not found"),
-    "corrupt_estimator": ("{est_corrupt}", "pdfs.npy"),
+    "corrupt_estimator": ("{est_corrupt}", "pdf_blocks.npy"),
     "feature_dim_mismatch": ("{est_dim32}", "32-dimensional latent features but the model of pair_style ltau has latent_dim 16"),
     "model_hash_mismatch": ("{est_other}", "was built for model"),
     "negative_halt": ("{est} halt -0.1", "halt threshold must be >= 0"),
