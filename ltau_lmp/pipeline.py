@@ -101,6 +101,7 @@ def write_artefacts(directory: str | Path, model, frames: Sequence, error_log, o
     try:
         estimator = LTAUEstimator.build(
             descriptors, error_log, options=options, reference_descriptors=reference,
+            structures=np.repeat(np.arange(len(frames)), [len(atoms) for atoms in frames]),
             metadata={**card_metadata(card), "units": "eV/Angstrom", "error": "per-atom force error norm",
                       **(provenance or {})})
     except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)

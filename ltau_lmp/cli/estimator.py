@@ -13,7 +13,7 @@ from ltau_lmp.errors import ConfigError, FileFormatError
 def register(sub: argparse._SubParsersAction) -> None:
     from ltau_lmp.estimator.calibration import DEFAULT_FALSE_ALARM_RATE
     from ltau_lmp.estimator.index import DEFAULT_KIND, KIND_CHOICES, OPTION_DEFAULTS
-    from ltau_lmp.estimator.index_tuning import AUTO_EXACT_LIMIT
+    from ltau_lmp.estimator.index_tuning import AUTO_RECALL, SMALL_LIMIT, SMALL_RECALL, SMALL_SPEEDUP
     from ltau_lmp.estimator.options import DEFAULT_K, WEIGHTINGS
 
     hnsw, ivf, ivfpq = OPTION_DEFAULTS["hnsw"], OPTION_DEFAULTS["ivf"], OPTION_DEFAULTS["ivfpq"]
@@ -34,15 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--descriptors", required=True, type=Path, help="training-atom descriptors .npy (n_atoms x dim)")
     p.add_argument("--reference-descriptors", type=Path,
                    help="held-out in-domain atoms' descriptors .npy (same model, not in --descriptors)")
+    p.add_argument("--train-set", type=Path,
+                   help="the training structures in atom-id order (the train_set.xyz of a training run): without "
+                        "--reference-descriptors, index auto tunes its search on whole structures held out of it")
     p.add_argument("--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
                    help="in-domain false-alarm rate per evaluation of all watched atoms (halt auto)")
     p.add_argument("-o", "--output", required=True, type=Path, help="estimator directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier estimator at --output")
     p.add_argument("--index", default=DEFAULT_KIND, choices=KIND_CHOICES,
                    help="search backend: exact 'flat', inverted lists 'ivf', graph 'hnsw', compressed "
-                        f"'ivfpq'; auto = flat below {AUTO_EXACT_LIMIT:,} entries, above that IVF with nprobe tuned "
-                        "to recall@10 >= 0.95 on the --reference-descriptors atoms, else on a training sample "
-                        "(the measured recall is stored: ltau-lmp info)")
+                        f"'ivfpq'; auto races IVF and HNSW tuned on held-out atoms (--reference-descriptors, else "
+                        f"whole structures of --train-set): below {SMALL_LIMIT:,} entries one replaces exact search "
+                        f"only at recall@10 >= {SMALL_RECALL} and {SMALL_SPEEDUP:g}x its speed, above that the "
+                        f"fastest at recall@10 >= {AUTO_RECALL}; what it chose and why is stored (ltau-lmp info)")
     p.add_argument("-k", "--neighbors", type=int, default=DEFAULT_K, help="neighbours averaged per query")
     p.add_argument("--weighting", default=WEIGHTINGS[0], choices=WEIGHTINGS,
                    help="average neighbour PDFs equally or by inverse distance")
@@ -156,6 +160,21 @@ def _load_npy(path: Path, what: str):
     return array
 
 
+def _structure_ids(path: Path, n_rows: int):
+    """Structure id of each descriptor row from the training frames in atom-id order (an ASE file)."""
+    import numpy as np
+    from ase.io import iread
+
+    try:
+        sizes = [len(atoms) for atoms in iread(path)]
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise FileFormatError(f"{path}: cannot read the training structures ({type(exc).__name__}: {exc})") from None
+    if sum(sizes) != n_rows:
+        raise ConfigError(f"{path} holds {sum(sizes)} atoms in {len(sizes)} structures but the descriptors have "
+                          f"{n_rows} rows: give the training set the descriptors were computed on, in atom-id order")
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
 def _build(args) -> int:
     from ltau_lmp.estimator import ErrorLog, EstimatorOptions, LTAUEstimator
     from ltau_lmp.estimator.calibration import describe_thresholds
@@ -172,6 +191,7 @@ def _build(args) -> int:
              "nlist": "nlist", "nprobe": "nprobe"}
     options = {key: getattr(args, arg) for arg, key in names.items() if hasattr(args, arg)}
     reference = _load_npy(args.reference_descriptors, "reference descriptors") if args.reference_descriptors else None
+    structures = _structure_ids(args.train_set, len(descriptors)) if args.train_set else None
     metadata = {"units": "eV/Angstrom", "source_error_log": str(args.error_log)}
     if reference is not None:
         metadata["reference_descriptors"] = str(args.reference_descriptors)
@@ -183,12 +203,14 @@ def _build(args) -> int:
         choices = EstimatorOptions(index=args.index, k=args.neighbors, weighting=args.weighting,
                                    index_options=options, false_alarm_rate=args.false_alarm_rate)
         est = LTAUEstimator.build(descriptors, log, options=choices, metadata=metadata, threads=args.threads,
-                                  reference_descriptors=reference)
+                                  reference_descriptors=reference, structures=structures)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     est.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {est.n_entries} entries x {est.dim} dims, {est.nbins} bins, "
           f"index {est.index.kind}, k={est.k}, model binding {est.model_binding}")
+    if "choice" in est.index.options:
+        print(f"index: {est.index.options['choice']}")
     if est.model_binding == "unchecked":
         print(UNCHECKED_WARNING)
     print(describe_thresholds(est.alarm_thresholds, remedy="give --reference-descriptors"))

@@ -126,7 +126,7 @@ class LTAUEstimator:
 
     @classmethod
     def build(cls, descriptors, error_log_or_pdfs, bin_edges=None, options: EstimatorOptions | None = None, *,
-              metadata: dict | None = None, reference_descriptors=None, use_gpu: bool | str = "auto",
+              metadata: dict | None = None, reference_descriptors=None, structures=None, use_gpu: bool | str = "auto",
               gpu_device: int = 0, threads: int | None = None, progress: bool | None = None,
               **choices) -> "LTAUEstimator":
         """From descriptors (n, d) and either an ``ErrorLog`` or PDFs (n, nbins) + ``bin_edges``.
@@ -135,7 +135,9 @@ class LTAUEstimator:
         the false-alarm rate of the thresholds; keyword ``choices`` replace its fields
         (``build(x, log, k=5, index="flat")``). ``reference_descriptors``: latents of held-out
         in-domain atoms (not among ``descriptors``), for the ``ood`` p-value and the alarm thresholds
-        (``calibrate``). ``metadata`` should name the model (``ltau_lmp.pipeline.card_metadata``: a
+        (``calibrate``), on which an approximate index is also tuned; without them, ``structures``
+        ((n,) the training structure of each descriptor row) lets it hold out whole structures
+        instead (``index_tuning``). ``metadata`` should name the model (``ltau_lmp.pipeline.card_metadata``: a
         plain dict of its card); without a ``model_hash`` the estimator records ``model_binding:
         "unchecked"`` and says so wherever it is used (``model_binding``). ``use_gpu``,
         ``gpu_device``, ``threads`` and ``progress`` say where and how the index is built and searched.
@@ -167,7 +169,7 @@ class LTAUEstimator:
         metadata.setdefault("model_binding", "checked" if metadata.get("model_hash") else "unchecked")
         _check_card_metadata(metadata, descriptors.shape[1])  # before the index is built
         search_index = build_index(descriptors, options.index, options.index_options, use_gpu, gpu_device, progress,
-                                   tuning_queries=reference_descriptors)
+                                   tuning_queries=reference_descriptors, structures=structures)
         estimator = cls(search_index, pdfs, bin_edges, k=options.k, weighting=options.weighting, metadata=metadata)
         if reference_descriptors is not None:
             estimator.calibrate(reference_descriptors, options.false_alarm_rate)
@@ -353,6 +355,7 @@ def as_descriptors(values, dim: int | None = None, what: str = "") -> np.ndarray
         raise ConfigError(f"{prefix}descriptors must be a non-empty (n, d) array, got shape {X.shape}")
     if dim is not None and (X.ndim != 2 or X.shape[1] != dim):
         raise ConfigError(f"{prefix}descriptors must have shape (n, {dim}), got {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ConfigError(f"{prefix}descriptors contain NaN or infinite values")
+    for start in range(0, X.shape[0], CHUNK_ROWS):  # in blocks: no (n, d) temporary at 10^7 rows
+        if not np.isfinite(X[start:start + CHUNK_ROWS]).all():
+            raise ConfigError(f"{prefix}descriptors contain NaN or infinite values")
     return X

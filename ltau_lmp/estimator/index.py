@@ -1,16 +1,25 @@
 """Nearest-neighbour search in latent space through faiss: what runs at every query.
 
 Four backends, all L2 on float32 vectors: ``flat`` (exact), ``ivf`` (inverted lists of exact
-vectors: scans ``nprobe`` of ``nlist`` clusters), ``hnsw`` (graph) and ``ivfpq`` (compressed, for
-very large sets). With faiss-gpu and a visible GPU, ``flat``, ``ivf`` and ``ivfpq`` are searched on
-the GPU; faiss has no GPU HNSW, so ``hnsw`` (and an IVF with an HNSW quantizer) stays on the CPU.
+vectors: scans ``nprobe`` of ``nlist`` clusters; with ``pca`` the lists hold the vectors' first
+``pca`` principal components and the ``nprobe`` lists' best ``k x k_factor`` candidates are
+re-ranked with the exact vectors), ``hnsw`` (graph) and ``ivfpq`` (compressed). With faiss-gpu
+and a visible GPU, ``flat``, ``ivf`` (without an HNSW quantizer or ``pca``) and ``ivfpq`` are
+searched on the GPU; faiss has no GPU HNSW and no GPU re-ranking, so those stay on the CPU.
+
+Vectors are centred before they are stored (a ``CenteringTransform`` in front; ``pca`` centres
+too). Latent features carry a large common offset: MACE's have norm ~15 with nearest neighbours
+0.006 apart, and the ``|q|^2 + |x|^2 - 2 q.x`` form that faiss's exact search computes in
+float32 then loses the neighbours in rounding (recall@10 0.24 for exact-vs-"exact" at 1M, 0.99
+after centring). Indexes written before centring still load and search as they were built.
 
 ``SearchIndex`` holds a filled faiss index with its kind and options; the search-time parameters
-(``nprobe``, ``ef_search``) are not all stored by ``write_index``, so they are set after every
-load, through faiss's ``ParameterSpace`` (which reaches through the id map and the IVF wrapper).
-CPU IVF and HNSW batches are searched in latent-locality order (``SearchIndex.search``): the same
-answers, fewer cache misses. How an index is chosen, filled and tuned at build time (``auto``,
-recall probes, the HNSW race, storing HNSW nodes in locality order) is ``index_tuning``.
+(``nprobe``, ``ef_search``, ``k_factor``) are not all stored by ``write_index``, so they are set
+after every load, through faiss's ``ParameterSpace`` (which reaches through the id map, the
+transform and the IVF wrapper). CPU IVF and HNSW batches are searched in latent-locality order
+(``SearchIndex.search``): the same answers, fewer cache misses. How an index is chosen, filled and
+tuned at build time (``auto``, held-out recall, the race between candidates, storing HNSW nodes
+in locality order) is ``index_tuning``.
 
 faiss is imported on first use (``require_faiss``), not with this module: the kinds and defaults
 declared here feed the command line, which must start (and print its help) without faiss.
@@ -30,16 +39,17 @@ from ltau_lmp.estimator.histogram import CHUNK_ROWS
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 KIND_CHOICES = ("auto", *INDEX_KINDS)  # what users may ask for; "auto" resolves by size (index_tuning)
 DEFAULT_KIND = "auto"
-RECORDED = ("auto", "recall_at_10", "recall_queries", "queries_per_cpu_s")  # written by the build: how chosen,
-# what recall reached on which queries, and for auto's IVF-vs-HNSW race the speeds it measured
+RECORDED = ("auto", "recall_at_10", "recall_queries", "queries_per_cpu_s", "choice")  # written by the build: how
+# chosen, what recall reached on which held-out atoms, the speeds auto's race measured, and why it chose
 TUNED = {"ivf": "nprobe", "hnsw": "ef_search"}  # the search-time parameter a target_recall tunes
 SEARCH_PARAMETERS = {"ivf": ("nprobe", "nprobe"), "ivfpq": ("nprobe", "nprobe"),
                      "hnsw": ("ef_search", "efSearch")}  # kind: (our option, faiss ParameterSpace name)
+REBUILD_ONLY = {"target_recall", "nlist", "quantizer", "pca", "M", "ef_construction"}
 LOCALITY_MIN_QUERIES = 64  # batches from here are searched in locality order (``SearchIndex.search``)
 LOCALITY_PIVOTS = 256  # entries whose nearest orders an HNSW batch (random pivots: 37-39k q/s at 1M, k-means 39k)
 OPTION_DEFAULTS = {  # per kind; None = derived from the data in resolve_options
     "flat": {},
-    "ivf": {"nlist": None, "nprobe": 8, "quantizer": "flat", "target_recall": None},
+    "ivf": {"nlist": None, "nprobe": 8, "quantizer": "flat", "target_recall": None, "pca": None, "k_factor": 2},
     "hnsw": {"M": 32, "ef_construction": 40, "ef_search": 16, "target_recall": None},
     "ivfpq": {"nlist": None, "pq_m": None, "nbits": 8, "nprobe": 16},
 }
@@ -79,7 +89,7 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
     if kind in ("ivf", "ivfpq") and resolved["nlist"] is None:
         resolved["nlist"] = int(max(1, min(n_entries // 64, math.isqrt(n_entries))))
     if kind == "ivf":
-        _check_ivf(resolved)
+        _check_ivf(resolved, dim)
     if tuned:
         _check_target(kind, tuned, resolved)
     if kind == "ivfpq":
@@ -90,11 +100,16 @@ def resolve_options(kind: str, dim: int, n_entries: int, options: dict | None) -
     return resolved
 
 
-def _check_ivf(opts: dict) -> None:
+def _check_ivf(opts: dict, dim: int) -> None:
     if opts["quantizer"] not in ("flat", "hnsw"):
         raise ConfigError(f"ivf quantizer must be 'flat' or 'hnsw', got {opts['quantizer']!r}")
-    if opts["nlist"] is not None and (not isinstance(opts["nlist"], numbers.Integral) or opts["nlist"] < 1):
-        raise ConfigError(f"ivf nlist must be a positive integer, got {opts['nlist']!r}")
+    for name in ("nlist", "k_factor"):
+        if opts[name] is not None and (not isinstance(opts[name], numbers.Integral) or opts[name] < 1):
+            raise ConfigError(f"ivf {name} must be a positive integer, got {opts[name]!r}")
+    pca = opts["pca"]
+    if pca is not None and (not isinstance(pca, numbers.Integral) or not 1 <= pca < dim):
+        raise ConfigError(f"ivf pca (principal components kept) must be an integer in [1, {dim - 1}] for "
+                          f"{dim}-dimensional descriptors, got {pca!r}")
 
 
 def _check_target(kind: str, tuned: str, opts: dict) -> None:
@@ -133,6 +148,38 @@ def apply_search_options(index, kind: str, opts: dict) -> None:
     if kind in SEARCH_PARAMETERS:
         option, name = SEARCH_PARAMETERS[kind]
         set_search_parameter(index, name, opts[option])
+    refine = find_refine(index)
+    if refine is not None:
+        refine.k_factor = float(opts["k_factor"])
+
+
+def unwrap(index) -> tuple[list, object]:
+    """(the vector transforms in front, the index behind them) of an index, through an id map:
+    the transforms a query must go through before the inner IVF or HNSW sees it."""
+    faiss = require_faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    if not isinstance(index, faiss.IndexPreTransform):
+        return [], index
+    chain = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+    return chain, faiss.downcast_index(index.index)
+
+
+def find_refine(index):
+    """The ``IndexRefineFlat`` of an ivf with ``pca`` (behind its id map), else None."""
+    faiss = require_faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+
+def transform(chain: list, vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` through the transforms of ``unwrap`` (the centring) in order."""
+    for vt in chain:
+        vectors = vt.apply(vectors)
+    return vectors
 
 
 @dataclass
@@ -154,7 +201,8 @@ class SearchIndex:
         want_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
         if want_gpu and not gpu_available():
             raise ConfigError("a GPU index was requested but faiss reports no GPU (is faiss-gpu installed?)")
-        if want_gpu and self.kind != "hnsw" and self.options.get("quantizer") != "hnsw":  # no GPU HNSW
+        cpu_only = self.kind == "hnsw" or self.options.get("quantizer") == "hnsw" or self.options.get("pca")
+        if want_gpu and not cpu_only:  # faiss has no GPU HNSW and no GPU re-ranking
             faiss = require_faiss()
             resources = faiss.StandardGpuResources()
             self._search_index = faiss.index_cpu_to_gpu(resources, int(gpu_device), self.cpu_index)
@@ -174,7 +222,7 @@ class SearchIndex:
 
     def set_search_options(self, **overrides) -> None:
         """Change e.g. ``ef_search`` or ``nprobe`` without rebuilding (drops the build's recall: stale)."""
-        fixed = set(overrides) & {"target_recall", "nlist", "quantizer", "M", "ef_construction", *RECORDED}
+        fixed = set(overrides) & {*REBUILD_ONLY, *RECORDED}
         if fixed:
             raise ConfigError(f"{', '.join(sorted(fixed))} cannot change without rebuilding the index")
         kept = {key: value for key, value in self.options.items() if key not in RECORDED[1:]}
@@ -190,7 +238,8 @@ class SearchIndex:
 
         CPU IVF and HNSW batches are searched in locality order (``_search_in_locality_order``): the
         same answers, fewer cache misses."""
-        local = self._search_index is self.cpu_index and self.kind in ("ivf", "hnsw")
+        local = (self._search_index is self.cpu_index and self.kind in ("ivf", "hnsw")
+                 and find_refine(self.cpu_index) is None)
         if local and len(queries) >= LOCALITY_MIN_QUERIES:
             sq, ids = self._search_in_locality_order(queries, int(k))
         else:
@@ -208,16 +257,16 @@ class SearchIndex:
         HNSW: by the nearest of ``LOCALITY_PIVOTS`` entries, the order its nodes are stored in.
         Measured on Si latents, 4096 queries, one thread: IVF 1M +15 % (42-44k -> 50k q/s; 100k
         +4 %); HNSW 1M 28k -> 38k q/s sorting the queries, 49k also storing the nodes in order."""
-        faiss = require_faiss()
+        chain, inner = unwrap(self.cpu_index)
+        seen = transform(chain, queries)  # as the inner IVF / HNSW sees them (centred)
         if self.kind == "ivf":
-            ivf = faiss.extract_index_ivf(self.cpu_index)
-            coarse_sq, coarse = ivf.quantizer.search(queries, ivf.nprobe)
+            coarse_sq, coarse = inner.quantizer.search(seen, inner.nprobe)
             order = np.argsort(coarse[:, 0], kind="stable")
-            found = ivf.search_preassigned(queries[order], k, coarse[order], coarse_sq[order])
+            found = inner.search_preassigned(seen[order], k, coarse[order], coarse_sq[order])
         else:
             if self._pivots is None:
                 self._pivots = hnsw_flat(self.cpu_index).storage.reconstruct_batch(pivot_rows(self.ntotal))
-            order = locality_order(queries, self._pivots)
+            order = locality_order(seen, self._pivots)
             found = self.cpu_index.search(queries[order], k)
         sq, ids = np.empty_like(found[0]), np.empty_like(found[1])
         sq[order], ids[order] = found
@@ -225,11 +274,9 @@ class SearchIndex:
 
 
 def hnsw_flat(index):
-    """The ``IndexHNSWFlat`` of an HNSW index, bare or in the ``IndexIDMap`` that builds since the
-    locality order wrap it in (earlier estimators hold the bare index): its storage and graph."""
-    faiss = require_faiss()
-    index = faiss.downcast_index(index)
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    """The ``IndexHNSWFlat`` of an HNSW index, bare (earlier estimators) or behind its id map and
+    centring: its storage and graph."""
+    return unwrap(index)[1]
 
 
 def pivot_rows(n: int) -> np.ndarray:
