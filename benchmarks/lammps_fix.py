@@ -283,7 +283,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help=f"model file (default {DEFAULT_MODEL} if present, else a random model)")
     parser.add_argument("--cache", default="/tmp/ltau_bench_fix", help="where the synthetic estimators are kept")
-    parser.add_argument("--sizes", default="100000,1000000", help="estimator sizes (entries)")
+    parser.add_argument("--sizes", default="100000,1000000", help="synthetic estimator sizes (entries; '' for none)")
+    parser.add_argument("--estimators", nargs="*", default=[], metavar="NAME=DIR",
+                        help="real estimators of --model to measure as well, e.g. 'demo auto=runs/demo/run/estimator'")
     parser.add_argument("--kinds", default="flat,hnsw,auto",
                         help="index kinds (hnsw: the old default; auto: IVF tuned to recall 0.95 above 20k entries)")
     parser.add_argument("--steps", type=int, default=20, help="MD steps per measurement (multiple of 10)")
@@ -311,9 +313,10 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     model_file = _model_file(args.model, cache)
     model = load_model(model_file)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     estimators = {f"{kind} {n // 1000}k": _synthetic(model, n, kind, cache) for n in sizes
                   for kind in args.kinds.split(",")}
+    estimators.update(dict(spec.split("=", 1) for spec in args.estimators))
 
     if args.phases_only:
         _print_phases(phase_times(estimators, _query_latent(model_file)), 4096)
