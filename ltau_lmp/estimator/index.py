@@ -166,6 +166,11 @@ def unwrap(index) -> tuple[list, object]:
     return chain, faiss.downcast_index(index.index)
 
 
+def unwrap_ivf(index):
+    """The IVF inside an ivf / ivfpq index, through id map, re-ranking and transforms."""
+    return require_faiss().extract_index_ivf(index)
+
+
 def find_refine(index):
     """The ``IndexRefineFlat`` of an ivf with ``pca`` (behind its id map), else None."""
     faiss = require_faiss()
@@ -244,11 +249,24 @@ class SearchIndex:
             sq, ids = self._search_in_locality_order(queries, int(k))
         else:
             sq, ids = self._search_index.search(queries, int(k))
-        if np.any(ids < 0):
-            raise RuntimeError(f"the {self.kind} index returned fewer than k={k} neighbours "
-                               f"(index of {self.ntotal} entries; raise nprobe / ef_search)")
+        short = np.flatnonzero((ids < 0).any(axis=1))
+        if short.size:  # an IVF whose probed lists hold fewer than k entries for these queries
+            sq[short], ids[short] = self._search_all_lists(queries[short], int(k))
         np.maximum(sq, 0.0, out=sq)
         return np.sqrt(sq, out=sq), ids
+
+    def _search_all_lists(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The few queries whose probed IVF lists held fewer than k entries, searched again over
+        every list (on the CPU): MD must get k neighbours for every atom, not an error."""
+        if self.kind not in ("ivf", "ivfpq"):
+            raise RuntimeError(f"the {self.kind} index returned fewer than k={k} neighbours "
+                               f"(index of {self.ntotal} entries)")
+        name = SEARCH_PARAMETERS[self.kind][1]
+        set_search_parameter(self.cpu_index, name, unwrap_ivf(self.cpu_index).nlist)
+        try:
+            return self.cpu_index.search(queries, k)
+        finally:
+            apply_search_options(self.cpu_index, self.kind, self.options)
 
     def _search_in_locality_order(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Queries sorted so that neighbours in latent space are searched one after the other: an

@@ -345,3 +345,17 @@ def test_high_dimensional_latents_get_a_pca_ivf_with_exact_reranking(small_limit
     back = LTAUEstimator.load(tmp_path / "est", use_gpu=False)
     assert back.index.options == options
     np.testing.assert_array_equal(back.query(data[:100]).neighbors, est.query(data[:100]).neighbors)
+
+
+def test_queries_whose_probed_lists_are_short_still_get_k_neighbours():
+    """An IVF probing 1 of 64 lists over 300 entries returns fewer than k for some queries: those
+    are searched again over every list, so MD gets k neighbours, the exact ones there."""
+    rng = np.random.default_rng(25)
+    data, queries = _clustered(rng, 300), _clustered(rng, 200)
+    index = build_index(data, "ivf", {"nlist": 64, "nprobe": 1}, use_gpu=False)
+    assert (index.cpu_index.search(queries, 10)[1] < 0).any()
+    dist, ids = index.search(queries, 10)
+    assert (ids >= 0).all() and index.options["nprobe"] == 1
+    short = (index.cpu_index.search(queries, 10)[1] < 0).any(axis=1)
+    exact = build_index(data, "flat", use_gpu=False).search(queries[short], 10)[1]
+    np.testing.assert_array_equal(ids[short], exact)
