@@ -133,3 +133,29 @@ def test_build_defaults_come_from_the_index_module(inputs, capsys):
                  "-o", str(tmp / "est"), "--index", "hnsw", "--unchecked-model"]) == 0
     assert LTAUEstimator.load(tmp / "est").index.options == OPTION_DEFAULTS["hnsw"]
     assert "no ood score and no recommended alarm thresholds (give --reference-descriptors)" in capsys.readouterr().out
+
+
+def test_train_set_gives_the_structures_auto_holds_out(inputs, capsys, monkeypatch):
+    """--train-set: whole training structures held out to tune the index (no --reference-descriptors);
+    a set whose atoms do not match the descriptors' rows is refused, naming both counts."""
+    from ase import Atoms
+    from ase.io import write
+
+    from ltau_lmp.estimator import index_tuning
+
+    monkeypatch.setattr(index_tuning, "SMALL_LIMIT", 100)
+    monkeypatch.setattr(index_tuning, "MIN_TUNING_QUERIES", 20)
+    tmp, log_path = inputs
+    frames = [Atoms("Si30", positions=np.zeros((30, 3))) for _ in range(10)]
+    write(tmp / "train_set.xyz", frames)
+    common = ["build-estimator", "--error-log", str(log_path), "--descriptors", str(tmp / "train.npy"),
+              "--unchecked-model"]
+    assert main([*common, "-o", str(tmp / "est"), "--train-set", str(tmp / "train_set.xyz")]) == 0
+    est = LTAUEstimator.load(tmp / "est")
+    assert est.index.options["recall_queries"] == "held-out structures"
+    assert "held-out training structures" in capsys.readouterr().out
+    write(tmp / "short.xyz", frames[:9])
+    assert main([*common, "-o", str(tmp / "est2"), "--train-set", str(tmp / "short.xyz")]) == 2
+    assert "holds 270 atoms in 9 structures but the descriptors have 300 rows" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp / "est3")]) == 2
+    assert "--train-set" in capsys.readouterr().err
