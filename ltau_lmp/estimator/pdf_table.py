@@ -39,6 +39,8 @@ from ltau_lmp.estimator.histogram import CHUNK_ROWS, check_pdfs
 BLOCK = 8  # bins per block: 8 mixes 1.2x faster than 4 at 4.6x instead of 4.9x compression (demo)
 QUANTISED_TOTAL = 50400  # every quantised row's total: a highly composite number below 2^16
 CHECK_SAMPLE = 1000  # rows whose sums are checked at load (all rows cost a pass over the table)
+DENSE_MIX_BYTES = 32 << 20  # tables at most this large as dense float32 mix from a dense copy made on first use:
+# it stays in cache (demo, 15k entries: 1.8x faster than from blocks); larger ones mix from the blocks
 _MASS = np.dtype(np.uint16)
 
 
@@ -51,6 +53,7 @@ class PDFTable:
         self.nbins = int(nbins)
         self.source = source
         self._validate()
+        self._dense = None  # small tables' dense copy for mixing (DENSE_MIX_BYTES)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -172,14 +175,23 @@ class PDFTable:
         value: weight / row total) times the (m, block) masses; scipy's loop adds each block's
         masses into its output row, no per-mass index is formed. 4096 x 10 x 100 bins: 0.9-1.0x
         the time of the dense table's product at 1M-4M entries, 1.7-1.9x at the demo's 15k entries
-        (its 6 MB dense table stays in cache; benchmarks/estimator.py prints both).
+        (its 6 MB dense table stays in cache; benchmarks/estimator.py prints both): tables up to
+        ``DENSE_MIX_BYTES`` dense mix from a dense copy instead.
         """
-        from scipy import sparse
-
         n, k = neighbors.shape
         rows = np.asarray(neighbors, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_entries):
             raise ConfigError(f"neighbour ids must lie in [0, {self.n_entries}), got [{rows.min()}, {rows.max()}]")
+        if 4 * self.n_entries * self.nbins <= DENSE_MIX_BYTES:
+            if self._dense is None:
+                self._dense = DensePDFTable(self.rows(np.arange(self.n_entries)))
+            return self._dense.mix(neighbors, weights)
+        return self._mix_blocks(rows, weights, n, k)
+
+    def _mix_blocks(self, rows: np.ndarray, weights: np.ndarray, n: int, k: int) -> np.ndarray:
+        """``mix`` from the blocks: ``rows`` the (n * k) checked neighbour ids."""
+        from scipy import sparse
+
         first = self.indptr.take(rows)
         count = self.indptr.take(rows + 1) - first
         ends = np.cumsum(count)
@@ -199,8 +211,10 @@ class PDFTable:
 
     def rows(self, ids) -> np.ndarray:
         """Dense float32 PDFs of the entries ``ids`` (a few: (len, nbins) is allocated)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
-        return np.ascontiguousarray(self.mix(ids, np.ones(ids.shape)))
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_entries):
+            raise ConfigError(f"entry ids must lie in [0, {self.n_entries}), got [{ids.min()}, {ids.max()}]")
+        return np.ascontiguousarray(self._mix_blocks(ids, np.ones(ids.size), ids.size, 1))
 
     def expected(self, values: np.ndarray) -> np.ndarray:
         """Per-entry ``sum_b p_b * values_b`` (values: (nbins,), e.g. bin midpoints), float64, in

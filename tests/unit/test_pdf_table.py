@@ -12,9 +12,26 @@ from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.estimator import LTAUEstimator, log_midpoints, log_spaced_edges
 from ltau_lmp.estimator.histogram import pdf_cdf_at, pdf_quantiles
 from ltau_lmp.estimator.io import sha256_file
+from ltau_lmp.estimator import pdf_table
 from ltau_lmp.estimator.pdf_table import QUANTISED_TOTAL, DensePDFTable, PDFTable
 
 EDGES = log_spaced_edges(1e-3, 10.0, 100)
+
+
+@pytest.fixture(autouse=True)
+def mix_from_blocks(monkeypatch):
+    """These tables are small: mix them from their blocks, not from the dense copy small tables use."""
+    monkeypatch.setattr(pdf_table, "DENSE_MIX_BYTES", 0)
+
+
+def test_small_tables_mix_from_a_dense_copy_with_the_same_answers(monkeypatch):
+    rng = np.random.default_rng(40)
+    table = PDFTable.from_counts(_epoch_counts(rng, 500))
+    neighbors, weights = rng.integers(0, 500, (64, 10)), rng.dirichlet(np.ones(10), 64)
+    from_blocks = table.mix(neighbors, weights)
+    monkeypatch.setattr(pdf_table, "DENSE_MIX_BYTES", 32 << 20)
+    np.testing.assert_allclose(table.mix(neighbors, weights), from_blocks, rtol=1e-5, atol=1e-7)
+    assert table._dense is not None
 
 
 def _epoch_counts(rng, n, epochs=100, edges=EDGES):
