@@ -121,7 +121,8 @@ class FixLtau:
         resolved for ``n_watched`` atoms), files; then warnings (unchecked model, empty group)."""
         o, est, chosen = self.opts, self.estimator, self.decider.chosen
         options = est.index.options
-        search = ", ".join(f"{key} {options[key]}" for key in ("nprobe", "ef_search") if key in options)
+        search = ", ".join(f"{key} {options[key]}" for key in ("nprobe", "ef_search", "pca")
+                           if options.get(key) is not None)
         if "recall_at_10" in options:
             search += f"{', ' if search else ''}recall@10 {options['recall_at_10']:.3f}"
         checked = est.model_binding == "checked"
