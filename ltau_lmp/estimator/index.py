@@ -231,7 +231,7 @@ class SearchIndex:
         if fixed:
             raise ConfigError(f"{', '.join(sorted(fixed))} cannot change without rebuilding the index")
         kept = {key: value for key, value in self.options.items() if key not in RECORDED[1:]}
-        if "target_recall" in kept and overrides.get(TUNED.get(self.kind)) is not None:
+        if "target_recall" in kept:  # the tuned value no longer answers to it
             kept["target_recall"] = None
         self.options = resolve_options(self.kind, self.dim, self.ntotal, {**kept, **overrides})
         apply_search_options(self.cpu_index, self.kind, self.options)

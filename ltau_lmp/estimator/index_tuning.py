@@ -35,7 +35,7 @@ import numpy as np
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator.histogram import CHUNK_ROWS
 from ltau_lmp.estimator.index import (DEFAULT_KIND, KIND_CHOICES, RECORDED, SEARCH_PARAMETERS, TUNED,
-                                      SearchIndex, gpu_available, pivot_rows, require_faiss,
+                                      SearchIndex, find_refine, gpu_available, pivot_rows, require_faiss,
                                       resolve_options, set_search_parameter, transform, unwrap)
 
 SMALL_LIMIT = 100_000  # below: exact search stays unless an index beats it by SMALL_SPEEDUP at SMALL_RECALL
@@ -58,6 +58,7 @@ HELD_OUT_ATOMS = 2000  # held-out structures: whole structures until this many a
 HELD_OUT_FRACTION = 0.1  # ... but not more than this share of the rows (at least one structure)
 MAX_SCAN_FRACTION = 0.1  # auto's cost ceiling: nprobe scans at most this share of the lists
 MAX_EF_SEARCH = 1024
+K_FACTORS = (2, 4, 8, 16, 32)  # re-ranked candidates per neighbour an IVF over principal components may use
 AUTO_HNSW = {"M": 16, "ef_construction": 40}  # auto's HNSW candidate: M 16 beat M 32 at equal recall (Si latents)
 HNSW_MARGIN = 1.2  # auto takes HNSW over IVF only when this much faster (IVF: faster build, GPU-capable)
 MAX_AUTO_NLIST = 16_384  # more lists: k-means time grows with lists x points (10M rows: 4x longer for 65k lists)
@@ -227,6 +228,7 @@ def _build_one(vectors: np.ndarray, kind: str, opts: dict, probe: "RecallProbe",
     with _phase(f"training {kind} ({len(sample):,} vectors)", 1, progress) as bar:
         index.train(vectors[sample])
         bar.update(1)
+    _reserve_flat_storage(index, kind, n)
     _add_rows(index, vectors, kept, progress, with_ids=kind != "flat", desc=f"filling {kind}")
     reached = True
     tuned = TUNED.get(kind)
@@ -325,7 +327,10 @@ class RecallProbe:
         """The smallest value of ``kind``'s tuned parameter whose recall reaches ``target_recall``
         with confidence (its lower bound does), up to ``ceiling_value`` with ``ceiling`` (else
         up to exhaustive); or the given value's recall. Recall grows with it: doubling, then
-        bisection. Returns the recorded options and whether the target was reached."""
+        bisection. An IVF over principal components first raises its re-ranking ``k_factor``
+        (``K_FACTORS``) until the ceiling's nprobe reaches the target: near-duplicates differ in
+        the components it dropped (10M x 256 MACE latents: 0.90 at k_factor 2 whatever nprobe).
+        Returns the recorded options and whether the target was reached."""
         tuned = TUNED[kind]
         parameter = SEARCH_PARAMETERS[kind][1]
         cache = {}
@@ -344,6 +349,14 @@ class RecallProbe:
         target = opts["target_recall"]
         top = ceiling_value(kind, opts) if ceiling else (int(opts["nlist"]) if kind == "ivf" else MAX_EF_SEARCH)
         reaches = lambda value: recall(value)[1] >= target  # noqa: E731
+        refine = find_refine(index)
+        if refine is not None:  # re-ranking more candidates, where probing more lists cannot reach it
+            recorded["k_factor"] = opts["k_factor"]
+            for factor in (f for f in K_FACTORS if f >= opts["k_factor"]):
+                refine.k_factor, recorded["k_factor"] = float(factor), factor
+                cache.clear()
+                if reaches(top):
+                    break
         # invariant: lo fails (nothing searched; HNSW's beam is never below k), hi not yet known to fail
         lo, hi = (0, 1) if kind == "ivf" else (self.k - 1, self.k)
         with _phase(f"tuning {tuned} on {self.description}", None, self.progress) as bar:
@@ -408,6 +421,21 @@ def _add_rows(index, vectors: np.ndarray, mask: np.ndarray | None, progress: boo
             else:
                 index.add(block)
             bar.update(len(rows))
+
+
+def _reserve_flat_storage(index, kind: str, n: int) -> None:
+    """Size the exact vectors' storage (flat, HNSW's, the re-ranking copy) for all ``n`` rows before
+    filling: grown chunk by chunk, its last reallocation held old and new copies at once (10M x
+    256: 17.6 GB peak for 10 GB of vectors)."""
+    faiss = require_faiss()
+    refine = find_refine(index)
+    storage = refine.refine_index if refine is not None else (unwrap(index)[1] if kind in ("flat", "hnsw") else None)
+    if kind == "hnsw":
+        storage = storage.storage
+    if storage is not None:
+        codes = faiss.downcast_index(storage).codes
+        codes.resize(n * faiss.downcast_index(storage).code_size)  # capacity for n rows, kept when emptied
+        codes.resize(0)
 
 
 def _store_in_locality_order(id_map, vectors: np.ndarray) -> None:

@@ -359,3 +359,23 @@ def test_queries_whose_probed_lists_are_short_still_get_k_neighbours():
     short = (index.cpu_index.search(queries, 10)[1] < 0).any(axis=1)
     exact = build_index(data, "flat", use_gpu=False).search(queries[short], 10)[1]
     np.testing.assert_array_equal(ids[short], exact)
+
+
+def test_pca_ivf_reranks_more_candidates_where_near_duplicates_differ_in_dropped_parts(small_limit,
+                                                                                          monkeypatch):
+    """Copies of a few atoms with small noise in every dimension: PCA keeps the atoms'
+    directions and drops most of the noise that orders the copies, so probing more lists cannot
+    reach the target; re-ranking more candidates exactly does, and the build records how many."""
+    monkeypatch.setattr(tuning, "PCA_MIN_DIM", 32)
+    monkeypatch.setattr(tuning, "PCA_VARIANCE", 0.99)
+    rng = np.random.default_rng(26)
+    originals = _clustered(rng, 40, dim=48, intrinsic=6)
+    data = originals[rng.integers(0, 40, 6000)] + 0.05 * rng.normal(size=(6000, 48)).astype(np.float32)
+    queries = originals[rng.integers(0, 40, 400)] + 0.05 * rng.normal(size=(400, 48)).astype(np.float32)
+    index = build_index(data, use_gpu=False, tuning_queries=queries)
+    assert index.options["pca"] == 16 and index.options["recall_at_10"] >= AUTO_RECALL
+    assert index.options["k_factor"] > 2
+    index.set_search_options(k_factor=2)
+    dist, found = index.search(queries, 10)
+    exact = build_index(data, "flat", use_gpu=False).search(queries, 10)[1]
+    assert _recall(found, exact) < AUTO_RECALL
