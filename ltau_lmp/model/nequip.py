@@ -38,6 +38,10 @@ output are computed (from no messages) and then overwritten by the exchange; neq
 potentials give each pair's centre half of the pair energy, so pairs centred on local atoms
 give the local atoms' energies exactly.
 
+``NequIPStages`` is the part shared with deployed TorchScript archives
+(``ltau_lmp.model.torchscript``): the stage-by-stage forward over nequip's field names, which are
+the same plain strings in nequip 0.5 to 0.19 and in their TorchScript archives.
+
 nequip itself is imported only when a model is wrapped or loaded.
 """
 
@@ -50,9 +54,13 @@ from torch import Tensor, nn
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.model.contract import ForceField
 
-# class names, not isinstance: a model from a nequip-package file brings its own copies of the classes
+# class names, not isinstance: a model from a nequip-package file brings its own copies of the classes,
+# a TorchScript archive names them in ``original_name``
 _CONVOLUTION = "ConvNetLayer"
 _ALLEGRO = "Allegro_Module"
+# nequip's field names (nequip.data.AtomicDataDict), unchanged from nequip 0.5 to 0.19
+POSITIONS, ATOM_TYPES, EDGE_INDEX, EDGE_VECTORS = "pos", "atom_types", "edge_index", "edge_vectors"
+NODE_FEATURES, EDGE_FEATURES, PER_ATOM_ENERGY = "node_features", "edge_features", "atomic_energy"
 CHECKPOINT_PREFIX = "model.sole_model."  # a nequip training module's path to its model
 
 
@@ -61,13 +69,77 @@ def model_state(lightning_state: dict) -> dict:
     return {k[len(CHECKPOINT_PREFIX):]: v for k, v in lightning_state.items() if k.startswith(CHECKPOINT_PREFIX)}
 
 
-class NequIPForceField(ForceField):
+def stage_kind(module: nn.Module) -> str:
+    """The nequip class a stage is: its Python class name, or a scripted module's ``original_name``."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+class NequIPStages(ForceField):
+    """The stage-by-stage forward of a nequip energy model (a ``SequentialGraphNetwork``: a
+    sequence of graph modules, dict in, dict out), shared by Python models and TorchScript archives.
+
+    ``_setup_stages`` reads the family, layers and stages; a subclass then sets ``species``,
+    ``cutoff``, ``latent_dim``, ``latent_description``, ``exchange_widths`` and, for a model with
+    calls ``_set_pair_cutoffs`` (per-edge-type cutoffs, species x species, Å: longer pairs are
+    dropped, as ``pair_nequip`` and ``pair_allegro`` drop them).
+    """
+
+    def _set_pair_cutoffs(self, cutoffs: Tensor | None) -> None:
+        self.register_buffer("pair_cutoffs", cutoffs, persistent=False)
+
+    def _setup_stages(self, energy_model: nn.Module) -> None:
+        stages = [stage_kind(m) for m in energy_model.children()]
+        convolutions = stages.count(_CONVOLUTION)
+        if convolutions and _ALLEGRO not in stages:
+            self.family, self.num_layers = "nequip", convolutions
+        elif stages.count(_ALLEGRO) == 1 and not convolutions:
+            self.family, self.num_layers = "allegro", 1
+        else:
+            raise ConfigError(f"a nequip model that is neither NequIP nor Allegro (stages: {', '.join(stages)})")
+        self.energy_model = energy_model
+        self.ghost_exchange = self.family == "nequip"
+        named = list(energy_model.named_children())
+        # the stage after which the latent is read: the last convolution / the Allegro layers
+        self._latent_stage = [name for name, m in named if stage_kind(m) in (_CONVOLUTION, _ALLEGRO)][-1]
+        # the convolutions after which node features are exchanged: all but the last
+        self._exchange_stages = tuple(name for name, m in named if stage_kind(m) == _CONVOLUTION)[:-1]
+
+    def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
+                shifts: Tensor | None, n_local: int, exchange=None) -> tuple[Tensor, Tensor]:
+        """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
+        positions = positions.to(self.dtype)
+        if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
+            return self.no_local_atoms(positions, shifts, exchange)
+        vectors = positions.index_select(0, neighbors) - positions.index_select(0, centers)
+        if shifts is not None:
+            vectors = vectors + shifts.to(self.dtype)
+        if self.pair_cutoffs is not None:  # per-edge-type cutoffs: the longer pairs do not exist for the model
+            keep = torch.linalg.vector_norm(vectors, dim=1) < self.pair_cutoffs[species[centers], species[neighbors]]
+            centers, neighbors, vectors = centers[keep], neighbors[keep], vectors[keep]
+        data = {POSITIONS: positions, ATOM_TYPES: species, EDGE_INDEX: torch.stack([centers, neighbors]),
+                EDGE_VECTORS: vectors}
+        latent = None
+        # Stage by stage: the latent is taken where it is formed, and with exchange= the node
+        # features after each convolution but the last get their ghost rows (computed from no
+        # messages) from their owners.
+        for name, stage in self.energy_model.named_children():
+            data = stage(data)
+            if exchange is not None and name in self._exchange_stages:
+                data[NODE_FEATURES] = exchange(data[NODE_FEATURES])
+            if name == self._latent_stage:
+                if self.family == "nequip":
+                    latent = data[NODE_FEATURES]
+                else:
+                    features = data[EDGE_FEATURES]
+                    latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
+        return data[PER_ATOM_ENERGY][:n_local, 0], latent[:n_local]
+
+
+class NequIPForceField(NequIPStages):
     """A nequip ``GraphModel`` (NequIP or Allegro) honouring the forward contract (module docstring)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        from nequip.data import AtomicDataDict
-
         if not getattr(model, "is_graph_model", False):
             raise ConfigError(f"expected a nequip GraphModel (NequIPGNNModel, AllegroModel, ...), got "
                               f"{type(model).__module__}.{type(model).__qualname__}")
@@ -78,52 +150,26 @@ class NequIPForceField(ForceField):
         if not isinstance(energy_model, nn.Sequential):
             raise ConfigError(f"unsupported nequip model structure: expected a SequentialGraphNetwork energy "
                               f"model, found {type(energy_model).__qualname__}")
-        stages = [type(m).__name__ for m in energy_model]
-        convolutions = stages.count(_CONVOLUTION)
-        if convolutions and _ALLEGRO not in stages:
-            family, num_layers = "nequip", convolutions
-        elif stages.count(_ALLEGRO) == 1 and not convolutions:
-            family, num_layers = "allegro", 1
-        else:
-            raise ConfigError(f"a nequip model that is neither NequIP nor Allegro (stages: {', '.join(stages)})")
+        self._setup_stages(energy_model)
         metadata = model.metadata
-        species = tuple(str(metadata["type_names"]).split())
-        unknown = [t for t in species if t not in atomic_numbers]
-        if unknown:
-            raise ConfigError(f"nequip type names {unknown} are not chemical symbols: ltau_lmp maps LAMMPS "
-                              f"types to species by chemical symbol (train with type names = symbols)")
+        self.species = chemical_types(str(metadata["type_names"]).split())
         self.graph_model = model
-        self.energy_model = energy_model
-        self.family = family
-        self.ghost_exchange = family == "nequip"
-        self.num_layers = num_layers
-        self.species = species
         self.cutoff = float(metadata["r_max"])
+        self._set_pair_cutoffs(per_edge_type_cutoffs(metadata.get("per_edge_type_cutoff"), len(self.species),
+                                                     self.cutoff))
         self._metadata = {k: str(v) for k, v in metadata.items()}
-        # nequip's field names, as plain strings (a module attribute would not survive deepcopy)
-        self._keys = {name: getattr(AtomicDataDict, name) for name in (
-            "POSITIONS_KEY", "ATOM_TYPE_KEY", "EDGE_INDEX_KEY", "EDGE_VECTORS_KEY", "NODE_FEATURES_KEY",
-            "EDGE_FEATURES_KEY", "PER_ATOM_ENERGY_KEY")}
-        # the stage after which the latent is read: the last convolution / the Allegro layers
-        self._latent_stage, last = [(name, m) for name, m in energy_model.named_children()
-                                    if type(m).__name__ in (_CONVOLUTION, _ALLEGRO)][-1]
-        # the convolutions after which node features are exchanged (all but the last), and widths
-        exchanged = [(name, m) for name, m in energy_model.named_children()
-                     if type(m).__name__ == _CONVOLUTION][:-1]
-        self._exchange_stages = frozenset(name for name, _ in exchanged)
-        self.exchange_widths = tuple(m.irreps_out[AtomicDataDict.NODE_FEATURES_KEY].dim for _, m in exchanged)
-        if family == "nequip":
-            irreps = last.irreps_out[AtomicDataDict.NODE_FEATURES_KEY]
+        stages = dict(energy_model.named_children())
+        self.exchange_widths = tuple(stages[name].irreps_out[NODE_FEATURES].dim for name in self._exchange_stages)
+        last = stages[self._latent_stage]
+        if self.family == "nequip":
+            irreps = last.irreps_out[NODE_FEATURES]
             if any(ir.l != 0 or ir.p != 1 for _, ir in irreps):
                 raise ConfigError(f"the last NequIP convolution outputs {irreps}, not only invariant (0e) "
                                   f"features")
             self.latent_dim = irreps.dim
-            self.latent_description = (f"NequIP node features after the last of {num_layers} convolutions "
-                                       f"({irreps.dim} invariant channels, the energy readout's input)")
         else:
-            self.latent_dim = last.irreps_out[AtomicDataDict.EDGE_FEATURES_KEY].dim
-            self.latent_description = (f"Allegro scalar edge features (the edge-energy readout's input) summed "
-                                       f"over the atom's pairs ({self.latent_dim} channels)")
+            self.latent_dim = last.irreps_out[EDGE_FEATURES].dim
+        self.latent_description = latent_description(self.family, self.num_layers, self.latent_dim)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,34 +189,33 @@ class NequIPForceField(ForceField):
         checkpoint (``torch.load`` with ``weights_only=True``)."""
         return model_state(payload.get("state_dict", {}) if isinstance(payload, dict) else {})
 
-    def forward(self, positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor,
-                shifts: Tensor | None, n_local: int, exchange=None) -> tuple[Tensor, Tensor]:
-        """Return (atom_energy (n_local,), latent (n_local, latent_dim)); contract in architecture.md."""
-        keys = self._keys
-        positions = positions.to(self.dtype)
-        if n_local == 0:  # a rank without local atoms: nothing to compute, outputs stay in the graph
-            return self.no_local_atoms(positions, shifts, exchange)
-        vectors = positions.index_select(0, neighbors) - positions.index_select(0, centers)
-        if shifts is not None:
-            vectors = vectors + shifts.to(self.dtype)
-        data = {
-            keys["POSITIONS_KEY"]: positions,
-            keys["ATOM_TYPE_KEY"]: species,
-            keys["EDGE_INDEX_KEY"]: torch.stack([centers, neighbors]),
-            keys["EDGE_VECTORS_KEY"]: vectors,
-        }
-        latent = None
-        # Stage by stage (the energy model is an nn.Sequential of graph modules): the latent is
-        # taken where it is formed, and with exchange= the node features after each convolution
-        # but the last get their ghost rows (computed from no messages) from their owners.
-        for name, stage in self.energy_model.named_children():
-            data = stage(data)
-            if exchange is not None and name in self._exchange_stages:
-                data[keys["NODE_FEATURES_KEY"]] = exchange(data[keys["NODE_FEATURES_KEY"]])
-            if name == self._latent_stage:
-                if self.family == "nequip":
-                    latent = data[keys["NODE_FEATURES_KEY"]]
-                else:
-                    features = data[keys["EDGE_FEATURES_KEY"]]
-                    latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
-        return data[keys["PER_ATOM_ENERGY_KEY"]][:n_local, 0], latent[:n_local]
+
+def chemical_types(type_names) -> tuple[str, ...]:
+    """nequip type names as species: they must be chemical symbols (LAMMPS types map by symbol)."""
+    species = tuple(str(t) for t in type_names)
+    unknown = [t for t in species if t not in atomic_numbers]
+    if unknown:
+        raise ConfigError(f"nequip type names {unknown} are not chemical symbols: ltau_lmp maps LAMMPS "
+                          f"types to species by chemical symbol (train with type names = symbols)")
+    return species
+
+
+def per_edge_type_cutoffs(text, num_types: int, r_max: float) -> Tensor | None:
+    """nequip's ``per_edge_type_cutoff`` metadata (num_types^2 numbers, row = centre type), or None."""
+    values = str(text or "").split()
+    if not values:
+        return None
+    if len(values) != num_types * num_types:
+        raise ConfigError(f"per_edge_type_cutoff holds {len(values)} values, expected {num_types}^2")
+    cutoffs = torch.tensor([float(v) for v in values], dtype=torch.float64).view(num_types, num_types)
+    if bool((cutoffs > r_max).any()) or bool((cutoffs <= 0).any()):
+        raise ConfigError(f"per_edge_type_cutoff values must lie in (0, r_max = {r_max}]")
+    return cutoffs
+
+
+def latent_description(family: str, num_layers: int, width: int) -> str:
+    if family == "nequip":
+        return (f"NequIP node features after the last of {num_layers} convolutions "
+                f"({width} channels, the energy readout's input)")
+    return (f"Allegro scalar edge features (the edge-energy readout's input) summed over the atom's pairs "
+            f"({width} channels)")
