@@ -269,7 +269,10 @@ def _info(args) -> int:
     elif args.path.suffix == ".npz":
         summary = {"type": "error log", **ErrorLog.load(args.path).summary()}
     else:  # anything else must be a model file; load_model names what it is not
-        summary = {"type": "model", **load_model_option(args.path, args).card.to_dict()}
+        from ltau_lmp.model.io import describe_file
+
+        card = load_model_option(args.path, args).card
+        summary = {"type": "model", "file": describe_file(args.path), **card.to_dict()}
     print(_json(summary if args.full else _summarise_lists(summary)))
     if unchecked:
         print(UNCHECKED_WARNING)

@@ -10,6 +10,10 @@
   named there is a known nequip/Allegro part; other checkpoints and ``nequip-package`` files
   (``.nequip.zip``, which carry Python code) go through nequip's own loaders, which unpickle:
   only with ``allow_pickle=True``.
+* TorchScript archives (nequip-deploy / nequip-compile, MACE's ``*-lammps.pt`` and
+  ``*_compiled.model``: what ``pair_nequip``, ``pair_allegro`` and ``pair_style mace`` read): the
+  family from the archive's contents, loaded by ``ltau_lmp.model.torchscript`` (no pickled
+  Python runs: no opt-in).
 
 The family is read from the pickle's opcode stream without executing it (the classes a pickle
 names are visible as strings), so a refused file is never unpickled. An explicit ``family`` is
@@ -27,6 +31,7 @@ import torch
 from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
 from ltau_lmp.model.local import LocalForceField
 from ltau_lmp.model.nequip import model_state
+from ltau_lmp.model.torchscript import archive_kind, is_torchscript, load_archive
 
 FORMAT = "ltau_lmp.model.local"
 VERSION = 1
@@ -82,11 +87,8 @@ def _identify(path: str | os.PathLike) -> str | None:
                 config = metadata[0].removesuffix(_PACKAGE_METADATA) + "/model/config.yaml"
                 text = archive.read(config).decode() if config in names else ""
                 return "allegro" if "allegro.model." in text else "nequip"
-            if any("/code/" in name for name in names):
-                raise FileFormatError(
-                    f"model file {path} is a TorchScript archive (e.g. MACE's *_compiled.model, nequip-compile's "
-                    f"*.nequip.pth), which ltau_lmp does not run; give the torch.save'd model (MACE's NAME.model) "
-                    f"or the nequip checkpoint (.ckpt) or package (.nequip.zip)")
+            if any("/code/" in name for name in names):  # TorchScript: its own kinds (model.torchscript)
+                return archive_kind(path)[0]
             pickles = [name for name in names if name.endswith("data.pkl")]
             if len(pickles) != 1:
                 raise FileFormatError(f"model file {path}: a zip archive but not a torch file")
@@ -103,6 +105,17 @@ def _identify(path: str | os.PathLike) -> str | None:
     if any(text.startswith("nequip.model.") for text in strings):
         return "nequip"
     return "ltau_local" if FORMAT in strings else None
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a model file is, in words (``ltau-lmp info``), from its contents; nothing is unpickled."""
+    path = os.fspath(path)
+    if is_torchscript(path):
+        return archive_kind(path)[1]
+    family = detect_family(path)
+    if family in ("nequip", "allegro"):
+        return f"a nequip {'package' if _is_nequip_package(path) else 'checkpoint'} ({family})"
+    return {"mace": "a MACE model (a pickled Python module)"}.get(family, _DESCRIPTIONS[family])
 
 
 def _check_is_file(path: str) -> None:
@@ -144,6 +157,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ConfigError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
     else:
         _other_family(path, family)
+    if is_torchscript(path):  # runs no pickled Python: no opt-in needed
+        return load_archive(path, map_location)
     if family == "mace":
         return _load_mace(path, map_location, allow_pickle)
     if family in ("nequip", "allegro"):

@@ -182,19 +182,28 @@ class MACEForceField(ForceField):
                     "lammps_class": _MLIAPExchange(exchange)}
             out = self.mace(data, training=False, compute_force=False, lammps_mliap=True)
         else:
-            data = {
-                "positions": positions,
-                "node_attrs": node_attrs,
-                "edge_index": edge_index,
-                "shifts": positions.new_zeros(len(centers), 3) if shifts is None else -shifts.to(dtype),
-                "batch": torch.zeros(n_all, dtype=torch.int64, device=positions.device),
-                "ptr": torch.tensor([0, n_all], device=positions.device),
-                "cell": positions.new_zeros(3, 3),
-                "head": self.head_index,
-            }
+            data = mace_graph(positions, species, centers, neighbors, shifts, len(self.species), self.head_index)
             out = self.mace(data, training=False, compute_force=False)
         latent = out["node_feats"][:n_local].index_select(1, self.latent_columns)
         return out["node_energy"][:n_local], latent
+
+
+def mace_graph(positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor, shifts: Tensor | None,
+               n_species: int, head_index: Tensor) -> dict[str, Tensor]:
+    """MACE's input dict for the contract's graph, one structure over all nodes. MACE sums messages
+    at edge_index[1] with vector x[edge_index[1]] - x[edge_index[0]] + shift, so pair i -> j enters
+    as edge j -> i with shift -s_ij: node i gathers over its own list."""
+    n_all, dtype = positions.shape[0], positions.dtype
+    return {
+        "positions": positions,
+        "node_attrs": nn.functional.one_hot(species, n_species).to(dtype),
+        "edge_index": torch.stack([neighbors, centers]),
+        "shifts": positions.new_zeros(len(centers), 3) if shifts is None else -shifts.to(dtype),
+        "batch": torch.zeros(n_all, dtype=torch.int64, device=positions.device),
+        "ptr": torch.tensor([0, n_all], device=positions.device),
+        "cell": positions.new_zeros(3, 3),
+        "head": head_index,
+    }
 
 
 class _MLIAPExchange:

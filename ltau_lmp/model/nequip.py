@@ -20,8 +20,10 @@ chemical symbols.
   the thick ghost shell). With ``exchange=`` (``card.ghost_exchange``; one cutoff of ghosts,
   pairs centred on local atoms) the node features after every convolution but the last go
   through ``exchange``, so each later convolution reads its neighbours' rows from their owners.
-  ``latent``: the node features after the last convolution (its invariant ``0e`` channels, the
-  input of the energy readout).
+  ``latent``: the model's own ``node_features`` field once every stage ran (the LTAU-FF reference
+  convention): in nequip 0.19 the last convolution's output (its invariant ``0e`` channels, the
+  energy readout's input); in nequip 0.5 / 0.6 archives the invariant hidden features that
+  ``conv_to_output_hidden`` makes of it.
 * **Allegro** (strictly local): ``num_layers`` 1, receptive field ``r_max``: one cutoff of ghost
   atoms, pairs centred on local atoms only (it has no convolution, so ``exchange=`` is never
   called). Allegro has no node features; ``latent`` is, per atom, the sum over the pairs it
@@ -99,8 +101,6 @@ class NequIPStages(ForceField):
         self.energy_model = energy_model
         self.ghost_exchange = self.family == "nequip"
         named = list(energy_model.named_children())
-        # the stage after which the latent is read: the last convolution / the Allegro layers
-        self._latent_stage = [name for name, m in named if stage_kind(m) in (_CONVOLUTION, _ALLEGRO)][-1]
         # the convolutions after which node features are exchanged: all but the last
         self._exchange_stages = tuple(name for name, m in named if stage_kind(m) == _CONVOLUTION)[:-1]
 
@@ -118,20 +118,17 @@ class NequIPStages(ForceField):
             centers, neighbors, vectors = centers[keep], neighbors[keep], vectors[keep]
         data = {POSITIONS: positions, ATOM_TYPES: species, EDGE_INDEX: torch.stack([centers, neighbors]),
                 EDGE_VECTORS: vectors}
-        latent = None
-        # Stage by stage: the latent is taken where it is formed, and with exchange= the node
-        # features after each convolution but the last get their ghost rows (computed from no
-        # messages) from their owners.
+        # Stage by stage: with exchange= the node features after each convolution but the last get
+        # their ghost rows (computed from no messages) from their owners.
         for name, stage in self.energy_model.named_children():
             data = stage(data)
             if exchange is not None and name in self._exchange_stages:
                 data[NODE_FEATURES] = exchange(data[NODE_FEATURES])
-            if name == self._latent_stage:
-                if self.family == "nequip":
-                    latent = data[NODE_FEATURES]
-                else:
-                    features = data[EDGE_FEATURES]
-                    latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
+        if self.family == "nequip":
+            latent = data[NODE_FEATURES]
+        else:
+            features = data[EDGE_FEATURES]
+            latent = features.new_zeros(len(positions), features.shape[1]).index_add_(0, centers, features)
         return data[PER_ATOM_ENERGY][:n_local, 0], latent[:n_local]
 
 
@@ -160,7 +157,7 @@ class NequIPForceField(NequIPStages):
         self._metadata = {k: str(v) for k, v in metadata.items()}
         stages = dict(energy_model.named_children())
         self.exchange_widths = tuple(stages[name].irreps_out[NODE_FEATURES].dim for name in self._exchange_stages)
-        last = stages[self._latent_stage]
+        last = [m for m in stages.values() if stage_kind(m) in (_CONVOLUTION, _ALLEGRO)][-1]
         if self.family == "nequip":
             irreps = last.irreps_out[NODE_FEATURES]
             if any(ir.l != 0 or ir.p != 1 for _, ir in irreps):
@@ -215,7 +212,7 @@ def per_edge_type_cutoffs(text, num_types: int, r_max: float) -> Tensor | None:
 
 def latent_description(family: str, num_layers: int, width: int) -> str:
     if family == "nequip":
-        return (f"NequIP node features after the last of {num_layers} convolutions "
-                f"({width} channels, the energy readout's input)")
+        return (f"NequIP node features, the model's node_features output after {num_layers} convolutions "
+                f"({width} channels)")
     return (f"Allegro scalar edge features (the edge-energy readout's input) summed over the atom's pairs "
             f"({width} channels)")

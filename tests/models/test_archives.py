@@ -1,0 +1,180 @@
+"""TorchScript archives users already run in LAMMPS (tests/data/archives, made with the packages'
+own tools: make_*.py / make_*.sh there) behind the model contract, without nequip or mace code:
+energies, forces, virial and latents equal to the archive's own forward, the card read from the
+archive, pair_style ltau equal to that forward, and clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.io.lammpsdata import write_lammps_data
+from helpers.adapter_checks import inputs, lammps_results
+from helpers.archives import ARCHIVES, cell, own_forward
+
+from ltau_lmp.errors import FileFormatError
+from ltau_lmp.model import detect_family, evaluate, load_model
+
+# file: (family, num_layers, latent width, ghost exchange)
+KNOWN = {
+    "nequip_si_compiled.nequip.pth": ("nequip", 2, 8, True),      # nequip 0.19 nequip-compile
+    "allegro_si_compiled.nequip.pth": ("allegro", 1, 24, False),
+    "nequip_si_deployed.pth": ("nequip", 2, 4, True),              # nequip 0.6 nequip-deploy, float64
+    "nequip_si_f32_deployed.pth": ("nequip", 2, 4, True),          # float32 network, float64 outputs
+    "nequip056_si_f32_deployed.pth": ("nequip", 2, 4, True),       # nequip 0.5.6, float32, no dtype metadata
+    "allegro_si_deployed.pth": ("allegro", 1, 16, False),          # Allegro 0.2 (nequip-allegro 0.3.0)
+    "mace_si.model-lammps.pt": ("mace", 2, 16, True),              # mace_create_lammps_model
+    "mace_si_compiled.model": ("mace", 2, 16, True),               # mace_run_train's TorchScript
+}
+
+
+@pytest.fixture(scope="module", params=sorted(KNOWN))
+def archive(request):
+    return request.param, load_model(ARCHIVES / request.param)
+
+
+def test_card_read_from_the_archive(archive):
+    name, model = archive
+    family, layers, width, exchange = KNOWN[name]
+    card = model.card
+    assert (card.family, card.species, card.cutoff, card.num_layers) == (family, ("Si",), 4.0, layers)
+    assert card.receptive_field == 4.0 * layers and card.latent_dim == width and card.ghost_exchange is exchange
+    assert detect_family(ARCHIVES / name) == family
+    assert card.model_hash == load_model(ARCHIVES / name).card.model_hash    # the same file, the same hash
+
+
+def test_equals_the_archives_own_forward(archive):
+    """Energy, forces and virial from our per-pair gradient of the per-atom energies = the archive's
+    own total-energy gradient (float64 <= 1e-10 relative; float32 networks within their noise), and
+    the latent = the per-atom features the archive outputs."""
+    name, model = archive
+    atoms = cell()
+    out = evaluate(model, *inputs(model, atoms), virial=True, force_dtype=torch.float64)
+    energy, forces, virial, features = own_forward(model, atoms)
+    tol = 1e-10 if model.card.dtype == "float64" else 2e-5
+    scale = float(forces.abs().max())
+    assert scale > 0.1
+    assert float(out.atom_energy.sum()) == pytest.approx(energy, rel=tol)
+    assert float((out.forces - forces.double()).abs().max()) <= tol * scale
+    if virial is not None:
+        assert float((out.virial - virial.double()).abs().max()) <= tol * float(virial.abs().max()) * 10
+    np.testing.assert_allclose(out.latent.double().numpy(), features.double().detach().numpy(),
+                               rtol=tol, atol=tol * float(features.abs().max()))
+
+
+def test_exchange_path_equals_the_graph_path(archive):
+    """Where the archive takes the per-layer exchange, running it (identity exchange on the
+    periodic graph) gives the same numbers as the one-call path."""
+    name, model = archive
+    if not model.card.ghost_exchange:
+        assert model.exchange_widths == ()
+        return
+    args = inputs(model, cell(1))
+    widths = []
+    plain = evaluate(model, *args)
+    exchanged = evaluate(model, *args, exchange=lambda f: widths.append(f.shape[1]) or f)
+    assert tuple(widths) == model.exchange_widths == (32,)
+    tol = 1e-12 if model.card.dtype == "float64" else 1e-5
+    assert float((plain.forces - exchanged.forces).abs().max()) <= tol * float(plain.forces.abs().max())
+    assert torch.equal(plain.latent, exchanged.latent)
+
+
+HEADER = """\
+units           metal
+atom_style      atomic
+boundary        p p p
+read_data       {data}
+mass            1 28.0855
+pair_style      ltau
+pair_coeff      * * {model} Si
+run 0
+"""
+
+
+@pytest.mark.parametrize("name", ["nequip_si_compiled.nequip.pth", "nequip_si_deployed.pth", "allegro_si_deployed.pth",
+                                  "mace_si.model-lammps.pt"])
+def test_pair_style_ltau_equals_the_archive(name, tmp_path):
+    """pair_coeff * * THAT_FILE Si: energy, forces and pressure in LAMMPS = the archive's own forward."""
+    atoms = cell(2, strain=False)
+    write_lammps_data(tmp_path / "cell.lmp", atoms, specorder=["Si"], masses=False, units="metal")
+    got = lammps_results(HEADER.format(data=tmp_path / "cell.lmp", model=ARCHIVES / name))
+    model = load_model(ARCHIVES / name)
+    energy, forces, virial, _ = own_forward(model, atoms)
+    assert got["energy"] == pytest.approx(energy, rel=1e-10)
+    assert np.abs(got["forces"] - forces.detach().numpy()).max() <= 1e-10 * float(forces.abs().max())
+    w = got["pressure"] / got["nktv2p"] * got["volume"]                   # xx yy zz xy xz yz, eV
+    want = virial.detach().numpy()[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]
+    np.testing.assert_allclose(w, want, rtol=1e-8, atol=1e-8 * np.abs(want).max())
+
+
+def test_info_describes_an_archive():
+    res = subprocess.run([sys.executable, "-m", "ltau_lmp.cli", "info", str(ARCHIVES / "nequip_si_deployed.pth")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "nequip-deploy TorchScript archive" in res.stdout and "receptive_field" in res.stdout
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+def _rewrite(src: Path, dst: Path, drop: str) -> Path:
+    """A copy of the archive ``src`` without its entries whose name ends with ``drop``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            if not item.filename.endswith(drop):
+                zout.writestr(item, zin.read(item.filename))
+    return dst
+
+
+def test_refuses_an_archive_without_r_max(tmp_path):
+    path = _rewrite(ARCHIVES / "nequip_si_compiled.nequip.pth", tmp_path / "no_rmax.nequip.pth", "/extra/r_max")
+    with pytest.raises(FileFormatError, match="lacks the extra file.*r_max"):
+        load_model(path)
+
+
+def test_refuses_a_frozen_archive(tmp_path):
+    frozen = torch.jit.freeze(torch.jit.load(ARCHIVES / "nequip_si_compiled.nequip.pth"))
+    torch.jit.save(frozen, tmp_path / "frozen.pth", _extra_files={"r_max": "4.0", "type_names": "Si"})
+    with pytest.raises(FileFormatError, match="frozen"):
+        load_model(tmp_path / "frozen.pth")
+
+
+class _NoFeatures(torch.nn.Module):
+    """A nequip-shaped archive whose energy model writes per-atom energies but no node features."""
+
+    class SequentialGraphNetwork(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer0_convnet = torch.jit.script(_NoFeatures.ConvNetLayer())
+
+        def forward(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self.layer0_convnet(data)
+
+    class ConvNetLayer(torch.nn.Module):
+        def forward(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            data["atomic_energy"] = data["edge_vectors"].new_zeros(data["atom_types"].shape[0], 1)
+            return data
+
+    def __init__(self):
+        super().__init__()
+        self.func = self.SequentialGraphNetwork()
+
+    def forward(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.func(data)
+
+
+def test_refuses_an_archive_without_per_atom_features(tmp_path):
+    torch.jit.save(torch.jit.script(_NoFeatures()), tmp_path / "nofeat.pth",
+                   _extra_files={"r_max": "4.0", "type_names": "Si", "model_dtype": "float64"})
+    with pytest.raises(FileFormatError, match="no per-atom features"):
+        load_model(tmp_path / "nofeat.pth")
+
+
+def test_refuses_an_unknown_archive(tmp_path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), tmp_path / "linear.pt")
+    with pytest.raises(FileFormatError, match="TorchScript archive of a kind ltau_lmp does not run"):
+        load_model(tmp_path / "linear.pt")
