@@ -29,8 +29,9 @@ from ltau_lmp.prediction import predict_frames
 
 REF_FORCES = "REF_forces"
 # MACE: {name}_run-{seed}_epoch-{N}[_swa].pt; nequip (Lightning ModelCheckpoint with filename
-# "NAME_epoch-{epoch}", auto_insert_metric_name false): NAME_epoch-N.ckpt
-CHECKPOINT_NAME = re.compile(r"_epoch-(\d+)(?:_swa)?\.(?:pt|ckpt)$")
+# "NAME_epoch-{epoch}", auto_insert_metric_name false): NAME_epoch-N.ckpt; per-epoch exports of a
+# TorchScript archive (metatrain's checkpoints exported one by one, doc/model_files.md): epoch_N.pt
+CHECKPOINT_NAME = re.compile(r"(?:_epoch-|^epoch_)(\d+)(?:_swa)?\.(?:pt|ckpt)$")
 
 
 def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> list[Atoms]:
@@ -68,7 +69,8 @@ def force_errors(model, frames: Sequence[Atoms]) -> np.ndarray:
 
 
 def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Path]]:
-    """(epoch, path) of per-epoch checkpoints named ``*_epoch-N.pt`` or ``.ckpt``, sorted by epoch.
+    """(epoch, path) of per-epoch checkpoints named ``*_epoch-N.pt``, ``.ckpt`` or ``epoch_N.pt``,
+    sorted by epoch.
 
     A directory contributes every file so named; a file must be so named.
     """
@@ -79,13 +81,13 @@ def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Pa
             candidates = sorted(p for p in source.iterdir() if CHECKPOINT_NAME.search(p.name))
         elif source.is_file():
             if not CHECKPOINT_NAME.search(source.name):
-                raise ConfigError(f"{source}: not named like a per-epoch checkpoint (*_epoch-N.pt or .ckpt)")
+                raise ConfigError(f"{source}: not named like a per-epoch checkpoint (*_epoch-N.pt, .ckpt or epoch_N.pt)")
             candidates = [source]
         else:
             raise FileFormatError(f"checkpoint {source}: no such file or directory")
         found += [(int(CHECKPOINT_NAME.search(p.name).group(1)), p) for p in candidates]
     if not found:
-        raise ConfigError(f"no per-epoch checkpoints (*_epoch-N.pt or .ckpt) in {', '.join(map(str, sources))}; "
+        raise ConfigError(f"no per-epoch checkpoints (*_epoch-N.pt, .ckpt or epoch_N.pt) in {', '.join(map(str, sources))}; "
                           f"MACE keeps them with --save_all_checkpoints --keep_checkpoints, nequip with a "
                           f"ModelCheckpoint callback (every_n_epochs 1, save_top_k -1, filename NAME_epoch-{{epoch}}, "
                           f"auto_insert_metric_name false)")
@@ -105,11 +107,25 @@ def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
     Checkpoints hold the weights of the module the trainer optimised (``model.trainable``), read
     with ``weights_only=True`` and loaded by ``model.load_checkpoint``: a state dict, alone or under
     "model" (MACE's layout), or a nequip Lightning checkpoint, whose live weights (not EMA) are
-    taken, the weights of that epoch's training steps. ``model`` is not modified.
+    taken, the weights of that epoch's training steps. A checkpoint that is itself a TorchScript
+    archive (a per-epoch export) is loaded as a model and must be of ``model``'s kind (family,
+    species, latent width). ``model`` is not modified.
     """
+    from ltau_lmp.model import load_model
+    from ltau_lmp.model.torchscript import is_torchscript
+
     work = copy.deepcopy(model)
     device = next(work.trainable.parameters()).device
     for epoch, path in checkpoint_files(checkpoints):
+        if is_torchscript(path):
+            epoch_model = load_model(path, map_location=device)
+            mine, theirs = model.card, epoch_model.card
+            if (theirs.family, theirs.species, theirs.latent_dim) != (mine.family, mine.species, mine.latent_dim):
+                raise FileFormatError(f"checkpoint {path}: a {theirs.family} model of species {list(theirs.species)} "
+                                      f"and latent width {theirs.latent_dim}, not one of the model's kind "
+                                      f"({mine.family}, {list(mine.species)}, {mine.latent_dim})")
+            yield epoch, path, force_errors(epoch_model, frames)
+            continue
         try:
             payload = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises many types for damaged files

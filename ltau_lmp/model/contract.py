@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ltau_lmp.errors import LTAUError
 from ltau_lmp.model.card import ModelCard, hash_state
 
 # the six virial components as LAMMPS orders them (xx yy zz xy xz yz): rows and columns of the 3x3
@@ -75,6 +76,9 @@ def evaluate(model: nn.Module, positions: Tensor, species: Tensor, centers: Tens
     else:
         offset = torch.as_tensor(shifts, dtype=dtype).detach()
     offset.requires_grad_()
+    if getattr(model, "forces_from_positions", False):
+        return _evaluate_positions(model, positions, species, centers, neighbors, offset, n_local, forces, virial,
+                                   create_graph, atom_virial, force_dtype or dtype)
     with torch.enable_grad():
         atom_energy, latent = model(positions, species, centers, neighbors, offset, n_local, **extra)
         energy = atom_energy.sum()
@@ -104,6 +108,38 @@ def evaluate(model: nn.Module, positions: Tensor, species: Tensor, centers: Tens
         out = ModelOutput(*(None if t is None else t.detach() for t in out))
     return out
 
+
+def _evaluate_positions(model, positions, species, centers, neighbors, offset, n_local, forces, virial, create_graph,
+                        atom_virial, force_dtype) -> ModelOutput:
+    """``evaluate`` for a model that reads positions, not only the pair vectors it is given
+    (``forces_from_positions``: metatomic models recompute their pair vectors): forces are
+    -dE/dx on every node, the virial W = -(sum_i x_i (x) dE/dx_i + sum_ij o_ij (x) dE/do_ij) over
+    the nodes and the per-pair offsets (origin-free for a translation-invariant energy),
+    symmetrised as LAMMPS and ASE report it. Per-pair gradients, hence per-atom virials, do not
+    exist for such a model."""
+    if atom_virial:
+        raise LTAUError(f"per-atom virials (compute stress/atom, centroid/stress/atom) are not available for "
+                        f"this {model.card.family} model: it computes its pair vectors from the positions "
+                        f"itself, so its energy has no per-pair gradient")
+    positions = positions.detach().requires_grad_()
+    with torch.enable_grad():
+        atom_energy, latent = model(positions, species, centers, neighbors, offset, n_local)
+        energy = atom_energy.sum()
+        if energy.requires_grad:
+            gx, go = torch.autograd.grad(energy, (positions, offset), create_graph=create_graph, allow_unused=True,
+                                         materialize_grads=True)
+        else:  # no local atoms
+            gx, go = torch.zeros_like(positions), torch.zeros_like(offset)
+    out_forces = (-gx).to(force_dtype) if forces else None
+    out_virial = None
+    if virial:
+        w = -(positions.detach().to(torch.float64).T @ gx.to(torch.float64)
+              + offset.detach().to(torch.float64).T @ go.to(torch.float64))
+        out_virial = (0.5 * (w + w.T)).to(force_dtype)
+    out = ModelOutput(atom_energy, out_forces, latent, out_virial)
+    if not create_graph:
+        out = ModelOutput(*(None if t is None else t.detach() for t in out))
+    return out
 
 
 def non_finite(out: ModelOutput, centers: Tensor, neighbors: Tensor) -> tuple[str, Tensor] | None:
@@ -139,6 +175,7 @@ class ForceField(nn.Module):
     latent_description: str
     ghost_exchange: bool = False
     exchange_widths: tuple[int, ...] = ()   # widths F of the exchange= calls, in order
+    forces_from_positions: bool = False     # the energy reads positions itself (``_evaluate_positions``)
 
     @property
     def dtype(self) -> torch.dtype:

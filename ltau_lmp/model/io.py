@@ -36,7 +36,7 @@ from ltau_lmp.model.torchscript import archive_kind, is_torchscript, load_archiv
 FORMAT = "ltau_lmp.model.local"
 VERSION = 1
 _KEYS = ("format", "version", "config", "state_dict", "model_hash")
-FAMILIES = ("ltau_local", "mace", "nequip", "allegro")
+FAMILIES = ("ltau_local", "mace", "nequip", "allegro", "metatomic")
 _PACKAGE_METADATA = "/model/package_metadata.txt"
 TRUST_OPTIONS = ("allow_pickle=True (Python), `pair_style ltau allow_pickle yes` (LAMMPS) "
                  "or --allow-pickle (ltau-lmp commands)")
@@ -138,7 +138,7 @@ def _other_family(path: str, family: str) -> None:
 
 
 _DESCRIPTIONS = {"ltau_local": "an ltau_lmp built-in model", "mace": "a MACE model",
-                 "nequip": "a nequip model", "allegro": "an Allegro model"}
+                 "nequip": "a nequip model", "allegro": "an Allegro model", "metatomic": "a metatomic model"}
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", family: str | None = None,

@@ -13,6 +13,7 @@ neither nequip nor mace needs to be installed. Kinds, recognised from the archiv
   runs a Python model (``NequIPStages``): per-atom energies and the latent from the model's own
   fields, forces from our per-pair gradient, never the archive's total-energy gradient. A NequIP
   archive keeps its convolutions reachable, so it takes the per-layer ghost exchange.
+* **metatomic** ``AtomisticModel`` exports (``*/extra/metatomic-version``): ``ltau_lmp.model.metatomic``.
 * **MACE**: ``mace_create_lammps_model``'s ``*-lammps.pt`` (a scripted ``LAMMPS_MACE``, the MACE
   under ``.model``; what ``pair_style mace`` reads) and ``mace_run_train``'s ``*_compiled.model``
   (the scripted MACE itself). The MACE is called with ``compute_force=False`` on the contract's
@@ -57,6 +58,8 @@ def archive_kind(path: str) -> tuple[str, str]:
         names = archive.namelist()
     extra = {name.split("/extra/", 1)[1] for name in names if "/extra/" in name}
     code = "\n".join(name for name in names if "/code/" in name)
+    if "metatomic-version" in extra:
+        return "metatomic", "a metatomic AtomisticModel archive"
     if {"r_max", "type_names"} <= extra or "/code/__torch__/nequip/" in code:
         family = "allegro" if "/code/__torch__/allegro/" in code else "nequip"
         made_by = "nequip-deploy" if "nequip_version" in extra else "nequip-compile"
@@ -72,7 +75,12 @@ def load_archive(path: str, map_location="cpu") -> ForceField:
     """The force field in a TorchScript archive (module docstring); loading runs no pickled Python."""
     family, _ = archive_kind(path)
     try:
-        model = NequIPArchive(path) if family in ("nequip", "allegro") else MACEArchive(path)
+        if family == "metatomic":
+            from ltau_lmp.model.metatomic import MetatomicForceField
+
+            model = MetatomicForceField(path)
+        else:
+            model = NequIPArchive(path) if family in ("nequip", "allegro") else MACEArchive(path)
     except ConfigError as exc:
         raise FileFormatError(f"model file {path}: {exc}") from exc
     return model.to(map_location)
@@ -233,10 +241,9 @@ class MACEArchive(ForceField):
         head = getattr(module, "head", None)
         self.register_buffer("head_index", head.reshape(1).long() if isinstance(head, Tensor) else
                              torch.zeros(1, dtype=torch.int64), persistent=False)
-        self.unrolled = MACELayers(inner)
         probe = _probe(len(self.species), self.cutoff, self.dtype)
         own = self._own(*probe, None)
-        blocks = self.unrolled.check(*probe, self.head_index, own)
+        blocks = MACELayers(inner).check(*probe, self.head_index, own)
         self.ghost_exchange = blocks is not None
         features = int(dict(inner.named_modules())["node_embedding.linear"].weight.numel()) // len(self.species)
         if blocks is None:  # MACE's layout (extract_invariant): l_max blocks of (l+1)^2 F, the last layer F wide
@@ -283,7 +290,8 @@ class MACEArchive(ForceField):
         if exchange is None:
             energy, feats = self._own(positions, species, centers, neighbors, shifts)
         else:
-            energy, feats = self.unrolled(positions, species, centers, neighbors, shifts, self.head_index, exchange)
+            energy, feats = MACELayers(self.mace)(positions, species, centers, neighbors, shifts, self.head_index,
+                                                  exchange)
         return energy[:n_local], feats[:n_local].index_select(1, self.latent_columns)
 
 

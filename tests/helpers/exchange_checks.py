@@ -68,11 +68,12 @@ def write_cell_and_slab(root, atoms, specorder) -> dict:
     return {"data": str(root / "cell.lmp"), "slab": str(root / "slab.lmp")}
 
 
-def run_modes(files, cwd, nprocs, modes, data="data", extra=""):
-    """Each mode's final per-atom rows (sorted by ID), thermo values and log, from one mpirun."""
+def run_modes(files, cwd, nprocs, modes, data="data", extra="", script=SCRIPT):
+    """Each mode's final per-atom rows (sorted by ID), thermo values and log, from one mpirun
+    (``script``: SCRIPT, or one with the same dump name and steps)."""
     cwd.mkdir()
     for mode in modes:
-        (cwd / f"in.{mode}").write_text(extra + SCRIPT.format(mode=mode, **{**files, "data": files[data]}))
+        (cwd / f"in.{mode}").write_text(extra + script.format(mode=mode, **{**files, "data": files[data]}))
     (cwd / "runner.py").write_text(RUNNER)
     res = mpirun([sys.executable, "runner.py", *modes], cwd, nprocs, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

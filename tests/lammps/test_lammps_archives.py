@@ -79,6 +79,46 @@ def test_strictly_local_archive_on_one_two_three_ranks(tmp_path):
         assert "ghost exchange after each layer" not in log
 
 
+METATOMIC = """\
+units           metal
+atom_style      atomic
+boundary        p p p
+read_data       {data}
+{masses}
+pair_style      ltau message_passing {mode}
+pair_coeff      * * {model} {elements}
+velocity        all create 1500 4928459 mom yes rot yes dist gaussian loop geom
+timestep        0.002
+fix             md all nve
+fix             u all ltau {est} every 2 {fix_options}
+compute         pe all pe/atom
+thermo_style    custom step pe pxx pyy pzz pxy pxz pyz
+dump            d all custom 20 final.{mode}.* id fx fy fz f_u[1] f_u[2] f_u[3] f_u[4] c_pe
+dump_modify     d format float %.17g
+run             4
+write_dump      all custom final.{mode}.20 id fx fy fz f_u[1] f_u[2] f_u[3] f_u[4] c_pe modify format float %.17g
+"""
+
+
+@pytest.mark.mpi
+def test_metatomic_archive_on_one_two_three_ranks(tmp_path):
+    """A metatrain PET export: 1 rank (periodic graph unfolded into images) = 2 = 3 ranks (ghost
+    shell out to its 12 A reach), forces, per-atom energies and fix ltau's values by atom ID."""
+    pytest.importorskip("metatomic.torch")
+    files = archive_files("metatomic_si.pt", tmp_path / "files")
+    reference, thermo1, _ = run_modes(files, tmp_path / "np1", 1, ["shell"], script=METATOMIC)["shell"]
+    assert np.abs(reference[:, 1:4]).max() > 0.1
+    for nprocs in (2, 3):
+        rows, thermo, log = run_modes(files, tmp_path / f"np{nprocs}", nprocs, ["shell"], script=METATOMIC)["shell"]
+        np.testing.assert_array_equal(rows[:, 0], reference[:, 0])
+        assert np.abs(rows[:, 1:4] - reference[:, 1:4]).max() <= 1e-10
+        np.testing.assert_allclose(rows[:, 4:8], reference[:, 4:8], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(rows[:, 8], reference[:, 8], rtol=0, atol=1e-10)
+        for k in ("pe", "pxx", "pyy", "pzz", "pxy", "pxz", "pyz"):
+            assert thermo[k] == pytest.approx(thermo1[k], rel=1e-9, abs=1e-6), (nprocs, k)
+        assert "ghost atoms out to 14 A (receptive field 12 A + skin 2 A)" in log
+
+
 FIX = """\
 units           metal
 atom_style      atomic
@@ -93,17 +133,36 @@ run             0
 
 
 @pytest.mark.parametrize("name", ["nequip_si_compiled.nequip.pth", "nequip_si_deployed.pth",
-                                  "allegro_si_deployed.pth", "mace_si.model-lammps.pt"])
+                                  "allegro_si_deployed.pth", "mace_si.model-lammps.pt", "metatomic_si.pt"])
 def test_fix_latent_is_the_archives_own_features(name, tmp_path):
     """An estimator of the archive's own per-atom features of the very cell LAMMPS runs (k = 1):
     every atom finds itself at distance 0 and gets its own entry's expected error."""
     atoms = rattled(3)
     files = write_cell_and_slab(tmp_path, atoms, ["Si"])
     model = load_model(ARCHIVES / name)
-    features = own_forward(model, atoms)[3].detach().double().numpy()
+    if name == "metatomic_si.pt":
+        pytest.importorskip("metatomic.torch")
+        from metatomic.torch import ModelOutput
+        from metatomic_ase import MetatomicCalculator
+
+        features = MetatomicCalculator(str(ARCHIVES / name)).run_model(atoms, {"feature": ModelOutput(
+            sample_kind="atom")})["feature"].block().values.detach().double().numpy()
+    else:
+        features = own_forward(model, atoms)[3].detach().double().numpy()
     expected = write_estimator(model, features, tmp_path / "est", k=1)
     state, error = in_process(FIX.format(data=files["data"], model=ARCHIVES / name, est=tmp_path / "est"))
     assert error == ""
     values = state["peratom"]                               # expected, lower, upper, distance by atom ID
     assert values[:, 3].max() <= 1e-5 * np.abs(features).max()
     np.testing.assert_allclose(values[:, 0], expected, rtol=1e-6)
+
+
+def test_metatomic_refuses_per_atom_virials(tmp_path):
+    """compute stress/atom asks per-atom virials, which a model reading positions does not have:
+    the run stops with that reason, not with wrong numbers."""
+    pytest.importorskip("metatomic.torch")
+    files = write_cell_and_slab(tmp_path, rattled(5), ["Si"])
+    script = FIX.replace("fix             u all ltau {est} k 1 metric distance\n", "compute s all stress/atom NULL\n"
+                         "compute p all reduce sum c_s[1]\nthermo_style custom step c_p\n")
+    _, error = in_process(script.format(data=files["data"], model=ARCHIVES / "metatomic_si.pt", est=""))
+    assert "per-atom virials" in error and "metatomic" in error

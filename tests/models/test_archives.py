@@ -5,6 +5,7 @@ archive, pair_style ltau equal to that forward, and clear refusals."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -178,3 +179,72 @@ def test_refuses_an_unknown_archive(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), tmp_path / "linear.pt")
     with pytest.raises(FileFormatError, match="TorchScript archive of a kind ltau_lmp does not run"):
         load_model(tmp_path / "linear.pt")
+
+
+# ---- metatomic AtomisticModel (a metatrain PET: NOTES-metatomic.md) -----------------------------
+
+def test_metatomic_equals_its_own_calculator():
+    """Energy, forces and stress of a metatrain PET export through the contract (periodic graph,
+    unfolded into explicit images; forces from the positions) = metatomic's own ASE calculator."""
+    pytest.importorskip("metatomic.torch")
+    from metatomic_ase import MetatomicCalculator
+
+    model = load_model(ARCHIVES / "metatomic_si.pt")
+    card = model.card
+    assert (card.family, card.species, card.cutoff, card.latent_dim) == ("metatomic", ("Si",), 4.0, 32)
+    assert card.receptive_field == 12.0 and "PET with the feedforward featurizer" in card.latent  # not the declared 8 A
+    atoms = cell(4)
+    out = evaluate(model, *inputs(model, atoms), virial=True)
+    atoms.calc = MetatomicCalculator(str(ARCHIVES / "metatomic_si.pt"))
+    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False) * atoms.get_volume()
+    assert float(out.atom_energy.sum()) == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
+    assert np.abs(out.forces.numpy() - forces).max() <= 1e-10 * np.abs(forces).max()
+    np.testing.assert_allclose(out.virial.numpy(), -stress, rtol=1e-10, atol=1e-10 * np.abs(stress).max())
+    with pytest.raises(Exception, match="per-atom virials"):
+        evaluate(model, *inputs(model, atoms), atom_virial=True)
+
+
+# ---- replay: error logs for an archive from per-epoch checkpoints or per-epoch archives ---------
+
+def _frames_with_reference(model, n=2):
+    """Rattled cells labelled with the archive's own forces plus noise (the 'reference')."""
+    from ltau_lmp.integrations.replay import REF_FORCES
+
+    frames = []
+    for seed in range(n):
+        atoms = cell(10 + seed)
+        forces = own_forward(model, atoms)[1].detach().double().numpy()
+        atoms.arrays[REF_FORCES] = forces + np.random.default_rng(seed).normal(0, 0.05, forces.shape)
+        frames.append(atoms)
+    return frames
+
+
+def test_replay_through_an_archive(tmp_path):
+    """A MACE archive replays MACE's per-epoch checkpoints ({"model": state dict}) and per-epoch
+    TorchScript exports (epoch_N.pt) alike: each epoch's errors are those of that epoch's weights."""
+    from ltau_lmp.integrations.replay import force_errors, replay_errors
+
+    model = load_model(ARCHIVES / "mace_si.model-lammps.pt")
+    frames = _frames_with_reference(model)
+    scaled = {}
+    for epoch, factor in ((1, 0.9), (2, 1.05)):
+        archive = torch.jit.load(ARCHIVES / "mace_si.model-lammps.pt")
+        with torch.no_grad():
+            for name, p in archive.model.named_parameters():
+                if "readouts" in name:
+                    p.mul_(factor)
+        torch.save({"model": archive.model.state_dict()}, tmp_path / f"run_epoch-{epoch}.pt")
+        torch.jit.save(archive, tmp_path / f"epoch_{epoch + 2}.pt")
+        scaled[epoch] = force_errors(load_model(tmp_path / f"epoch_{epoch + 2}.pt"), frames)
+    replayed = {epoch: errors for epoch, _, errors in replay_errors(model, [tmp_path], frames)}
+    assert sorted(replayed) == [1, 2, 3, 4]
+    for epoch in (1, 2):
+        np.testing.assert_allclose(replayed[epoch], scaled[epoch], rtol=1e-10)      # checkpoint into the archive
+        np.testing.assert_allclose(replayed[epoch + 2], scaled[epoch], rtol=1e-10)  # the exported archive itself
+    assert not np.allclose(replayed[1], replayed[2])
+    np.testing.assert_allclose(force_errors(model, frames), force_errors(load_model(ARCHIVES / "mace_si.model-lammps.pt"),
+                                                                         frames))  # the model itself untouched
+    (tmp_path / "other").mkdir()
+    shutil.copy(ARCHIVES / "nequip_si_compiled.nequip.pth", tmp_path / "other" / "epoch_5.pt")
+    with pytest.raises(FileFormatError, match="not one of the model's kind"):
+        list(replay_errors(model, [tmp_path / "other"], frames))
