@@ -24,8 +24,10 @@ CACHE = Path("/tmp/ltau_bench_pool")
 CELLS = 4  # 4^3 cubic diamond cells: 512 atoms per structure
 
 
-def random_mace(channels: int, path: Path) -> Path:
-    """A random ScaleShiftMACE: ``channels`` x (0e + 1o), 2 interactions, r_max 5 A (saved once)."""
+def random_mace(channels: int, path: Path, l_max: int = 1, r_max: float = 5.0, double: bool = False) -> Path:
+    """A random ScaleShiftMACE, 2 interactions, saved once: ``channels`` x (0e + 1o), r_max 5 A,
+    float32 by default (production size); ``random_mace(16, path, l_max=0, r_max=4.0, double=True)``
+    is the example's small MACE."""
     import numpy as np
     import torch
     from mace import modules  # before e3nn: mace lets e3nn 0.4.4 load its constants with torch >= 2.6
@@ -34,15 +36,16 @@ def random_mace(channels: int, path: Path) -> Path:
     if not path.is_file():
         torch.manual_seed(0)
         block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        hidden = "+".join(f"{channels}x{ell}{'e' if ell % 2 == 0 else 'o'}" for ell in range(l_max + 1))
         model = modules.ScaleShiftMACE(
-            r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=block,
+            r_max=r_max, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=block,
             interaction_cls_first=block, num_interactions=2, num_elements=1,
-            hidden_irreps=o3.Irreps(f"{channels}x0e+{channels}x1o"), MLP_irreps=o3.Irreps("16x0e"),
+            hidden_irreps=o3.Irreps(hidden), MLP_irreps=o3.Irreps("16x0e"),
             atomic_energies=np.array([-4.0]), avg_num_neighbors=16.0, atomic_numbers=[14],
             correlation=3, gate=torch.nn.functional.silu, radial_MLP=[64, 64, 64],
             atomic_inter_scale=1.0, atomic_inter_shift=0.0)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.float(), path)
+        torch.save(model.double() if double else model.float(), path)
     return path
 
 
@@ -60,21 +63,25 @@ def structures(n: int, seed: int):
         yield atoms
 
 
-def latents(model, frames) -> "np.ndarray":
+def atom_latents(model, atoms):
+    """The model's latent features of one structure (float32), in the model's own dtype."""
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
     from ltau_lmp.model import evaluate, neighbor_list, species_indices
 
-    out = []
-    for atoms in tqdm(list(frames), desc="MACE latents", unit="structure"):
-        c, n, s = neighbor_list(atoms, model.card.cutoff)
-        res = evaluate(model, torch.tensor(atoms.positions, dtype=torch.float32),
-                       torch.from_numpy(species_indices(atoms, list(model.card.species))),
-                       torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms), forces=False)
-        out.append(res.latent.detach().numpy().astype(np.float32))
-    return out
+    dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float64
+    c, n, s = neighbor_list(atoms, model.card.cutoff)
+    res = evaluate(model, torch.tensor(atoms.positions, dtype=dtype),
+                   torch.from_numpy(species_indices(atoms, list(model.card.species))),
+                   torch.from_numpy(c), torch.from_numpy(n), torch.from_numpy(s), len(atoms), forces=False)
+    return res.latent.detach().numpy().astype(np.float32)
+
+
+def latents(model, frames) -> list:
+    from tqdm.auto import tqdm
+
+    return [atom_latents(model, atoms) for atoms in tqdm(list(frames), desc="MACE latents", unit="structure")]
 
 
 def latent_pool(channels: int = 128, n_structures: int = 400, n_held_out: int = 20, cache: Path = CACHE):

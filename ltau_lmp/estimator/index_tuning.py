@@ -270,7 +270,8 @@ class RecallProbe:
                 rows = np.flatnonzero(held)
                 picked = np.sort(sample.choice(rows, size=min(len(rows), RECALL_QUERIES), replace=False))
                 self.queries, self.source, self.held_mask = np.ascontiguousarray(vectors[picked]), "held-out structures", ~held
-                self.description = f"{len(picked):,} atoms of {n_structures} held-out training structures"
+                self.description = (f"{len(picked):,} atoms of {n_structures} held-out training structure"
+                                    f"{'' if n_structures == 1 else 's'}")
 
     def _exact(self) -> np.ndarray:
         """Squared distance of each query's exact k-th neighbour (float64), among the rows kept."""

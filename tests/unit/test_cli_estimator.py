@@ -153,7 +153,7 @@ def test_train_set_gives_the_structures_auto_holds_out(inputs, capsys, monkeypat
     assert main([*common, "-o", str(tmp / "est"), "--train-set", str(tmp / "train_set.xyz")]) == 0
     est = LTAUEstimator.load(tmp / "est")
     assert est.index.options["recall_queries"] == "held-out structures"
-    assert "held-out training structures" in capsys.readouterr().out
+    assert "held-out training structure" in capsys.readouterr().out
     write(tmp / "short.xyz", frames[:9])
     assert main([*common, "-o", str(tmp / "est2"), "--train-set", str(tmp / "short.xyz")]) == 2
     assert "holds 270 atoms in 9 structures but the descriptors have 300 rows" in capsys.readouterr().err

@@ -282,7 +282,7 @@ def test_held_out_structures_are_left_out_while_tuning_and_in_the_index_after(sm
     assert tuning.MIN_TUNING_QUERIES <= held.sum() <= tuning.HELD_OUT_FRACTION * len(data)
     index = build_index(data, use_gpu=False, structures=structures)
     assert index.ntotal == len(data) and index.options["recall_queries"] == "held-out structures"
-    assert f"of {n_held} held-out training structures" in index.options["choice"]
+    assert f"of {n_held} held-out training structure" in index.options["choice"]
     rows = np.flatnonzero(held)[:50]
     np.testing.assert_array_equal(index.search(data[rows], 1)[1][:, 0], rows)
     with pytest.raises(ConfigError, match="one structure id per descriptor row"):
