@@ -31,9 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "thresholds for --false-alarm-rate."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--error-log", required=True, type=Path, help="error-log .npz")
-    p.add_argument("--descriptors", required=True, type=Path, help="training-atom descriptors .npy (n_atoms x dim)")
+    p.add_argument("--descriptors", type=Path,
+                   help="training-atom descriptors .npy (n_atoms x dim); without it they are computed by --model "
+                        "on --train-set (e.g. for a deployed archive of the model that was trained)")
     p.add_argument("--reference-descriptors", type=Path,
                    help="held-out in-domain atoms' descriptors .npy (same model, not in --descriptors)")
+    p.add_argument("--reference-set", type=Path,
+                   help="held-out in-domain structures (an ASE-readable file, e.g. reference_set.xyz): their "
+                        "descriptors computed by --model, instead of --reference-descriptors")
     p.add_argument("--train-set", type=Path,
                    help="the training structures in atom-id order (the train_set.xyz of a training run): without "
                         "--reference-descriptors, index auto tunes its search on whole structures held out of it")
@@ -177,6 +182,21 @@ def _structure_ids(path: Path, n_rows: int):
     return np.repeat(np.arange(len(sizes)), sizes)
 
 
+def _model_descriptors(model, path: Path, what: str):
+    """float32 latents of every atom of the structures in ``path``, computed by ``model``."""
+    from ase.io import read
+
+    from ltau_lmp.prediction import predict_frames
+
+    try:
+        frames = read(path, index=":")
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise FileFormatError(f"{path}: cannot read the {what} structures ({type(exc).__name__}: {exc})") from None
+    print(f"computing the {what} descriptors of {sum(len(a) for a in frames):,} atoms in {len(frames)} structures "
+          f"with {model.card.family} model {model.card.model_hash[:12]}", flush=True)
+    return predict_frames(model, frames, forces=False).latent
+
+
 def _build(args) -> int:
     from ltau_lmp.estimator import ErrorLog, EstimatorOptions, LTAUEstimator
     from ltau_lmp.estimator.calibration import describe_thresholds
@@ -188,19 +208,30 @@ def _build(args) -> int:
                           "width is accepted, and the estimator says 'unchecked')")
     check_dir(args.output, "estimator", args.overwrite)
     log = ErrorLog.load(args.error_log)
-    descriptors = _load_npy(args.descriptors, "descriptors")
+    model = load_model_option(args.model, args) if args.model else None
+    if args.descriptors:
+        descriptors = _load_npy(args.descriptors, "descriptors")
+    elif model is not None and args.train_set:
+        descriptors = _model_descriptors(model, args.train_set, "training")
+    else:
+        raise ConfigError("give --descriptors FILE.npy, or --model and --train-set to compute them with that model")
     names = {"hnsw_m": "M", "ef_construction": "ef_construction", "ef_search": "ef_search",
              "nlist": "nlist", "nprobe": "nprobe"}
     options = {key: getattr(args, arg) for arg, key in names.items() if hasattr(args, arg)}
-    reference = _load_npy(args.reference_descriptors, "reference descriptors") if args.reference_descriptors else None
+    if args.reference_descriptors and args.reference_set:
+        raise ConfigError("give --reference-descriptors or --reference-set, not both")
+    if args.reference_set and model is None:
+        raise ConfigError("--reference-set needs --model to compute its descriptors")
+    reference = (_load_npy(args.reference_descriptors, "reference descriptors") if args.reference_descriptors else
+                 _model_descriptors(model, args.reference_set, "reference") if args.reference_set else None)
     structures = _structure_ids(args.train_set, len(descriptors)) if args.train_set else None
     metadata = {"units": "eV/Angstrom", "source_error_log": str(args.error_log)}
     if reference is not None:
-        metadata["reference_descriptors"] = str(args.reference_descriptors)
-    if args.model:
+        metadata["reference_descriptors"] = str(args.reference_descriptors or args.reference_set)
+    if model is not None:
         from ltau_lmp.pipeline import card_metadata
 
-        metadata.update(card_metadata(load_model_option(args.model, args).card), model_file=str(args.model))
+        metadata.update(card_metadata(model.card), model_file=str(args.model))
     try:
         choices = EstimatorOptions(index=args.index, k=args.neighbors, weighting=args.weighting,
                                    index_options=options, false_alarm_rate=args.false_alarm_rate)

@@ -248,3 +248,31 @@ def test_replay_through_an_archive(tmp_path):
     shutil.copy(ARCHIVES / "nequip_si_compiled.nequip.pth", tmp_path / "other" / "epoch_5.pt")
     with pytest.raises(FileFormatError, match="not one of the model's kind"):
         list(replay_errors(model, [tmp_path / "other"], frames))
+
+
+def test_build_estimator_for_an_archive(tmp_path, capsys):
+    """build-estimator computes the descriptors with the archive itself (--model + --train-set,
+    --reference-set): the estimator binds to that file's hash and calibrates from the held-out set."""
+    from ase.io import write
+
+    from ltau_lmp.cli import main
+    from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+    from ltau_lmp.prediction import predict_frames
+
+    frames = [cell(20 + k) for k in range(4)]
+    write(tmp_path / "train_set.xyz", frames)
+    write(tmp_path / "reference_set.xyz", [cell(30), cell(31)])
+    log = ErrorLog.log_spaced(64 * 4, lo=1e-3, hi=10.0, nbins=20)
+    log.update(np.arange(64 * 4), np.exp(np.random.default_rng(0).normal(-3.0, 0.5, 64 * 4)))
+    log.end_epoch()
+    log.save(tmp_path / "errors.npz")
+    archive = ARCHIVES / "nequip_si_deployed.pth"
+    assert main(["build-estimator", "--error-log", str(tmp_path / "errors.npz"), "--model", str(archive),
+                 "--train-set", str(tmp_path / "train_set.xyz"), "--reference-set", str(tmp_path / "reference_set.xyz"),
+                 "-o", str(tmp_path / "est")]) == 0
+    assert "computing the training descriptors of 256 atoms in 4 structures" in capsys.readouterr().out
+    est = LTAUEstimator.load(tmp_path / "est")
+    model = load_model(archive)
+    assert est.metadata["model_hash"] == model.card.model_hash and est.has_ood_reference
+    latent = predict_frames(model, frames[:1], forces=False).latent
+    assert est.query(latent, k=1).distance.max() <= 1e-6  # float32 round-off of the centred search
