@@ -12,9 +12,11 @@ types, the neighbour-list cutoff it requests, ``interaction_range`` (-> layers),
   metatomic model, with no per-atom virials (as ``pair_style metatomic``).
 * **Graph**: with zero offsets (LAMMPS's explicit ghost atoms) the model sees every node and the
   pairs given, and returns the energies of the local atoms (``selected_atoms``). A periodic graph
-  (pairs with image offsets: the ASE calculator, one LAMMPS rank) is unfolded into explicit images
-  out to ``num_layers`` hops of the local atoms (``unfold``), whose positions are the atom's plus
-  the offsets along the way, so the energy depends on the offsets and the virial follows.
+  (pairs with image offsets: the ASE calculator, one LAMMPS rank) becomes a periodic system: the
+  cell is three of the offsets that every offset is an integer combination of (``lattice_of``),
+  taken from the offsets tensor so that the energy depends on them and the virial follows. Offsets
+  that fit no such cell are unfolded into explicit images out to ``num_layers`` hops of the local
+  atoms (``unfold``), whose positions are the atom's plus the offsets along the way.
 * **Latent**: the standard per-atom ``feature`` output (metatomic 0.1.19's name; ``features``,
   deprecated, where only that exists).
 * **Receptive field**: ``interaction_range``, except for metatrain's PET with its default
@@ -111,25 +113,39 @@ class MetatomicForceField(ForceField):
         positions = positions.to(self.dtype)
         if n_local == 0:
             return positions[:0, 0] + 0 * positions.sum(), positions.new_zeros(0, self.latent_dim)
+        cell = cell_shifts = None
         if shifts is not None and bool((shifts != 0).any()):
-            positions, species, centers, neighbors = unfold(positions, species, centers, neighbors,
-                                                            shifts.to(self.dtype), n_local, self.num_layers)
-        return self._run(positions, species, centers, neighbors, n_local)
+            shifts = shifts.to(self.dtype)
+            lattice = lattice_of(shifts) if n_local == len(positions) else None
+            if lattice is None:  # no periodic cell the offsets fit: explicit images
+                positions, species, centers, neighbors = unfold(positions, species, centers, neighbors, shifts,
+                                                                n_local, self.num_layers)
+            else:  # a periodic system, as metatomic's own engines give it
+                rows, cell_shifts = lattice
+                cell = shifts[rows]  # differentiable in the offsets: the virial's cell term
+        return self._run(positions, species, centers, neighbors, n_local, cell, cell_shifts)
 
-    def _run(self, positions, species, centers, neighbors, n_local) -> tuple[Tensor, Tensor]:
-        """The model on explicit nodes (no cell): energies and features of the first ``n_local``."""
+    def _run(self, positions, species, centers, neighbors, n_local, cell=None, cell_shifts=None):
+        """The model on ``positions`` (explicit nodes, or a periodic ``cell`` with integer
+        ``cell_shifts`` per pair): energies and features of the first ``n_local``."""
         metatomic, metatensor = import_metatomic()
+        periodic = cell is not None
         system = metatomic.System(types=self.atomic_numbers[species].to(torch.int32), positions=positions,
-                                  cell=positions.new_zeros(3, 3), pbc=torch.zeros(3, dtype=torch.bool,
-                                                                                 device=positions.device))
+                                  cell=cell if periodic else positions.new_zeros(3, 3),
+                                  pbc=torch.full((3,), periodic, dtype=torch.bool, device=positions.device))
         vectors = positions[neighbors] - positions[centers]
+        if periodic:
+            vectors = vectors + cell_shifts.to(positions.dtype) @ cell
+        else:
+            cell_shifts = torch.zeros(len(centers), 3, dtype=torch.int64, device=positions.device)
         lengths = torch.linalg.vector_norm(vectors.detach(), dim=1)
         for options in self._lists:
             keep = lengths < float(options.cutoff)
-            if not options.full_list:
-                keep &= centers < neighbors
+            if not options.full_list:  # each pair once: i < j, or i == j with the first nonzero shift positive
+                first = cell_shifts[:, 0] * 4 + cell_shifts[:, 1] * 2 + cell_shifts[:, 2]
+                keep &= (centers < neighbors) | ((centers == neighbors) & (first > 0))
             i, j = centers[keep], neighbors[keep]
-            samples = torch.stack([i, j, *torch.zeros(3, len(i), dtype=torch.int64, device=i.device)], 1)
+            samples = torch.cat([i[:, None], j[:, None], cell_shifts[keep].to(i.dtype)], 1)
             system.add_neighbor_list(options, metatensor.TensorBlock(
                 values=vectors[keep].reshape(-1, 3, 1),
                 samples=metatensor.Labels(["first_atom", "second_atom", "cell_shift_a", "cell_shift_b",
@@ -159,6 +175,32 @@ def _receptive_field(model, declared: float, cutoff: float) -> tuple[float, str]
             return reach, (f"{reach:g} A: PET with the feedforward featurizer reaches (num_gnn_layers + 1) x cutoff, "
                            f"more than its declared interaction_range {declared:g} A")
     return max(declared, cutoff), f"interaction_range {declared:g} A"
+
+
+def lattice_of(shifts: Tensor) -> tuple[Tensor, Tensor] | None:
+    """A periodic cell that the pair offsets are images of: (rows of ``shifts`` whose offsets form
+    the cell's vectors, integer cell shift of every pair), or None when the offsets span fewer
+    than three directions or are not integer combinations of the shortest independent three."""
+    offsets = shifts.detach().cpu().to(torch.float64).numpy()
+    nonzero = np.flatnonzero(np.abs(offsets).max(axis=1) > 0)
+    if not len(nonzero):
+        return None
+    _, first = np.unique(np.round(offsets[nonzero] * 1e6).astype(np.int64), axis=0, return_index=True)
+    candidates = nonzero[first][np.argsort(np.linalg.norm(offsets[nonzero[first]], axis=1), kind="stable")]
+    rows: list[int] = []
+    for row in candidates:
+        trial = offsets[rows + [int(row)]]
+        if np.linalg.matrix_rank(trial, tol=1e-8 * np.abs(trial).max()) == len(rows) + 1:
+            rows.append(int(row))
+            if len(rows) == 3:
+                break
+    if len(rows) < 3:
+        return None
+    fractional = offsets @ np.linalg.inv(offsets[rows])
+    integer = np.round(fractional)
+    if np.abs(fractional - integer).max() > 1e-6:
+        return None
+    return torch.tensor(rows, device=shifts.device), torch.from_numpy(integer.astype(np.int64)).to(shifts.device)
 
 
 def unfold(positions: Tensor, species: Tensor, centers: Tensor, neighbors: Tensor, shifts: Tensor, n_local: int,
