@@ -79,7 +79,23 @@ def invariant_columns(irreps_per_layer: Sequence, layers: Sequence[int]) -> list
     return columns
 
 
-class MACEForceField(ForceField):
+class MACEModule(ForceField):
+    """What every MACE behind the contract shares: a MACE module (``self.mace``, Python or scripted)
+    whose dtype is its cutoff's and which is what MACE's trainer optimises and checkpoints."""
+
+    family = "mace"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mace.r_max.dtype
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The MACE module: what MACE's trainer optimises and its checkpoints hold (replay)."""
+        return self.mace
+
+
+class MACEForceField(MACEModule):
     """A MACE energy model honouring the forward contract of ``ltau_lmp.model`` (module docstring).
 
     ``layers``: interaction layers (0-based, negative counts from the end) whose invariant node
@@ -88,7 +104,6 @@ class MACEForceField(ForceField):
     the only head, else the one named "Default" (as ``MACECalculator``).
     """
 
-    family = "mace"
     ghost_exchange = True
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, head: str | None = None):
@@ -139,15 +154,6 @@ class MACEForceField(ForceField):
         per_layer = " + ".join(str(len(invariant_columns(irreps, [k]))) for k in chosen)
         self.latent_description = (f"MACE invariant (0e) node features of interaction layer(s) "
                                    f"{', '.join(str(k + 1) for k in chosen)} of {num_layers} ({per_layer} channels)")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.mace.r_max.dtype
-
-    @property
-    def trainable(self) -> nn.Module:
-        """The MACE module: what MACE's trainer optimises and its checkpoints hold."""
-        return self.mace
 
     def architecture(self) -> dict:
         """The class, module tree, heads and latent choice (the hash adds every weight)."""

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.model.contract import ForceField
-from ltau_lmp.model.mace import mace_graph
+from ltau_lmp.model.mace import MACEModule, mace_graph
 from ltau_lmp.model.nequip import (NequIPStages, chemical_types, latent_description, model_state,
                                    per_edge_type_cutoffs, stage_kind)
 
@@ -218,10 +218,8 @@ def _rescale_factor(rescale: nn.Module) -> float:
     return float(rescale.scale_by)
 
 
-class MACEArchive(ForceField):
+class MACEArchive(MACEModule):
     """A MACE TorchScript archive (module docstring)."""
-
-    family = "mace"
 
     def __init__(self, path: str):
         super().__init__()
@@ -257,15 +255,6 @@ class MACEArchive(ForceField):
         self.latent_dim = len(columns)
         self.latent_description = (f"MACE invariant (0e) node features of all {self.num_layers} interaction layers "
                                    f"({' + '.join([str(features)] * self.num_layers)} channels)")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.mace.r_max.dtype
-
-    @property
-    def trainable(self) -> nn.Module:
-        """The MACE inside: its state dict has the names of MACE's own checkpoints (replay)."""
-        return self.mace
 
     def architecture(self) -> dict:
         return {"family": self.family, "archive": "MACE TorchScript", "head": int(self.head_index),

@@ -9,6 +9,16 @@ from ase.build import bulk
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 ARCHIVES = Path(__file__).resolve().parents[1] / "data" / "archives"
+# one Si data file behind pair_style ltau with an archive; the tests append their commands
+SI_HEADER = """\
+units           metal
+atom_style      atomic
+boundary        p p p
+read_data       {data}
+mass            1 28.0855
+pair_style      ltau
+pair_coeff      * * {model} Si
+"""
 
 
 def cell(seed=0, strain=True):

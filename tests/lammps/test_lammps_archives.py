@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
-from helpers.archives import ARCHIVES, own_forward
+from helpers.archives import ARCHIVES, SI_HEADER, own_forward
 from helpers.exchange_checks import run_modes, write_cell_and_slab
 from helpers.exchange_checks import (test_exchange_equals_shell_and_one_rank,  # noqa: F401 (collected here)
                                      test_rank_without_atoms_takes_part_in_the_exchanges)
@@ -119,14 +119,7 @@ def test_metatomic_archive_on_one_two_three_ranks(tmp_path):
         assert "ghost atoms out to 14 A (receptive field 12 A + skin 2 A)" in log
 
 
-FIX = """\
-units           metal
-atom_style      atomic
-boundary        p p p
-read_data       {data}
-mass            1 28.0855
-pair_style      ltau
-pair_coeff      * * {model} Si
+FIX = SI_HEADER + """\
 fix             u all ltau {est} k 1 metric distance
 run             0
 """

@@ -16,7 +16,7 @@ import pytest
 import torch
 from ase.io.lammpsdata import write_lammps_data
 from helpers.adapter_checks import inputs, lammps_results
-from helpers.archives import ARCHIVES, cell, own_forward
+from helpers.archives import ARCHIVES, SI_HEADER, cell, own_forward
 
 from ltau_lmp.errors import FileFormatError
 from ltau_lmp.model import detect_family, evaluate, load_model
@@ -85,16 +85,7 @@ def test_exchange_path_equals_the_graph_path(archive):
     assert torch.equal(plain.latent, exchanged.latent)
 
 
-HEADER = """\
-units           metal
-atom_style      atomic
-boundary        p p p
-read_data       {data}
-mass            1 28.0855
-pair_style      ltau
-pair_coeff      * * {model} Si
-run 0
-"""
+HEADER = SI_HEADER + "run 0\n"
 
 
 @pytest.mark.parametrize("name", ["nequip_si_compiled.nequip.pth", "nequip_si_deployed.pth", "allegro_si_deployed.pth",
