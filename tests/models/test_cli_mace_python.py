@@ -65,7 +65,7 @@ def test_info_of_a_mace_file_needs_the_opt_in(files, capsys):
     assert err.count("\n") == 1 and "is a MACE model" in err and "--allow-pickle" in err
     assert main(["info", str(tmp / "tiny.model"), "--allow-pickle"]) == 0
     card = json.loads(capsys.readouterr().out)
-    assert card == {"type": "model", **adapter.card.to_dict()}
+    assert card == {"type": "model", "file": "a MACE model (a pickled Python module)", **adapter.card.to_dict()}
     assert (card["family"], card["num_layers"], card["receptive_field"], card["latent_dim"]) == ("mace", 2, 8.0, 16)
 
 

@@ -68,7 +68,8 @@ def test_build_predict_info(inputs, capsys):
     assert main(["info", str(log_path)]) == 0
     assert json.loads(capsys.readouterr().out)["errors_counted"] == 1200
     assert main(["info", str(tmp / "model.pt")]) == 0
-    assert json.loads(capsys.readouterr().out) == {"type": "model", **model.card.to_dict()}
+    assert json.loads(capsys.readouterr().out) == {"type": "model", "file": "an ltau_lmp built-in model",
+                                                   **model.card.to_dict()}
 
 
 def test_bad_files_give_one_line_errors(inputs, capsys):
