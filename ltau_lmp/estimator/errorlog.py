@@ -20,6 +20,17 @@ ERRORLOG_VERSION = 1
 _COUNT_DTYPES = (np.uint16, np.uint32, np.uint64)
 
 
+EPOCH_STATS = ("n", "sum", "sum_sq", "max")  # the columns of ErrorLog.epoch_stats
+
+
+def epoch_curve(stats: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, RMS and max error per epoch from ``ErrorLog.epoch_stats`` (NaN where none was logged)."""
+    n = stats[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"n": n, "mean": stats[:, 1] / n, "rms": np.sqrt(stats[:, 2] / n),
+                "max": np.where(n > 0, stats[:, 3], np.nan)}
+
+
 def log_spaced_edges(lo: float, hi: float, nbins: int) -> np.ndarray:
     """Bin edges as in the reference LTAU code: ``np.logspace(log10(lo), log10(hi), nbins + 1)``."""
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
@@ -48,6 +59,10 @@ class ErrorLog:
     epochs from ``stop_epoch`` on are not counted either (a window of the trajectory).
     Errors outside the edges are clamped into the end bins and counted in
     ``n_clamped_low`` / ``n_clamped_high``.
+
+    Besides the histograms it keeps one row of aggregates per epoch, skipped epochs included
+    (``epoch_stats``: errors, their sum, sum of squares and maximum; ``EPOCH_STATS``): the
+    training curve epoch by epoch (``ltau-lmp diagnose``), 32 bytes an epoch.
     """
 
     def __init__(self, n_samples: int, bin_edges, skip_epochs: int = 0,
@@ -70,6 +85,8 @@ class ErrorLog:
         self.n_clamped_low = 0
         self.n_clamped_high = 0
         self._stamp = np.full(self.n_samples, -1, dtype=np.int64)
+        self.epoch_stats = np.zeros((0, len(EPOCH_STATS)))
+        self._current = np.zeros(len(EPOCH_STATS))
         log_edges = np.log(self.bin_edges)
         steps = np.diff(log_edges)
         # Log-spaced edges (the usual case): a bin is one log and a floor away, no binary search.
@@ -113,6 +130,9 @@ class ErrorLog:
         errors = np.asarray(errors, dtype=np.float64).reshape(-1)
         if ids.shape != errors.shape:
             raise ValueError(f"sample_ids and errors differ in length: {ids.size} vs {errors.size}")
+        if ids.size and np.all(np.isfinite(errors)):
+            self._current += (errors.size, errors.sum(), np.square(errors).sum(), 0.0)
+            self._current[3] = max(self._current[3], float(errors.max()))
         if not self.counting or ids.size == 0:
             return
         if not np.issubdtype(ids.dtype, np.integer):
@@ -140,6 +160,8 @@ class ErrorLog:
     def end_epoch(self) -> None:
         """Close an epoch; widens the count dtype before it could overflow."""
         self.epoch += 1
+        self.epoch_stats = np.vstack([self.epoch_stats, self._current])
+        self._current = np.zeros(len(EPOCH_STATS))
         limit = np.iinfo(self.counts.dtype).max
         if self.counts.dtype != np.uint64 and self.counts.max(initial=0) > limit // 2:
             wider = _COUNT_DTYPES[[np.dtype(d) for d in _COUNT_DTYPES].index(self.counts.dtype) + 1]
@@ -170,6 +192,12 @@ class ErrorLog:
         if merged.dtype != np.uint64 and merged.max(initial=0) > np.iinfo(merged.dtype).max // 2:
             merged = self.counts.astype(np.uint64) + other.counts
         self.counts = merged
+        epochs = max(len(self.epoch_stats), len(other.epoch_stats))
+        stats = np.zeros((epochs, len(EPOCH_STATS)))
+        for part in (self.epoch_stats, other.epoch_stats):  # shards of one epoch: sums add, maxima combine
+            stats[:len(part), :3] += part[:, :3]
+            stats[:len(part), 3] = np.maximum(stats[:len(part), 3], part[:, 3])
+        self.epoch_stats = stats
         self.epoch = max(self.epoch, other.epoch)
         self.n_counted += other.n_counted
         self.n_clamped_low += other.n_clamped_low
@@ -194,7 +222,7 @@ class ErrorLog:
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, counts=self.counts, bin_edges=self.bin_edges,
+        np.savez(tmp, counts=self.counts, bin_edges=self.bin_edges, epoch_stats=self.epoch_stats,
                  header=np.array(json.dumps(self.summary())))
         os.replace(tmp, path)
         return path
@@ -208,6 +236,8 @@ class ErrorLog:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in ("counts", "bin_edges", "header")}
+                # logs written before the per-epoch aggregates existed have none
+                stats = data["epoch_stats"] if "epoch_stats" in data.files else np.zeros((0, len(EPOCH_STATS)))
         except KeyError as exc:
             raise FileFormatError(f"{path}: not an ltau error log (missing array {exc})") from None
         except Exception as exc:  # zipfile / numpy raise many types for damaged files
@@ -228,7 +258,11 @@ class ErrorLog:
                       stop_epoch=header["stop_epoch"], count_dtype=counts.dtype)
         except ConfigError as exc:
             raise FileFormatError(f"{path}: {exc}") from None
+        if stats.ndim != 2 or stats.shape[1] != len(EPOCH_STATS) or len(stats) > int(header["epochs_seen"]):
+            raise FileFormatError(f"{path}: epoch_stats of shape {stats.shape} do not fit "
+                                  f"{header['epochs_seen']} epochs x {len(EPOCH_STATS)} aggregates")
         log.counts = counts
+        log.epoch_stats = stats.astype(np.float64)
         log.epoch = int(header["epochs_seen"])
         log.n_counted = int(header["errors_counted"])
         log.n_clamped_low = int(header["clamped_low"])

@@ -134,3 +134,27 @@ def test_error_log_format_and_version_are_checked(tmp_path):
         np.savez(tmp_path / "edited.npz", **{**arrays, "header": np.array(json.dumps({**header, **change}))})
         with pytest.raises(FileFormatError, match=message):
             ErrorLog.load(tmp_path / "edited.npz")
+
+
+def test_epoch_aggregates(tmp_path):
+    """One row per epoch, skipped epochs included: the training curve; saved, merged, and absent
+    from logs written before it (they still load)."""
+    from ltau_lmp.estimator.errorlog import epoch_curve
+
+    log = ErrorLog.log_spaced(4, skip_epochs=1)
+    batches = [np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.05, 0.05, 0.1, 0.2])]
+    for errors in batches:
+        log.update(np.arange(2), errors[:2])    # two batches per epoch
+        log.update(np.arange(2, 4), errors[2:])
+        log.end_epoch()
+    curve = epoch_curve(log.epoch_stats)
+    np.testing.assert_allclose(curve["mean"], [0.25, 0.1])
+    np.testing.assert_allclose(curve["rms"], [np.sqrt(np.mean(b ** 2)) for b in batches])
+    np.testing.assert_allclose(curve["max"], [0.4, 0.2])
+    assert log.n_counted == 4                   # the histograms skip epoch 0, the curve does not
+    back = ErrorLog.load(log.save(tmp_path / "log.npz"))
+    np.testing.assert_array_equal(back.epoch_stats, log.epoch_stats)
+    np.testing.assert_allclose(epoch_curve(back.merge(log).epoch_stats)["mean"], [0.25, 0.1])
+    with np.load(tmp_path / "log.npz") as data:
+        np.savez(tmp_path / "old.npz", **{k: data[k] for k in ("counts", "bin_edges", "header")})
+    assert ErrorLog.load(tmp_path / "old.npz").epoch_stats.shape == (0, 4)
