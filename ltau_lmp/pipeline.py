@@ -6,6 +6,8 @@ from checkpoints instead), then ``write_artefacts`` turns the final model and th
 output folder. It is the one writer of that folder's contents:
 
     error_log.npz               the per-atom error histograms (``ErrorLog.save``)
+    validation_error_log.npz    the same for the held-out atoms (ids: positions in reference_set.xyz),
+                                where the trainer evaluated them during training
     descriptors.npy             the final model's latents of the training atoms (row = atom id)
     reference_descriptors.npy   the latents of the held-out atoms (with reference frames)
     estimator/                  the LTAU estimator, calibrated on the held-out atoms when given;
@@ -81,7 +83,7 @@ class Artefacts:
 
 def write_artefacts(directory: str | Path, model, frames: Sequence, error_log, options: EstimatorOptions, *,
                     reference_frames: Sequence = (), provenance: dict | None = None, summary: dict | None = None,
-                    save_frames: bool = True, batch_size: int = BATCH_SIZE) -> Artefacts:
+                    save_frames: bool = True, batch_size: int = BATCH_SIZE, validation_log=None) -> Artefacts:
     """Build the estimator from ``model``'s latents over ``frames`` (the training set in atom-id
     order) and ``error_log``, and write the artefacts (module docstring) into ``directory``.
 
@@ -89,7 +91,9 @@ def write_artefacts(directory: str | Path, model, frames: Sequence, error_log, o
     held-out in-domain structures (a validation set) that calibrate the ``ood`` p-value and the
     alarm thresholds; without them the estimator has neither. ``provenance``: recorded in the
     estimator's metadata (model file, epochs, training file, ...); ``summary``: the caller's part of
-    summary.json. ``save_frames``: also write train_set.xyz / reference_set.xyz.
+    summary.json. ``save_frames``: also write train_set.xyz / reference_set.xyz. ``validation_log``:
+    an ``ErrorLog`` over the atoms of ``reference_frames`` (in order), filled during training with
+    the same epochs as ``error_log`` (``ltau-lmp diagnose`` reads the train-validation gap from both).
     """
     from ase.io import write
 
@@ -107,6 +111,12 @@ def write_artefacts(directory: str | Path, model, frames: Sequence, error_log, o
     except ValueError as exc:  # e.g. atoms without counted errors (no epoch after skip_epochs)
         raise LTAUError(f"cannot build the LTAU estimator: {exc}") from exc
     error_log.save(directory / "error_log.npz")
+    if validation_log is not None:
+        n_reference = sum(len(atoms) for atoms in reference_frames)
+        if validation_log.n_samples != n_reference:
+            raise LTAUError(f"the validation error log has {validation_log.n_samples} samples but the reference "
+                            f"frames {n_reference} atoms")
+        validation_log.save(directory / "validation_error_log.npz")
     np.save(directory / "descriptors.npy", descriptors)
     if reference is not None:
         np.save(directory / "reference_descriptors.npy", reference)
@@ -117,6 +127,7 @@ def write_artefacts(directory: str | Path, model, frames: Sequence, error_log, o
             write(directory / "reference_set.xyz", list(reference_frames), format="extxyz")
     summary = {**(summary or {}), "model_card": card.to_dict(), "structures": len(frames),
                "reference_structures": len(reference_frames), "error_log": error_log.summary(),
+               "validation_error_log": None if validation_log is None else validation_log.summary(),
                "alarm_thresholds": estimator.alarm_thresholds}
     (directory / "summary.json").write_text(json.dumps(summary, indent=1))
     return Artefacts(estimator, summary, descriptors, reference)
