@@ -41,6 +41,7 @@ LABELS = {
     "replay": "`ltau-lmp replay` output",
     "nequip": "LTAUCallback (nequip) output",
     "evaluate": "`ltau-lmp evaluate` output",
+    "diagnose": "`ltau-lmp diagnose` output",
     "failure": "failure report",
     "predict": "`ltau-lmp predict` output",
     "select": "`ltau-lmp select` output",

@@ -1,4 +1,5 @@
-"""Sub-commands ``evaluate`` (metrics and figures on labelled sets) and ``select`` (active learning)."""
+"""Sub-commands ``evaluate`` (metrics and figures on labelled sets), ``diagnose`` (scores from a training
+run's error logs, weights for retraining) and ``select`` (active learning)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
+        "diagnose",
+        help="per-atom and per-structure scores from a training run's error log; weights for retraining",
+        description=(
+            "Read a training run's error logs (RUN: the output folder of `ltau-lmp train`, `mace-train`, "
+            "`replay` or the nequip callback) and score every training atom and structure: the fraction of "
+            "logged epochs with force error above a tolerance, the mean and spread of the error over epochs "
+            "(dataset cartography), the train-validation gap epoch by epoch, and the structures that stay "
+            "above the tolerance at every epoch (candidates for mislabelled data). With --weights, also a "
+            "copy of the training structures with a per-structure loss weight in info['config_weight'] "
+            "(read by MACE and the built-in trainer)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", type=Path, help="training run folder (holds error_log.npz)")
+    p.add_argument("--tol", type=float, default=0.1, help="absolute force-error tolerance, eV/Angstrom")
+    p.add_argument("--relative", type=float,
+                   help="tolerance relative to each atom's reference force norm instead (e.g. 0.2)")
+    p.add_argument("--weights", action="store_true", help="write train_set_weighted.xyz with per-structure weights")
+    p.add_argument("--max-ratio", type=float, default=3.0, help="largest weight / smallest weight")
+    p.add_argument("-o", "--output", type=Path, help="output folder (default: RUN-diagnose beside RUN)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier diagnose output")
+    p.set_defaults(func=_diagnose)
+
+    p = sub.add_parser(
         "select", help="pick diverse high-uncertainty frames from fix ltau dumps for labelling",
         description=(
             "Read extended-XYZ frames dumped by fix ltau, take the N x POOL frames with the highest "
@@ -47,6 +70,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, help="output extxyz")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier selection at --output")
     p.set_defaults(func=_select)
+
+
+def _diagnose(args) -> int:
+    from ltau_lmp.evaluation.diagnose import diagnose, write_report
+    from ltau_lmp.outputs import output_dir
+
+    out = args.output or args.run.parent / f"{args.run.name}-diagnose"
+    if not (args.run / "error_log.npz").is_file():
+        raise ConfigError(f"{args.run}: no error_log.npz (give the output folder of ltau-lmp train, mace-train, "
+                          f"replay or the nequip callback)")
+    with output_dir(out, "diagnose", args.overwrite) as tmp:
+        report = diagnose(args.run, None if args.relative else args.tol, args.relative, args.max_ratio,
+                          tmp / "train_set_weighted.xyz" if args.weights else None)
+        write_report(report, tmp)
+    fa = report["fraction_above"]
+    tol = (f"{args.relative:g} x |F_ref|" if args.relative else
+           f"{args.tol:g} eV/Angstrom (bin edge {report['tolerance']['snapped_edges'][0]:.4g})")
+    print(f"{report['atoms']:,} training atoms in {report['structures']:,} structures, {report['epochs_logged']} "
+          f"epochs logged; tolerance {tol}")
+    print(f"fraction of epochs above it: mean {fa['mean']:.3f}, 95th percentile {fa['p95']:.3f}; "
+          f"{report['persistently_hard_atoms']:,} atoms above it at every epoch, {report['never_above_atoms']:,} never")
+    if "validation" in report:
+        gap = [g for g in report["gap"].get("gap_rms", []) if g is not None]
+        last = f"; RMS gap at the last validated epoch {gap[-1]:+.4g} eV/Angstrom" if gap else ""
+        print(f"validation: {report['validation']['atoms']:,} atoms, fraction of epochs above the tolerance: mean "
+              f"{report['validation']['fraction_above']['mean']:.3f}{last}")
+    hard = report["hard_structures"]
+    print(f"{len(hard)} structure(s) hold persistently hard atoms (candidates for mislabelled data)" +
+          "".join(f"\n  {h['file']} [{h['index']}]: {h['persistent_atoms']} of {h['atoms']} atoms, mean error "
+                  f"{h['mean_error']:.3g}" for h in hard[:10]) + ("\n  ..." if len(hard) > 10 else ""))
+    if args.weights:
+        print(f"weights ({report['weights']['rule']}): {report['weights']['min']:.3g} - {report['weights']['max']:.3g}, "
+              f"written as info['config_weight'] to {out / 'train_set_weighted.xyz'}")
+    print(f"wrote {out}: diagnose.json, atoms.csv, structures.csv, cartography.png" +
+          (", gap.png" if report["gap"]["epoch"] else ""))
+    return 0
 
 
 def _parse_sets(args) -> dict[str, Path]:

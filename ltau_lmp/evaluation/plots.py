@@ -43,6 +43,10 @@ __all__ = [
     "reliability_figure",
     "roc_figure",
     "failure_timeline_figure",
+    "plot_cartography",
+    "cartography_figure",
+    "plot_gap",
+    "gap_figure",
 ]
 
 ERROR_UNIT = "eV/Å"
@@ -354,3 +358,66 @@ def plot_failure_timeline(steps, predicted_max, true_max, threshold: float, path
     """Write :func:`failure_timeline_figure` to ``path``."""
     return _save(failure_timeline_figure(steps, predicted_max, true_max, threshold, halt_step,
                                          failure_threshold, title), path)
+
+
+def cartography_figure(mean, spread, fraction_above, tolerance: float, max_points: int = 50_000,
+                       title: str = "Dataset cartography: each training atom over the logged epochs") -> Figure:
+    """Mean error against its spread over the epochs (Swayamdipta et al. 2020), coloured by the
+    fraction of epochs above ``tolerance`` (dashed line). At most ``max_points`` atoms are drawn
+    (a seeded sample), the most persistent ones on top."""
+    m, s, f = (np.asarray(a, dtype=float) for a in (mean, spread, fraction_above))
+    if not (m.ndim == s.ndim == f.ndim == 1 and m.size == s.size == f.size > 0):
+        raise MetricInputError("mean, spread and fraction_above must be 1-D of equal length")
+    pick = np.arange(m.size)
+    if m.size > max_points:
+        pick = np.sort(np.random.default_rng(0).choice(m.size, max_points, replace=False))
+    pick = pick[np.argsort(f[pick], kind="stable")]
+    fig = _figure((6.0, 4.5))
+    ax = fig.add_subplot()
+    points = ax.scatter(np.maximum(s[pick], 1e-6), m[pick], c=f[pick], s=4, cmap="viridis", vmin=0, vmax=1,
+                        rasterized=True)
+    ax.axhline(tolerance, color="0.3", ls="--", lw=1, label=f"tolerance {tolerance:.3g} {ERROR_UNIT}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"spread of the error over epochs ({ERROR_UNIT})")
+    ax.set_ylabel(f"mean error over epochs ({ERROR_UNIT})")
+    fig.colorbar(points, ax=ax, label="fraction of epochs above the tolerance")
+    ax.legend(loc="lower right", fontsize="small")
+    _title(fig, title + (f" ({pick.size:,} of {m.size:,} shown)" if pick.size < m.size else ""))
+    return fig
+
+
+def plot_cartography(mean, spread, fraction_above, tolerance: float, path, **kwargs) -> str:
+    """Write :func:`cartography_figure` to ``path``."""
+    return _save(cartography_figure(mean, spread, fraction_above, tolerance, **kwargs), path)
+
+
+def gap_figure(curve: Mapping[str, Sequence[float]],
+               title: str = "Training and validation force error per epoch") -> Figure:
+    """RMS force error of the training steps and of the validation set per epoch, and their gap
+    (``diagnose.gap_curve``'s keys)."""
+    epochs = np.asarray(curve["epoch"], dtype=float)
+    if epochs.size == 0:
+        raise MetricInputError("no epochs to plot")
+    fig = _figure((6.5, 4.0))
+    ax = fig.add_subplot()
+    values = {key: np.asarray(curve[key], dtype=float) for key in ("train_rms", "validation_rms", "gap_rms")
+              if key in curve}  # None (no value that epoch) -> NaN: a gap in the line
+    ax.plot(epochs, values["train_rms"], lw=1.5, label="training (during the epoch's steps)")
+    if "validation_rms" in values:
+        ax.plot(epochs, values["validation_rms"], lw=1.5, marker=".", label="validation (at the epoch's end)")
+        gap = ax.twinx()
+        gap.plot(epochs, values["gap_rms"], color="0.4", ls=":", lw=1.2)
+        gap.set_ylabel(f"gap: validation - training ({ERROR_UNIT})")
+        ax.plot([], [], color="0.4", ls=":", label="gap (right axis)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"RMS force error ({ERROR_UNIT})")
+    ax.legend(loc="upper right", fontsize="small")
+    _title(fig, title)
+    return fig
+
+
+def plot_gap(curve: Mapping[str, Sequence[float]], path, **kwargs) -> str:
+    """Write :func:`gap_figure` to ``path``."""
+    return _save(gap_figure(curve, **kwargs), path)
