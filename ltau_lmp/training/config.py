@@ -22,6 +22,10 @@ class DataOptions:
     train: str = "data/train.xyz"  # labelled extxyz training file (energy + forces)
     val_fraction: float = 0.1  # fraction of training structures held out for validation
     test: dict[str, str] = field(default_factory=dict)  # name -> extxyz, scored after training
+    # extxyz info key of an optional per-structure loss weight (MACE's key; absent = 1.0; "" = ignore
+    # weights): weights multiply the structure's energy and force squared errors in the training loss
+    # (ltau_lmp.training.trainer.batch_loss); validation, early stopping and the error log are unweighted
+    config_weight_key: str = "config_weight"
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.val_fraction < 1.0:

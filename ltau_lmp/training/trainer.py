@@ -7,6 +7,14 @@ the final model's latent features of all training atoms and the error log make t
 the validation atoms, held out of it, calibrate its out-of-domain p-value and alarm thresholds
 (``ltau_lmp.pipeline``: ``ErrorLogger`` during training, ``write_artefacts`` after it, as for
 every other trainer).
+
+The validation atoms get an error log of their own (``validation_error_log.npz``): every epoch's
+validation pass logs their ‖F_pred − F_ref‖ (ids: positions of the atoms in the validation frames
+in order, i.e. in reference_set.xyz), with the training log's bin edges and skipped epochs, one
+``end_epoch`` per training epoch, so the two logs' ``epoch_stats`` line up epoch by epoch.
+
+Per-structure loss weights (``data.config_weight_key``, default ``config_weight``, the extxyz info
+key MACE reads): see ``batch_loss``.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import numpy as np
 import torch
 
 from ltau_lmp.data.datasets import AtomsDataset, read_frames
-from ltau_lmp.errors import ConfigError, LTAUError
+from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
+from ltau_lmp.estimator import ErrorLog
 from ltau_lmp.pipeline import ErrorLogger, write_artefacts
 from ltau_lmp.prediction import predict_batch
 from ltau_lmp.training.config import TrainConfig, resolve
@@ -31,6 +40,7 @@ from ltau_lmp.training.config import TrainConfig, resolve
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_energy_rmse", "train_force_rmse",
     "val_loss", "val_energy_rmse", "val_force_rmse", "train_seconds", "val_seconds", "log_seconds",
+    "train_force_error_mean", "val_force_error_mean",  # mean per-atom ‖F_pred − F_ref‖ (the logged error)
 ]
 
 
@@ -42,32 +52,97 @@ class TrainResult:
     metrics: list[dict]
     summary: dict
     out_dir: Path
+    validation_log: object = None  # ErrorLog of the validation atoms (None without validation)
 
 
 class _Sums:
-    """Running squared-error sums of an epoch (energies per atom, force components)."""
+    """Running error sums of an epoch (squared energies per atom, squared force components, force
+    error norms per atom); unweighted."""
 
     def __init__(self):
-        self.e2 = self.f2 = 0.0
-        self.n_struct = self.n_comp = 0
+        self.e2 = self.f2 = self.f_norm = 0.0
+        self.n_struct = self.n_comp = self.n_atoms = 0
 
     def add(self, energy_err: torch.Tensor, force_err: torch.Tensor) -> None:
+        force_err = force_err.detach()
         self.e2 += float((energy_err.detach() ** 2).sum())
-        self.f2 += float((force_err.detach() ** 2).sum())
+        self.f2 += float((force_err ** 2).sum())
+        self.f_norm += float(torch.linalg.vector_norm(force_err, dim=1).sum())
         self.n_struct += energy_err.numel()
         self.n_comp += force_err.numel()
+        self.n_atoms += len(force_err)
 
     def rmse(self) -> tuple[float, float]:
         return math.sqrt(self.e2 / max(self.n_struct, 1)), math.sqrt(self.f2 / max(self.n_comp, 1))
 
+    def force_error_mean(self) -> float:
+        """Mean per-atom ‖F_pred − F_ref‖ (eV/Angstrom): ``epoch_curve(log.epoch_stats)["mean"]``."""
+        return self.f_norm / max(self.n_atoms, 1)
 
-def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int) -> tuple[float, float]:
-    """Energy RMSE (eV/atom) and force-component RMSE (eV/Angstrom) of a labelled set."""
+
+def _evaluate(model, dataset: AtomsDataset, batch_size: int, logger: ErrorLogger | None = None) -> _Sums:
     sums = _Sums()
     for batch in dataset.batches(batch_size):
         energy, forces, _ = predict_batch(model, batch)
         sums.add((energy - batch.energy) / batch.n_atoms, forces - batch.forces)
-    return sums.rmse()
+        if logger is not None:
+            logger.log(batch.atom_ids, forces, batch.forces)
+    return sums
+
+
+def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int,
+                     logger: ErrorLogger | None = None) -> tuple[float, float]:
+    """Energy RMSE (eV/atom) and force-component RMSE (eV/Angstrom) of a labelled set.
+
+    With ``logger``, every atom's ‖F_pred − F_ref‖ of this pass is logged too (id = the atom's
+    position in ``dataset``'s frames, in order); the caller closes the epoch.
+    """
+    return _evaluate(model, dataset, batch_size, logger).rmse()
+
+
+def structure_weights(frames, key: str, path) -> np.ndarray | None:
+    """Per-structure loss weights from ``atoms.info[key]`` (1.0 where a frame lacks the key);
+    None when ``key`` is empty or no frame has it (the unweighted loss).
+
+    Raises ``FileFormatError`` naming the file and frame for a weight that is not a finite number > 0.
+    """
+    if not key or not any(key in atoms.info for atoms in frames):
+        return None
+    weights = np.ones(len(frames))
+    for k, atoms in enumerate(frames):
+        if key not in atoms.info:
+            continue
+        value = atoms.info[key]
+        try:
+            weight = math.nan if isinstance(value, (bool, np.bool_, str)) else float(value)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise FileFormatError(f"{path}: frame {k} has {key}={value}; a per-structure loss weight "
+                                  f"must be a finite number > 0 (leave the key out for 1.0)")
+        weights[k] = weight
+    return weights
+
+
+def batch_loss(cfg: TrainConfig, energy_err: torch.Tensor, force_err: torch.Tensor,
+               weights: torch.Tensor | None = None, structure: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of one batch of B structures with N atoms in all:
+
+        L = energy_weight · (1/B) Σ_s w_s (ΔE_s / n_s)²  +  force_weight · (1/3N) Σ_a Σ_c w_s(a) ΔF_ac²
+
+    ``energy_err``: (B,) energy errors per atom ΔE_s / n_s; ``force_err``: (N, 3); ``weights``: (B,)
+    per-structure weights w_s (None: all 1); ``structure``: (N,) the structure s(a) of each atom.
+    The weight multiplies each squared error of its structure and the means stay plain means over
+    structures and force components (not divided by Σ w), as MACE's weighted energy and force
+    losses do: weights of 1 give the unweighted loss bit for bit (x · 1.0 is exact), a weight of 2
+    counts a structure's terms twice, and the loss scale grows with the mean weight (scale weights
+    to mean 1 to keep it).
+    """
+    e2, f2 = energy_err ** 2, force_err ** 2
+    if weights is not None:
+        e2 = weights * e2
+        f2 = weights[structure].unsqueeze(1) * f2
+    return cfg.energy_weight * e2.mean() + cfg.force_weight * f2.mean()
 
 
 @torch.no_grad()
@@ -121,15 +196,26 @@ def build_model(cfg: TrainConfig, frames):
 
 
 def train_epoch(model, optimizer, dataset: AtomsDataset, order, cfg: TrainConfig,
-                logger: ErrorLogger | None) -> tuple[float, float, float]:
-    """One pass over ``dataset`` in ``order``; returns (loss, energy RMSE, force RMSE)."""
+                logger: ErrorLogger | None, weights: np.ndarray | None = None,
+                sums: _Sums | None = None) -> tuple[float, float, float]:
+    """One pass over ``dataset`` in ``order``; returns (loss, energy RMSE, force RMSE).
+
+    ``weights``: per-structure loss weights of ``dataset`` (``batch_loss``; None = unweighted); the
+    loss returned is the weighted one, the RMSEs are not weighted. ``sums``: filled with the
+    epoch's error sums when given.
+    """
     model.train()
-    sums, loss_sum, n_batches = _Sums(), 0.0, 0
-    for batch in dataset.batches(cfg.batch_size, order):
+    sums = _Sums() if sums is None else sums
+    loss_sum, n_batches = 0.0, 0
+    order = np.asarray(order)
+    for start in range(0, len(order), cfg.batch_size):
+        indices = order[start:start + cfg.batch_size]
+        batch = dataset.batch(indices)
         energy, forces, _ = predict_batch(model, batch, create_graph=True)
         energy_err = (energy - batch.energy) / batch.n_atoms
         force_err = forces - batch.forces
-        loss = cfg.energy_weight * (energy_err**2).mean() + cfg.force_weight * (force_err**2).mean()
+        w = None if weights is None else torch.as_tensor(weights[indices], dtype=energy_err.dtype)
+        loss = batch_loss(cfg, energy_err, force_err, w, batch.structure)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,6 +235,12 @@ class TrainingData:
     frames: list
     train_idx: np.ndarray
     val_idx: np.ndarray
+    weights: np.ndarray | None = None  # per-structure loss weights of all frames (None: unweighted)
+
+    @property
+    def train_weights(self) -> np.ndarray | None:
+        """The loss weights of the training structures, in training-set order."""
+        return None if self.weights is None else self.weights[self.train_idx]
 
     def datasets(self, model) -> tuple[AtomsDataset, AtomsDataset | None]:
         """Training and validation sets with the model's species, cutoff and dtype (validation may be None)."""
@@ -166,14 +258,16 @@ class FitResult:
     metrics: list[dict]
     best_epoch: int
     seconds: float
+    validation_log: object = None  # ErrorLog of the validation atoms, epochs aligned with error_log
 
 
 def load_data(cfg: TrainConfig, base_dir: Path, rng: np.random.Generator) -> TrainingData:
     """Read the training file and split it (the split is the first use of ``rng``)."""
     path = resolve(cfg.data.train, base_dir)
     frames = read_frames(path)
+    weights = structure_weights(frames, cfg.data.config_weight_key, path)
     train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
-    return TrainingData(path, frames, train_idx, val_idx)
+    return TrainingData(path, frames, train_idx, val_idx, weights)
 
 
 def setup_model(cfg: TrainConfig, data: TrainingData):
@@ -185,8 +279,10 @@ def setup_model(cfg: TrainConfig, data: TrainingData):
 
 
 def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset | None,
-        rng: np.random.Generator, metrics_path: Path, show_progress: bool = True) -> FitResult:
-    """The epoch loop: per-atom error logging, validation, LR schedule, early stopping.
+        rng: np.random.Generator, metrics_path: Path, show_progress: bool = True,
+        weights: np.ndarray | None = None) -> FitResult:
+    """The epoch loop: per-atom error logging (training and validation atoms), validation, LR
+    schedule, early stopping. ``weights``: per-structure loss weights of ``train_set`` (``batch_loss``).
 
     ``metrics_path`` (CSV) is rewritten after every epoch so a long run can be watched. The model
     ends in the state of its best epoch (lowest validation loss, or training loss without validation).
@@ -195,6 +291,11 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
 
     error_log = cfg.error_log.new_log(train_set.total_atoms)
     logger = ErrorLogger(error_log)
+    validation_log = val_logger = None
+    if val_set is not None:  # the same bins and counted epochs as the training log
+        validation_log = ErrorLog(val_set.total_atoms, error_log.bin_edges, skip_epochs=error_log.skip_epochs,
+                                  stop_epoch=error_log.stop_epoch)
+        val_logger = ErrorLogger(validation_log)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = _scheduler(cfg, optimizer)
 
@@ -204,18 +305,23 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
     for epoch in bar:
         epoch_start, log_before = time.perf_counter(), logger.seconds
         lr = optimizer.param_groups[0]["lr"]
+        train_sums = _Sums()
         loss, e_rmse, f_rmse = train_epoch(model, optimizer, train_set, rng.permutation(len(train_set)),
-                                           cfg, logger)
+                                           cfg, logger, weights, train_sums)
         logger.end_epoch()
         train_end = time.perf_counter()
         row = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_energy_rmse": e_rmse,
-               "train_force_rmse": f_rmse, "val_loss": "", "val_energy_rmse": "", "val_force_rmse": ""}
+               "train_force_rmse": f_rmse, "val_loss": "", "val_energy_rmse": "", "val_force_rmse": "",
+               "train_force_error_mean": train_sums.force_error_mean(), "val_force_error_mean": ""}
         monitor = loss
         if val_set is not None:
             model.eval()
-            val_e, val_f = evaluate_dataset(model, val_set, cfg.batch_size)
+            val_sums = _evaluate(model, val_set, cfg.batch_size, val_logger)
+            val_logger.end_epoch()  # one validation epoch per training epoch: the logs line up
+            val_e, val_f = val_sums.rmse()
             monitor = cfg.energy_weight * val_e ** 2 + cfg.force_weight * val_f ** 2
-            row.update(val_loss=monitor, val_energy_rmse=val_e, val_force_rmse=val_f)
+            row.update(val_loss=monitor, val_energy_rmse=val_e, val_force_rmse=val_f,
+                       val_force_error_mean=val_sums.force_error_mean())
         row.update(train_seconds=train_end - epoch_start, val_seconds=time.perf_counter() - train_end,
                    log_seconds=logger.seconds - log_before)
         metrics.append(row)
@@ -236,7 +342,7 @@ def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset 
     if error_log.n_counted == 0:
         raise LTAUError(f"training stopped after {len(metrics)} epochs, before error_log.skip_epochs="
                         f"{cfg.error_log.skip_epochs}: no errors were logged")
-    return FitResult(error_log, metrics, best_epoch, seconds)
+    return FitResult(error_log, metrics, best_epoch, seconds, validation_log)
 
 
 def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset, val_set: AtomsDataset | None,
@@ -254,6 +360,7 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
         "n_val_structures": len(data.val_idx), "n_train_atoms": train_set.total_atoms,
         "train_structures": data.train_idx.tolist(), "val_structures": data.val_idx.tolist(),
         "log_overhead_fraction": sum(r["log_seconds"] for r in metrics) / sum(r["train_seconds"] for r in metrics),
+        "config_weights": _weights_summary(cfg.data.config_weight_key, data.train_weights),
         "test": {},
     }
     for name, path in cfg.data.test.items():
@@ -267,8 +374,17 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
         provenance={"train_file": str(data.path), "train_structures": data.train_idx.tolist(),
                     "reference_structures": data.val_idx.tolist(),
                     "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs},
-        summary=summary, save_frames=False, batch_size=cfg.batch_size)
-    return TrainResult(model, error_log, artefacts.estimator, metrics, artefacts.summary, out_dir)
+        summary=summary, save_frames=False, batch_size=cfg.batch_size, validation_log=fitted.validation_log)
+    return TrainResult(model, error_log, artefacts.estimator, metrics, artefacts.summary, out_dir,
+                       fitted.validation_log)
+
+
+def _weights_summary(key: str, weights: np.ndarray | None) -> dict | None:
+    """The training structures' loss weights in summary.json (None: unweighted training)."""
+    if weights is None:
+        return None
+    return {"key": key, "n_structures": int(weights.size), "n_not_one": int(np.count_nonzero(weights != 1.0)),
+            "min": float(weights.min()), "max": float(weights.max()), "mean": float(weights.mean())}
 
 
 def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = True,
@@ -292,7 +408,10 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
     with output_dir(out_dir, "train", overwrite) as tmp:
         if show_progress:
             print(f"writing into {tmp} (metrics.csv every epoch), renamed to {out_dir} at the end", file=sys.stderr)
-        fitted = fit(cfg, model, train_set, val_set, rng, tmp / "metrics.csv", show_progress)
+        # weights passed only when there are any (a stand-in fit without the argument still works)
+        weights = getattr(data, "train_weights", None)
+        fitted = fit(cfg, model, train_set, val_set, rng, tmp / "metrics.csv", show_progress,
+                     **({} if weights is None else {"weights": weights}))
         result = export(cfg, model, data, train_set, val_set, fitted, tmp, base_dir)
     result.out_dir = out_dir
     return result
