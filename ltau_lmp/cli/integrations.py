@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "features (invariant node features of all interaction layers). Options of this command come "
             "first, then `--` and the mace_run_train arguments, e.g. `ltau-lmp mace-train --skip-epochs 20 "
             "-- --name si --train_file train.xyz --r_max 4.0 ...`. MACE's validation configurations calibrate "
-            "the out-of-domain p-value and the recommended alarm thresholds (printed). Writes error_log.npz, "
+            "the out-of-domain p-value and the recommended alarm thresholds (printed), and their errors at each "
+            "of MACE's validations (--eval_interval) fill validation_error_log.npz. Writes error_log.npz, "
             "descriptors.npy, estimator/, train_set.xyz, reference_set.xyz, reference_descriptors.npy and "
             "summary.json into --out-dir (default WORK_DIR/ltau). Needs extxyz training data, one head, one "
             "process, no --lbfgs."),
@@ -64,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "ModelCheckpoint callback writing NAME_epoch-N.ckpt, see doc/nequip.md), then build "
             "the LTAU estimator from MODEL's latent features. MODEL gives the architecture and the final "
             "weights; checkpoints hold state dicts of it. Errors are those of the saved weights (MACE: EMA "
-            "weights if the trainer averaged; nequip: the live weights). Writes the same files as mace-train "
+            "weights if the trainer averaged; nequip: the live weights). With --reference-file whose frames "
+            "carry reference forces (--forces-key), they pass through every checkpoint too: "
+            "validation_error_log.npz, one epoch per checkpoint. Writes the same files as mace-train "
             "into --out-dir."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", type=Path, help="final model file (ltau_lmp, MACE .model, nequip .ckpt / .nequip.zip)")
@@ -74,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forces-key", default="REF_forces", help="per-atom array of the reference forces")
     p.add_argument("--reference-file", type=Path,
                    help="extxyz of held-out in-domain structures (e.g. the validation set; mace-train writes "
-                        "reference_set.xyz): they calibrate the ood p-value and the alarm thresholds")
+                        "reference_set.xyz): they calibrate the ood p-value and the alarm thresholds, and, "
+                        "with reference forces, fill the validation error log")
     add_model_options(p)
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier replay output in --out-dir")
@@ -94,7 +98,9 @@ def _mace_train(args) -> int:
                              estimator=estimator_options, overwrite=args.overwrite)
     print(json.dumps({"out_dir": str(result.out_dir), "model_file": str(result.model_path),
                       "model_hash": result.model_hash, "atoms": result.error_log.n_samples,
-                      "epochs": result.error_log.epoch}, indent=1))
+                      "epochs": result.error_log.epoch,
+                      "validation_atoms": None if result.validation_log is None else result.validation_log.n_samples},
+                     indent=1))
     print(describe_thresholds(result.estimator.alarm_thresholds,
                               remedy="MACE had no validation configurations: give --valid_fraction or --valid_file"))
     return 0
@@ -103,7 +109,7 @@ def _mace_train(args) -> int:
 def _replay(args) -> int:
     from ltau_lmp.data.datasets import read_extxyz
     from ltau_lmp.estimator.calibration import describe_thresholds
-    from ltau_lmp.integrations.replay import read_training_set, replay
+    from ltau_lmp.integrations.replay import attach_reference_forces, read_training_set, replay
     from ltau_lmp.outputs import check_dir, output_dir
     from ltau_lmp.pipeline import write_artefacts
 
@@ -114,15 +120,25 @@ def _replay(args) -> int:
     model = load_model_option(args.model, args)
     frames = read_training_set(args.train_file, args.forces_key)
     reference = read_extxyz(args.reference_file, "reference file") if args.reference_file else []
-    log = replay(model, args.checkpoints, frames, log_options.new_log(sum(len(a) for a in frames)))
+    validation_log, no_validation = None, "no --reference-file"
+    if reference:
+        missing = attach_reference_forces(reference, args.forces_key)
+        if missing is None:
+            validation_log = log_options.new_log(sum(len(a) for a in reference))
+        else:
+            no_validation = f"reference frame {missing} has no forces under {args.forces_key!r}"
+    log = replay(model, args.checkpoints, frames, log_options.new_log(sum(len(a) for a in frames)),
+                 reference_frames=reference, validation_log=validation_log)
     with output_dir(args.out_dir, "replay", args.overwrite) as tmp:
         estimator = write_artefacts(
-            tmp, model, frames, log, estimator_options, reference_frames=reference,
+            tmp, model, frames, log, estimator_options, reference_frames=reference, validation_log=validation_log,
             provenance={"model_file": str(args.model), "epochs": log.epoch,
                         "skip_epochs": log_options.skip_epochs, "replayed": True},
             summary={"model_file": str(args.model), "epochs": log.epoch,
                      "checkpoints": [str(p) for p in args.checkpoints]}).estimator
     print(json.dumps({"out_dir": str(args.out_dir), "model_hash": model.card.model_hash,
-                      "atoms": log.n_samples, "epochs": log.epoch}, indent=1))
+                      "atoms": log.n_samples, "epochs": log.epoch,
+                      "validation_atoms": None if validation_log is None else validation_log.n_samples,
+                      **({} if validation_log is not None else {"no_validation_log": no_validation})}, indent=1))
     print(describe_thresholds(estimator.alarm_thresholds, remedy="give --reference-file"))
     return 0

@@ -8,8 +8,11 @@ the end of each saved epoch (with an EMA, the averaged weights), not those of ea
 forward pass; only saved epochs count (MACE saves every ``--eval_interval`` epochs).
 
 The training set is a list of ``ase.Atoms`` whose ``arrays[REF_FORCES]`` hold the reference
-forces; atom ids are positions in the concatenation of the frames, in order. The replayed log
-and the final model become the same artefacts as a live run's (``ltau_lmp.pipeline``).
+forces; atom ids are positions in the concatenation of the frames, in order. Reference (validation)
+frames with reference forces pass through every checkpoint too and fill a validation error log
+(ids: positions in the concatenation of the reference frames, reference_set.xyz's order), one
+epoch per checkpoint like the training log. The replayed logs and the final model become the same
+artefacts as a live run's (``ltau_lmp.pipeline``).
 """
 
 from __future__ import annotations
@@ -49,15 +52,27 @@ def read_training_set(path: str | os.PathLike, forces_key: str = REF_FORCES) -> 
         frames = read(path, index=":", format="extxyz")
     except Exception as exc:  # ase raises many types for malformed files
         raise FileFormatError(f"{path}: not a readable extxyz file ({type(exc).__name__}: {exc})") from exc
+    missing = attach_reference_forces(frames, forces_key)
+    if missing is not None:
+        raise FileFormatError(f"{path}: frame {missing} has no reference forces under the key {forces_key!r}")
+    return frames
+
+
+def attach_reference_forces(frames: Sequence[Atoms], forces_key: str = REF_FORCES) -> int | None:
+    """Copy every frame's reference forces (per-atom array ``forces_key``; "forces" also finds a
+    calculator's) to ``arrays[REF_FORCES]``. Returns the first frame without them (then none is
+    changed), else None."""
+    found = []
     for k, atoms in enumerate(frames):
         if forces_key in atoms.arrays:
-            forces = atoms.arrays[forces_key]
+            found.append(atoms.arrays[forces_key])
         elif forces_key == "forces" and atoms.calc is not None and "forces" in atoms.calc.results:
-            forces = atoms.calc.results["forces"]
+            found.append(atoms.calc.results["forces"])
         else:
-            raise FileFormatError(f"{path}: frame {k} has no reference forces under the key {forces_key!r}")
+            return k
+    for atoms, forces in zip(frames, found):
         atoms.arrays[REF_FORCES] = np.asarray(forces, dtype=np.float64)
-    return frames
+    return None
 
 
 def force_errors(model, frames: Sequence[Atoms]) -> np.ndarray:
@@ -100,9 +115,9 @@ def checkpoint_files(sources: Sequence[str | os.PathLike]) -> list[tuple[int, Pa
     return found
 
 
-def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
-                  frames: Sequence[Atoms]) -> Iterator[tuple[int, Path, np.ndarray]]:
-    """(epoch, checkpoint, per-atom force errors) for each checkpoint, in epoch order.
+def replay_models(model, checkpoints: Sequence[str | os.PathLike]) -> Iterator[tuple[int, Path, object]]:
+    """(epoch, checkpoint, the model with that checkpoint's weights) for each checkpoint, in epoch
+    order; the model yielded is valid until the next one is drawn.
 
     Checkpoints hold the weights of the module the trainer optimised (``model.trainable``), read
     with ``weights_only=True`` and loaded by ``model.load_checkpoint``: a state dict, alone or under
@@ -124,7 +139,7 @@ def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
                 raise FileFormatError(f"checkpoint {path}: a {theirs.family} model of species {list(theirs.species)} "
                                       f"and latent width {theirs.latent_dim}, not one of the model's kind "
                                       f"({mine.family}, {list(mine.species)}, {mine.latent_dim})")
-            yield epoch, path, force_errors(epoch_model, frames)
+            yield epoch, path, epoch_model
             continue
         try:
             payload = torch.load(path, map_location=device, weights_only=True)
@@ -135,16 +150,41 @@ def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise FileFormatError(f"checkpoint {path}: its weights do not fit the model "
                                   f"({str(exc).splitlines()[0]})") from exc
-        yield epoch, path, force_errors(work, frames)
+        yield epoch, path, work
 
 
-def replay(model, checkpoints: Sequence[str | os.PathLike], frames: Sequence[Atoms], error_log):
-    """Fill ``error_log`` (an ``ErrorLog`` over the atoms of ``frames``) with one epoch per checkpoint."""
+def replay_errors(model, checkpoints: Sequence[str | os.PathLike],
+                  frames: Sequence[Atoms]) -> Iterator[tuple[int, Path, np.ndarray]]:
+    """(epoch, checkpoint, per-atom force errors over ``frames``) for each checkpoint, in epoch
+    order (checkpoints as ``replay_models`` reads them)."""
+    for epoch, path, epoch_model in replay_models(model, checkpoints):
+        yield epoch, path, force_errors(epoch_model, frames)
+
+
+def _check_log(log, frames: Sequence[Atoms], what: str) -> None:
     n_atoms = sum(len(atoms) for atoms in frames)
-    if error_log.n_samples != n_atoms:
-        raise ConfigError(f"the error log has {error_log.n_samples} samples but the training set {n_atoms} atoms")
-    ids = np.arange(n_atoms)
-    for _, _, errors in replay_errors(model, checkpoints, frames):
-        error_log.update(ids, errors)
+    if log.n_samples != n_atoms:
+        raise ConfigError(f"the {what} error log has {log.n_samples} samples but the {what} set {n_atoms} atoms")
+
+
+def replay(model, checkpoints: Sequence[str | os.PathLike], frames: Sequence[Atoms], error_log,
+           reference_frames: Sequence[Atoms] = (), validation_log=None):
+    """Fill ``error_log`` (an ``ErrorLog`` over the atoms of ``frames``) with one epoch per checkpoint.
+
+    With ``validation_log`` (an ``ErrorLog`` over the atoms of ``reference_frames``, which must carry
+    ``arrays[REF_FORCES]``), the reference frames pass through every checkpoint too and fill it, one
+    epoch per checkpoint, the same epochs as ``error_log``."""
+    _check_log(error_log, frames, "training")
+    if validation_log is not None:
+        _check_log(validation_log, reference_frames, "reference")
+        missing = [k for k, atoms in enumerate(reference_frames) if REF_FORCES not in atoms.arrays]
+        if missing:
+            raise ConfigError(f"reference frame {missing[0]} has no reference forces: no validation error log")
+    ids = np.arange(error_log.n_samples)
+    for _, _, epoch_model in replay_models(model, checkpoints):
+        error_log.update(ids, force_errors(epoch_model, frames))
         error_log.end_epoch()
+        if validation_log is not None:
+            validation_log.update(np.arange(validation_log.n_samples), force_errors(epoch_model, reference_frames))
+            validation_log.end_epoch()
     return error_log

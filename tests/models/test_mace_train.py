@@ -21,6 +21,7 @@ from ase.build import bulk
 
 from ltau_lmp.errors import ConfigError, FileFormatError, LTAUError
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator
+from ltau_lmp.estimator.errorlog import epoch_curve
 from ltau_lmp.estimator.options import ErrorLogOptions, EstimatorOptions
 
 pytest.importorskip("mace")
@@ -66,6 +67,12 @@ def mace_args(train_file, work_dir):
 def validation_losses(work_dir):
     lines = (work_dir / "results" / "tiny_run-1_train.txt").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if json.loads(line)["mode"] == "eval"]
+
+
+def validation_rmse_f(work_dir):
+    """{epoch: MACE's own validation force RMSE (per component, eV/A)} of each epoch it validated."""
+    lines = [json.loads(line) for line in (work_dir / "results" / "tiny_run-1_train.txt").read_text().splitlines()]
+    return {row["epoch"]: row["rmse_f"] for row in lines if row["mode"] == "eval" and row["epoch"] is not None}
 
 
 CLI = ("import argparse, sys; from ltau_lmp.cli.integrations import register; "
@@ -203,6 +210,62 @@ def test_replay_agrees_with_the_live_log(runs):
     assert log.epoch == EPOCHS and np.all(log.totals() == EPOCHS)
 
 
+def test_validation_log_is_maces_own_validation(runs):
+    """One row per training epoch; each epoch's RMS of ‖F_pred − F_ref‖ over the 32 validation atoms
+    is sqrt(3) x the force RMSE MACE itself reports for that epoch's validation (per component)."""
+    result = runs["logged"]
+    log = result.validation_log
+    assert log.n_samples == 4 * 8 and log.epoch == result.error_log.epoch == EPOCHS
+    assert np.array_equal(log.bin_edges, result.error_log.bin_edges)
+    assert np.all(log.totals() == EPOCHS)
+    curve = epoch_curve(log.epoch_stats)
+    reported = validation_rmse_f(runs["root"] / "logged")
+    assert sorted(reported) == list(range(EPOCHS))
+    np.testing.assert_array_equal(curve["n"], 32)
+    np.testing.assert_allclose(curve["rms"], np.sqrt(3) * np.array([reported[e] for e in range(EPOCHS)]), rtol=1e-10)
+    assert len(set(np.round(curve["rms"], 8))) == EPOCHS  # the epochs differ: each row is its own epoch
+    saved = ErrorLog.load(result.out_dir / "validation_error_log.npz")
+    np.testing.assert_array_equal(saved.counts, log.counts)
+    np.testing.assert_array_equal(saved.epoch_stats, log.epoch_stats)
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    assert summary["validation_error_log"]["n_samples"] == 32
+
+
+def test_validation_ids_are_reference_set_atoms(runs):
+    """MACE validates epoch t with the weights it saves as checkpoint t (no EMA): the reference
+    frames (read back from reference_set.xyz) through each checkpoint give, atom by atom, the live
+    validation log's histograms; a permutation of the ids would not."""
+    result = runs["logged"]
+    model = load_model(result.model_path, allow_pickle=True)
+    reference = read_training_set(result.out_dir / "reference_set.xyz")
+    assert len(reference) == 4 and all(len(a) == 8 for a in reference)
+    for a, b in zip(reference, result.reference_frames):
+        np.testing.assert_array_equal(a.arrays["REF_forces"], b.arrays["REF_forces"])
+    checkpoints = [result.model_path.parent / "checkpoints"]
+    train = ErrorLog(result.error_log.n_samples, result.error_log.bin_edges)
+    validation = ErrorLog(32, result.validation_log.bin_edges)
+    replay(model, checkpoints, result.frames, train, reference_frames=reference, validation_log=validation)
+    assert validation.epoch == train.epoch == EPOCHS
+    np.testing.assert_array_equal(validation.counts, result.validation_log.counts)
+    np.testing.assert_allclose(validation.epoch_stats, result.validation_log.epoch_stats, rtol=1e-10)
+    live = result.validation_log.counts
+    assert not np.array_equal(live[np.roll(np.arange(32), 8)], live)  # frames differ, so the test can fail
+
+
+def test_validation_every_other_epoch(train_file, tmp_path):
+    """--eval_interval 2 over 3 epochs: MACE validates after epochs 0 and 2; epoch 1 keeps a row with n = 0."""
+    args = [a for a in mace_args(train_file, tmp_path) if a not in ("--save_all_checkpoints", "--keep_checkpoints")]
+    result = train_with_ltau([*args, "--eval_interval", "2"], error_log=ErrorLogOptions(nbins=20))
+    log = result.validation_log
+    assert log.epoch == result.error_log.epoch == 3 and log.nbins == 20
+    curve = epoch_curve(log.epoch_stats)
+    np.testing.assert_array_equal(curve["n"], [32, 0, 32])
+    reported = validation_rmse_f(tmp_path)
+    assert sorted(reported) == [0, 2]
+    np.testing.assert_allclose(curve["rms"][[0, 2]], np.sqrt(3) * np.array([reported[0], reported[2]]), rtol=1e-10)
+    assert np.all(log.totals() == 2)
+
+
 def test_replay_cli(runs):
     result, parser = runs["logged"], runs["parser"]
     out = runs["root"] / "replayed"
@@ -217,10 +280,14 @@ def test_replay_cli(runs):
     assert (log.epoch, log.n_counted) == (EPOCHS, (EPOCHS - 1) * 128)
     assert LTAUEstimator.load(out / "estimator").metadata["model_hash"] == result.model_hash
     assert LTAUEstimator.load(out / "estimator").alarm_thresholds is None
+    assert not (out / "validation_error_log.npz").exists()
     args = parser.parse_args([*argv, "--allow-pickle", "--reference-file", str(result.out_dir / "reference_set.xyz"),
                               "--false-alarm-rate", "0.1", "--overwrite"])
     assert args.func(args) == 0
     assert LTAUEstimator.load(out / "estimator").alarm_thresholds["n_reference"] == 32
+    validation = ErrorLog.load(out / "validation_error_log.npz")  # every checkpoint, as the training log
+    assert (validation.epoch, validation.n_counted) == (EPOCHS, (EPOCHS - 1) * 32)
+    np.testing.assert_allclose(validation.epoch_stats, result.validation_log.epoch_stats, rtol=1e-10)
 
 
 def test_refusals(train_file, tmp_path):
