@@ -87,6 +87,12 @@ def _identify(path: str | os.PathLike) -> str | None:
                 config = metadata[0].removesuffix(_PACKAGE_METADATA) + "/model/config.yaml"
                 text = archive.read(config).decode() if config in names else ""
                 return "allegro" if "allegro.model." in text else "nequip"
+            if path.endswith(".pt2") or any("aotinductor" in name for name in names):
+                raise FileFormatError(
+                    f"model file {path} is an AOTInductor package (nequip-compile --mode aotinductor): compiled "
+                    f"code with fixed outputs, no per-atom features and no reachable layers, which pair_style ltau "
+                    f"cannot take a latent or exact per-rank energies from; give the TorchScript archive "
+                    f"(nequip-compile --mode torchscript, torch < 2.10) or the checkpoint (doc/model_files.md)")
             if any("/code/" in name for name in names):  # TorchScript: its own kinds (model.torchscript)
                 return archive_kind(path)[0]
             pickles = [name for name in names if name.endswith("data.pkl")]

@@ -166,6 +166,13 @@ def test_refuses_an_archive_without_per_atom_features(tmp_path):
         load_model(tmp_path / "nofeat.pth")
 
 
+def test_refuses_an_aotinductor_package(tmp_path):
+    with zipfile.ZipFile(tmp_path / "model.nequip.pt2", "w") as archive:   # the layout torch._inductor packages use
+        archive.writestr("model/data/aotinductor/model/model.so", b"")
+    with pytest.raises(FileFormatError, match="AOTInductor package"):
+        load_model(tmp_path / "model.nequip.pt2")
+
+
 def test_refuses_an_unknown_archive(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), tmp_path / "linear.pt")
     with pytest.raises(FileFormatError, match="TorchScript archive of a kind ltau_lmp does not run"):
