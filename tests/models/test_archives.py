@@ -227,7 +227,8 @@ def _frames_with_reference(model, n=2):
 def test_replay_through_an_archive(tmp_path):
     """A MACE archive replays MACE's per-epoch checkpoints ({"model": state dict}) and per-epoch
     TorchScript exports (epoch_N.pt) alike: each epoch's errors are those of that epoch's weights."""
-    from ltau_lmp.integrations.replay import force_errors, replay_errors
+    from ltau_lmp.estimator import ErrorLog
+    from ltau_lmp.integrations.replay import force_errors, replay, replay_errors
 
     model = load_model(ARCHIVES / "mace_si.model-lammps.pt")
     frames = _frames_with_reference(model)
@@ -247,6 +248,16 @@ def test_replay_through_an_archive(tmp_path):
         np.testing.assert_allclose(replayed[epoch], scaled[epoch], rtol=1e-10)      # checkpoint into the archive
         np.testing.assert_allclose(replayed[epoch + 2], scaled[epoch], rtol=1e-10)  # the exported archive itself
     assert not np.allclose(replayed[1], replayed[2])
+    # held-out frames through the same checkpoints and archives: the validation log, epoch for epoch
+    n_train = len(frames[0])
+    train, validation = ErrorLog.log_spaced(n_train), ErrorLog.log_spaced(len(frames[1]))
+    replay(model, [tmp_path], frames[:1], train, reference_frames=frames[1:], validation_log=validation)
+    assert train.epoch == validation.epoch == 4
+    for row, epoch in zip(validation.epoch_stats, (1, 2, 1, 2)):
+        held_out = scaled[epoch][n_train:]
+        np.testing.assert_allclose(row, [held_out.size, held_out.sum(), np.square(held_out).sum(), held_out.max()],
+                                   rtol=1e-10)
+    np.testing.assert_allclose(train.epoch_stats[1, 1], scaled[2][:n_train].sum(), rtol=1e-10)
     np.testing.assert_allclose(force_errors(model, frames), force_errors(load_model(ARCHIVES / "mace_si.model-lammps.pt"),
                                                                          frames))  # the model itself untouched
     (tmp_path / "other").mkdir()
