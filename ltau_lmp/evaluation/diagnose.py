@@ -150,6 +150,27 @@ def reference_force_norms(frames) -> np.ndarray:
     return np.concatenate(norms)
 
 
+def write_retraining_set(run, frames, sources, weights: np.ndarray, path) -> dict:
+    """The file to retrain on, with the weights: when the run's structures were picked from one
+    training file (the built-in trainer splits its file into training and validation structures),
+    that whole file with the training structures' weights and 1 for the others, so that the same
+    seed gives the same split; otherwise the run's training structures."""
+    from pathlib import Path
+
+    from ase.io import read
+
+    files = {file for file, _ in sources}
+    source = Path(next(iter(files))) if len(files) == 1 else None
+    if source is not None and source.resolve() != (Path(run) / "train_set.xyz").resolve() and source.is_file():
+        every = read(source, index=":")
+        full = np.ones(len(every))
+        full[[index for _, index in sources]] = weights
+        write_weighted(every, full, path)
+        return {"file": str(path), "holds": f"all {len(every)} structures of {source} (those not trained on at 1)"}
+    write_weighted(frames, weights, path)
+    return {"file": str(path), "holds": f"the run's {len(frames)} training structures"}
+
+
 def write_weighted(frames, weights: np.ndarray, path) -> None:
     """The training structures as extxyz with each one's weight in ``info[WEIGHT_KEY]``."""
     from ase.io import write
@@ -242,8 +263,7 @@ def diagnose(run, tolerance: float | None = 0.1, relative: float | None = None, 
                                 "mean_error": _stats(val_scores.mean)}
         report["validation_atoms"] = val_scores
     if weights_out is not None:
-        write_weighted(frames, weights, weights_out)
-        report["weights"]["file"] = str(weights_out)
+        report["weights"].update(write_retraining_set(run, frames, sources, weights, weights_out))
     report["atom_scores"], report["structure_table"], report["structure_weights"] = scores, table, weights
     report["sources"] = sources
     return report
