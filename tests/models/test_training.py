@@ -7,34 +7,12 @@ import pytest
 
 from ltau_lmp.cli import main
 from ltau_lmp.data.datasets import AtomsDataset, read_frames
-from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import ErrorLog, LTAUEstimator
 from ltau_lmp.training.config import config_from_dict, load_train_config
 from ltau_lmp.pipeline import ErrorLogger
 from ltau_lmp.training.trainer import train
-
-SMALL_MODEL = {"n_basis": 4, "n_radial": 4, "max_l": 2, "hidden": [16], "latent_dim": 8}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    cfg = GenerateConfig(sets={
-        "train": SetSpec(supercells=[2], temperatures=[600, 1200], strain=0.02, n_frames=8,
-                         equil_steps=20, stride=10, seed=1),
-        "test": SetSpec(supercells=[2], temperatures=[900], n_frames=2, equil_steps=20, stride=10, seed=2),
-    })
-    return generate(cfg, tmp_path_factory.mktemp("data"), show_progress=False)
-
-
-def small_config(data, out_dir, **overrides):
-    options = {"out_dir": str(out_dir), "epochs": 4, "batch_size": 3, "lr": 5e-3, "threads": 1,
-               "schedule": "none", "early_stopping": 0, "model": SMALL_MODEL,
-               "data": {"train": str(data["train"]), "val_fraction": 0.25,
-                        "test": {"test": str(data["test"])}}}
-    options.update(overrides)
-    return config_from_dict(options)
-
+from helpers.training import SMALL_MODEL, small_config
 
 def test_error_log_gets_every_training_atom_once_per_epoch(data, tmp_path, monkeypatch):
     seen = []

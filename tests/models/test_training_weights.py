@@ -9,33 +9,16 @@ import torch
 from ase.io import write
 
 from ltau_lmp.data.datasets import AtomsDataset, read_frames
-from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
 from ltau_lmp.errors import FileFormatError
 from ltau_lmp.estimator import ErrorLog
 from ltau_lmp.estimator.errorlog import epoch_curve
 from ltau_lmp.training.config import config_from_dict
 from ltau_lmp.training.trainer import batch_loss, structure_weights, train
+from helpers.training import small_config
 
-SMALL_MODEL = {"n_basis": 4, "n_radial": 4, "max_l": 2, "hidden": [16], "latent_dim": 8}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    cfg = GenerateConfig(sets={
-        "train": SetSpec(supercells=[2], temperatures=[600, 1200], strain=0.02, n_frames=8,
-                         equil_steps=20, stride=10, seed=1),
-    })
-    return generate(cfg, tmp_path_factory.mktemp("data"), show_progress=False)
-
-
-def small_config(train_file, out_dir, **overrides):
-    options = {"out_dir": str(out_dir), "epochs": 3, "batch_size": 3, "lr": 5e-3, "threads": 1,
-               "schedule": "none", "early_stopping": 0, "model": SMALL_MODEL,
-               "data": {"train": str(train_file), "val_fraction": 0.25}}
-    data = options["data"]
-    data.update(overrides.pop("data", {}))
-    options.update(overrides)
-    return config_from_dict(options)
+def config(train_file, out_dir, **overrides):
+    """``small_config`` on ``train_file``, 3 epochs unless overridden."""
+    return small_config({"train": train_file}, out_dir, **{"epochs": 3, **overrides})
 
 
 def with_weights(source, path, weights):
@@ -67,7 +50,7 @@ def test_validation_log_follows_the_reported_validation_error(data, tmp_path, mo
     captured.append([])
     monkeypatch.setattr(ErrorLog, "update", update)
     monkeypatch.setattr(ErrorLog, "end_epoch", end)
-    result = train(small_config(data["train"], tmp_path, epochs=4, error_log={"skip_epochs": 1}),
+    result = train(config(data["train"], tmp_path, epochs=4, error_log={"skip_epochs": 1}),
                    show_progress=False)
     train_log, val_log = result.error_log, result.validation_log
     n_val = val_log.n_samples
@@ -120,7 +103,7 @@ def test_validation_log_follows_the_reported_validation_error(data, tmp_path, mo
 
 
 def test_no_validation_no_validation_log(data, tmp_path):
-    result = train(small_config(data["train"], tmp_path, epochs=1, data={"val_fraction": 0.0}),
+    result = train(config(data["train"], tmp_path, epochs=1, data={"val_fraction": 0.0}),
                    show_progress=False)
     assert result.validation_log is None and not (tmp_path / "validation_error_log.npz").exists()
     assert result.summary["validation_error_log"] is None
@@ -132,8 +115,8 @@ def test_no_validation_no_validation_log(data, tmp_path):
 def test_all_one_weights_reproduce_the_unweighted_training_exactly(data, tmp_path):
     ones = with_weights(data["train"], tmp_path / "ones.xyz", [1.0] * 8)
     # the same file both times: weights ignored ("" key: the unweighted loss) and weights read (all 1)
-    plain = train(small_config(ones, tmp_path / "plain", data={"config_weight_key": ""}), show_progress=False)
-    weighted = train(small_config(ones, tmp_path / "weighted"), show_progress=False)
+    plain = train(config(ones, tmp_path / "plain", data={"config_weight_key": ""}), show_progress=False)
+    weighted = train(config(ones, tmp_path / "weighted"), show_progress=False)
     assert plain.summary["config_weights"] is None
     assert weighted.summary["config_weights"] == {"key": "config_weight", "n_structures": 6, "n_not_one": 0,
                                                   "min": 1.0, "max": 1.0, "mean": 1.0}
@@ -166,7 +149,7 @@ def test_a_weight_changes_the_epoch_loss_as_computed_by_hand(data, tmp_path):
     from ltau_lmp.training.trainer import build_model, initialize_model, load_data, train_epoch
 
     path = with_weights(data["train"], tmp_path / "w.xyz", [None, 2.5] + [None] * 6)
-    cfg = small_config(path, tmp_path / "run", batch_size=2, energy_weight=3.0, force_weight=0.7)
+    cfg = config(path, tmp_path / "run", batch_size=2, energy_weight=3.0, force_weight=0.7)
     loaded = load_data(cfg, tmp_path, np.random.default_rng(0))
     np.testing.assert_array_equal(loaded.weights, [1.0, 2.5] + [1.0] * 6)
     np.testing.assert_array_equal(loaded.train_weights, loaded.weights[loaded.train_idx])
@@ -195,14 +178,14 @@ def test_a_weight_changes_the_epoch_loss_as_computed_by_hand(data, tmp_path):
 
 
 def test_weights_change_training_and_are_summarised(data, tmp_path):
-    plain = train(small_config(data["train"], tmp_path / "plain", epochs=1), show_progress=False)
+    plain = train(config(data["train"], tmp_path / "plain", epochs=1), show_progress=False)
     heavy = plain.summary["train_structures"][0]
     weights = [None] * 8
     weights[heavy] = 3.0
     path = with_weights(data["train"], tmp_path / "w.xyz", weights)
-    ones = train(small_config(path, tmp_path / "ignored", epochs=1, data={"config_weight_key": ""}),
+    ones = train(config(path, tmp_path / "ignored", epochs=1, data={"config_weight_key": ""}),
                  show_progress=False)
-    weighted = train(small_config(path, tmp_path / "weighted", epochs=1), show_progress=False)
+    weighted = train(config(path, tmp_path / "weighted", epochs=1), show_progress=False)
     assert weighted.summary["config_weights"]["n_not_one"] == 1
     assert weighted.summary["config_weights"]["max"] == 3.0
     assert weighted.metrics[0]["train_loss"] > ones.metrics[0]["train_loss"]
@@ -223,7 +206,7 @@ def test_custom_key_and_bad_weights_are_clear_errors(data, tmp_path, capsys):
     path = with_weights(data["train"], tmp_path / "zero.xyz", [None] * 5 + [0.0, None, None])
     from ltau_lmp.cli import main
 
-    cfg = small_config(path, tmp_path / "run")
+    cfg = config(path, tmp_path / "run")
     with pytest.raises(FileFormatError, match=r"zero\.xyz: frame 5 has config_weight=0\.0"):
         train(cfg, show_progress=False)
     (tmp_path / "c.yaml").write_text(f"train:\n  out_dir: {tmp_path / 'run'}\n  data:\n    train: {path}\n")
