@@ -14,10 +14,18 @@ What it does, with Lightning hooks only (no nequip code copied or changed):
   forces; each training dataset is wrapped so that its items carry the ids as an extra per-atom
   field ``ltau_atom_id`` (registered with ``nequip.data.register_fields``, so nequip's batching
   concatenates it and its model never sees it). The validation datasets are kept as held-out
-  structures that calibrate the estimator's ``ood`` p-value and alarm thresholds.
+  structures that calibrate the estimator's ``ood`` p-value and alarm thresholds, and are wrapped
+  the same way with ids over the validation set (dataset order: the order of reference_set.xyz).
 * A forward hook on the model records ‖F_pred − F_ref‖ per atom from each training step's own
   forward pass (live weights, not EMA) against the batch's reference forces, keyed by the ids;
-  ``on_train_epoch_end`` closes the epoch. Validation forwards are not logged.
+  ``on_train_epoch_end`` closes the epoch.
+* The same hook records each validation batch's errors from nequip's own validation forward pass
+  (the weights nequip validates with: the EMA weights of ``EMALightningModule``, the numbers behind
+  its ``val0_epoch/forces_rmse``) into the validation error log
+  (``ltau_lmp.integrations.validation``): one row per training epoch, closed at
+  ``on_train_epoch_end`` (Lightning validates before it), n = 0 in epochs without validation
+  (``check_val_every_n_epoch``); with several validations in one epoch (``val_check_interval``)
+  the last counts. The sanity-check validation before training is not logged.
 * ``on_fit_end`` saves the final state as a Lightning checkpoint ``out_dir/model.ckpt`` (what
   ``load_model`` / ``pair_style ltau`` load: nequip's evaluation model, EMA weights if the
   training module keeps them) and builds the estimator from that model's latents over the
@@ -85,8 +93,8 @@ def _atoms(data: dict, type_names, what: str) -> Atoms:
 class LTAUCallback(lightning.Callback):
     """Per-atom force-error logging during ``nequip-train`` and the LTAU estimator at its end.
 
-    ``out_dir``: where model.ckpt, error_log.npz, descriptors.npy, estimator/, train_set.xyz,
-    reference_set.xyz and summary.json go. ``lo``, ``hi``, ``nbins``, ``skip_epochs``: the error
+    ``out_dir``: where model.ckpt, error_log.npz, validation_error_log.npz, descriptors.npy,
+    estimator/, train_set.xyz, reference_set.xyz and summary.json go. ``lo``, ``hi``, ``nbins``, ``skip_epochs``: the error
     histograms (as ``ltau-lmp train``); ``index``, ``k``, ``false_alarm_rate``: the estimator.
     ``build_estimator=False`` writes only the error log and model.ckpt. Everything is written into
     a temporary sibling of ``out_dir`` and renamed at the end; an existing ``out_dir`` is replaced
@@ -110,16 +118,20 @@ class LTAUCallback(lightning.Callback):
         self.frames: list[Atoms] = []
         self.reference_frames: list[Atoms] = []
         self.logger = None  # ErrorLogger, from setup
+        self.validation = None  # ValidationLogger over the validation atoms, from setup
         self.setup_seconds = 0.0
         self.epoch_seconds: list[float] = []  # wall time of each training epoch (validation included)
         self._tagged: list[_TaggedDataset] = []
         self._epoch_start = 0.0
         self._batch = None
+        self._val_batch = None
+        self._validating = False
         self._hook = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from nequip.data import register_fields
 
+        from ltau_lmp.integrations.validation import ValidationLogger
         from ltau_lmp.outputs import check_dir
         from ltau_lmp.pipeline import ErrorLogger
 
@@ -148,11 +160,21 @@ class LTAUCallback(lightning.Callback):
             tagged.append(_TaggedDataset(dataset, np.asarray(offsets)))
         if offset == 0:
             raise LTAUError("LTAUCallback: the training set is empty")
-        self.reference_frames = [_atoms(dataset[k], type_names, f"validation item {k} of dataset {d}")
-                                 for d, dataset in enumerate(datamodule.val_dataset) for k in range(len(dataset))]
+        self.reference_frames, tagged_val, val_offset = [], [], 0
+        for d, dataset in enumerate(datamodule.val_dataset):
+            offsets = [val_offset]
+            for k in range(len(dataset)):
+                self.reference_frames.append(_atoms(dataset[k], type_names, f"validation item {k} of dataset {d}"))
+                val_offset += len(self.reference_frames[-1])
+                offsets.append(val_offset)
+            tagged_val.append(_TaggedDataset(dataset, np.asarray(offsets)))
         register_fields(node_fields=[ID_KEY], long_fields=[ID_KEY])
-        datamodule.train_dataset = self._tagged = tagged
+        datamodule.train_dataset = tagged
+        self._tagged = tagged + tagged_val
         self.logger = ErrorLogger(self.log_options.new_log(offset))
+        if val_offset:
+            datamodule.val_dataset = tagged_val
+            self.validation = ValidationLogger(self.log_options.new_log(val_offset))
         self.setup_seconds = time.perf_counter() - start
 
     @staticmethod
@@ -176,23 +198,49 @@ class LTAUCallback(lightning.Callback):
                             f"from the data module's train_dataset)")
         self._batch = (batch[ID_KEY], batch[K.FORCE_KEY])  # the references, before the step touches the batch
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._validating = self.validation is not None and not trainer.sanity_checking
+        if self._validating:
+            self.validation.start()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        from nequip.data import AtomicDataDict as K
+
+        if not self._validating:
+            return
+        if ID_KEY not in batch:
+            raise LTAUError(f"LTAUCallback: a validation batch carries no {ID_KEY} (its dataloader did not come "
+                            f"from the data module's val_dataset)")
+        self._val_batch = (batch[ID_KEY], batch[K.FORCE_KEY])
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._validating, self._val_batch = False, None
+
     def _log_step(self, module, inputs, output) -> None:
         from nequip.data import AtomicDataDict as K
 
-        if self._batch is None:  # not a training step (validation, or a second forward in one step)
-            return
-        ids, reference = self._batch
-        self._batch = None
-        self.logger.log(ids.cpu().numpy(), output[K.FORCE_KEY], reference)
+        if self._batch is not None:  # a training step
+            ids, reference = self._batch
+            self._batch = None
+            self.logger.log(ids.cpu().numpy(), output[K.FORCE_KEY], reference)
+        elif self._val_batch is not None:  # a validation step
+            ids, reference = self._val_batch
+            self._val_batch = None
+            self.validation.log(ids.cpu().numpy(), output[K.FORCE_KEY], reference)
+        # else: a second forward in one step, or a forward outside training and validation
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.logger.end_epoch()
+        if self.validation is not None:  # Lightning validated (or not) before this hook
+            self.validation.end_epoch()
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
 
     @property
     def log_seconds(self) -> float:
-        """Time spent logging during training: error norms, histograms and id tagging."""
-        return self.logger.seconds + sum(d.seconds for d in self._tagged)
+        """Time spent logging during training: error norms, histograms and id tagging (training and
+        validation)."""
+        return (self.logger.seconds + (0.0 if self.validation is None else self.validation.seconds)
+                + sum(d.seconds for d in self._tagged))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from ltau_lmp.model import load_model
@@ -207,13 +255,17 @@ class LTAUCallback(lightning.Callback):
         model_path = self.out_dir / "model.ckpt"  # where it will be: the metadata records this path
         with output_dir(self.out_dir, "nequip", self.overwrite) as tmp:
             trainer.save_checkpoint(tmp / model_path.name)
+            validation_log = None if self.validation is None else self.validation.error_log
             if not self.build_estimator:
                 log.save(tmp / "error_log.npz")
+                if validation_log is not None:
+                    validation_log.save(tmp / "validation_error_log.npz")
                 return
             # the checkpoint this callback just wrote, loaded the way pair_style ltau loads it
             model = load_model(tmp / model_path.name, map_location=pl_module.device, allow_pickle=True)
             write_artefacts(
                 tmp, model, self.frames, log, self.estimator_options, reference_frames=self.reference_frames,
+                validation_log=validation_log,
                 provenance={"model_file": str(model_path), "epochs": log.epoch,
                             "skip_epochs": self.log_options.skip_epochs},
                 summary={"model_file": str(model_path), "epochs": log.epoch, "log_seconds": self.log_seconds,
