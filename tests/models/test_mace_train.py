@@ -266,7 +266,7 @@ def test_validation_every_other_epoch(train_file, tmp_path):
     assert np.all(log.totals() == 2)
 
 
-def test_replay_cli(runs):
+def test_replay_cli(runs, capsys):
     result, parser = runs["logged"], runs["parser"]
     out = runs["root"] / "replayed"
     argv = ["replay", str(result.model_path), str(result.model_path.parent / "checkpoints"),
@@ -288,6 +288,20 @@ def test_replay_cli(runs):
     validation = ErrorLog.load(out / "validation_error_log.npz")  # every checkpoint, as the training log
     assert (validation.epoch, validation.n_counted) == (EPOCHS, (EPOCHS - 1) * 32)
     np.testing.assert_allclose(validation.epoch_stats, result.validation_log.epoch_stats, rtol=1e-10)
+    # reference frames without forces still calibrate, but fill no validation log (said so)
+    from ase.io import write
+
+    bare = [a.copy() for a in result.reference_frames]
+    for a in bare:
+        del a.arrays["REF_forces"]
+    write(runs["root"] / "bare.xyz", bare, format="extxyz")
+    capsys.readouterr()
+    args = parser.parse_args([*argv, "--allow-pickle", "--reference-file", str(runs["root"] / "bare.xyz"),
+                              "--false-alarm-rate", "0.1", "--overwrite"])
+    assert args.func(args) == 0
+    assert "reference frame 0 has no forces under 'REF_forces'" in capsys.readouterr().out
+    assert not (out / "validation_error_log.npz").exists()
+    assert LTAUEstimator.load(out / "estimator").alarm_thresholds["n_reference"] == 32
 
 
 def test_refusals(train_file, tmp_path):
