@@ -166,9 +166,9 @@ def write_retraining_set(run, frames, sources, weights: np.ndarray, path) -> dic
         full = np.ones(len(every))
         full[[index for _, index in sources]] = weights
         write_weighted(every, full, path)
-        return {"file": str(path), "holds": f"all {len(every)} structures of {source} (those not trained on at 1)"}
+        return {"file": Path(path).name, "holds": f"all {len(every)} structures of {source} (those not trained on at 1)"}
     write_weighted(frames, weights, path)
-    return {"file": str(path), "holds": f"the run's {len(frames)} training structures"}
+    return {"file": Path(path).name, "holds": f"the run's {len(frames)} training structures"}
 
 
 def write_weighted(frames, weights: np.ndarray, path) -> None:
