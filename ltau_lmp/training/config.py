@@ -63,6 +63,7 @@ class TrainConfig:
     early_stopping: int = 20  # stop after this many epochs without val improvement; 0 = never
     energy_weight: float = 1.0  # weight of the per-atom energy MSE (eV^2/atom^2)
     force_weight: float = 1.0  # weight of the force-component MSE ((eV/Angstrom)^2)
+    init_model: str = ""  # warm start: a built-in model.pt to continue from (its architecture; `model:` ignored)
     data: DataOptions = field(default_factory=DataOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     error_log: ErrorLogOptions = field(default_factory=ErrorLogOptions)  # bins, skipped epochs (ltau_lmp.estimator.options)

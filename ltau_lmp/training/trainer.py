@@ -270,12 +270,35 @@ def load_data(cfg: TrainConfig, base_dir: Path, rng: np.random.Generator) -> Tra
     return TrainingData(path, frames, train_idx, val_idx, weights)
 
 
-def setup_model(cfg: TrainConfig, data: TrainingData):
-    """A fresh model initialised on the training atoms, with its training and validation sets."""
+def setup_model(cfg: TrainConfig, data: TrainingData, base_dir: str | Path = "."):
+    """A fresh model initialised on the training atoms (or, with ``init_model``, that model to
+    continue from: its weights, normalisation and reference energies), with the training and
+    validation sets."""
+    if cfg.init_model:
+        model = warm_start_model(resolve(cfg.init_model, base_dir), data.frames)
+        train_set, val_set = data.datasets(model)
+        return model, train_set, val_set
     model = build_model(cfg, data.frames)
     train_set, val_set = data.datasets(model)
     initialize_model(model, train_set)
     return model, train_set, val_set
+
+
+def warm_start_model(path: Path, frames):
+    """The built-in model at ``path``, checked to cover every species of ``frames``."""
+    from ltau_lmp.model import LocalForceField, load_model
+
+    try:
+        model = load_model(path)
+    except LTAUError as exc:
+        raise ConfigError(f"train.init_model: {exc}") from None
+    if not isinstance(model, LocalForceField):
+        raise ConfigError(f"train.init_model: {path} is a {model.card.family} model; the built-in trainer "
+                          f"continues only from its own model.pt")
+    missing = sorted({s for atoms in frames for s in atoms.get_chemical_symbols()} - set(model.species))
+    if missing:
+        raise ConfigError(f"train.init_model: {path} has species {list(model.species)}, the data also {missing}")
+    return model
 
 
 def fit(cfg: TrainConfig, model, train_set: AtomsDataset, val_set: AtomsDataset | None,
@@ -404,7 +427,7 @@ def train(cfg: TrainConfig, base_dir: str | Path = ".", show_progress: bool = Tr
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     data = load_data(cfg, base_dir, rng)
-    model, train_set, val_set = setup_model(cfg, data)
+    model, train_set, val_set = setup_model(cfg, data, base_dir)
     with output_dir(out_dir, "train", overwrite) as tmp:
         if show_progress:
             print(f"writing into {tmp} (metrics.csv every epoch), renamed to {out_dir} at the end", file=sys.stderr)

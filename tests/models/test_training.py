@@ -157,3 +157,16 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ltau-lmp train: error:") and "optimizer" in err and len(err.splitlines()) == 1
+
+
+def test_warm_start_continues_from_a_model(data, tmp_path):
+    """init_model: training starts from that model's weights (a zero learning rate keeps them, so
+    the result is the same model), and a model without the data's species is refused."""
+    first = train(small_config(data, tmp_path / "first", epochs=2), show_progress=False)
+    again = train(small_config(data, tmp_path / "again", epochs=1, lr=1e-30, min_lr=0.0,
+                               init_model=str(tmp_path / "first" / "model.pt")), show_progress=False)
+    assert again.model.model_hash == first.model.model_hash
+    fresh = train(small_config(data, tmp_path / "fresh", epochs=1, lr=1e-30, min_lr=0.0), show_progress=False)
+    assert fresh.model.model_hash != first.model.model_hash
+    with pytest.raises(ConfigError, match="init_model"):
+        train(small_config(data, tmp_path / "bad", epochs=1, init_model=str(data["train"])), show_progress=False)
