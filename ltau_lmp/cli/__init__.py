@@ -15,11 +15,11 @@ import signal
 import sys
 
 from ltau_lmp import __version__
-from ltau_lmp.cli import data, estimator, evaluation, integrations, run, training
+from ltau_lmp.cli import data, estimator, evaluation, integrations, learn, run, training
 from ltau_lmp.errors import LTAUError
 
 # the order of the sub-commands in --help: the pipeline's
-_COMMANDS = (estimator, data, training, run, evaluation, integrations)
+_COMMANDS = (estimator, data, training, run, evaluation, integrations, learn)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,284 @@
+"""``ltau-lmp learn``: explore with ``fix ltau``, label what it flags, retrain, resume — round after round.
+
+A round ``r`` (folder ``rounds/NNN/`` of the run folder):
+
+1. **train**: the built-in trainer on the initial data plus every label so far (``train.xyz``,
+   each structure with its provenance), warm-started from the previous round's model unless
+   ``warm_start: false``; its own error log gives the new estimator and its calibrated ``auto``
+   thresholds (nothing to tune per round).
+2. **explore**: every protocol runs with that model and estimator (``ltau_lmp.learn.explore``);
+   a protocol that halted in an earlier round resumes from its restart file from just before
+   the alarm, one that completed starts again from its data file.
+3. **stop?** every protocol completed without a halt for ``stop.quiet_rounds`` consecutive rounds,
+   or ``stop.max_rounds`` / ``stop.max_labels`` reached.
+4. **select**: from the frames the halted protocols dumped, the most unusual and mutually diverse
+   ones (``ltau_lmp.evaluation.select``), at most ``per_protocol`` each and ``per_round`` in all.
+5. **label**: the reference calculator on each selected frame (``ltau_lmp.learn.label``; any
+   ``concurrent.futures`` executor, failures recorded and retried, never lost).
+
+State: ``manifest.json`` records each stage of each round when it has finished (written to a
+temporary file and renamed: a kill leaves the previous manifest). Every stage writes its outputs
+before the manifest records it, and every stage can be redone from its inputs, so running
+``ltau-lmp learn CONFIG`` again after a kill at any moment goes on from the first unfinished
+stage: training and exploration are rerun into fresh folders, labelling continues frame by frame
+without repeating one. Every label keeps its provenance (round, protocol, step, source file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from ltau_lmp.errors import ConfigError, LTAUError
+from ltau_lmp.learn.config import LearnConfig
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "ltau-learn", 1
+STAGES = ("train", "explore", "select", "label")
+
+
+class Manifest:
+    """``manifest.json``: the config it ran with, every finished stage of every round, the end."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+
+    @classmethod
+    def open(cls, run: Path, cfg: LearnConfig) -> "Manifest":
+        path = run / MANIFEST
+        config = json.loads(json.dumps(asdict(cfg), default=str))
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise ConfigError(f"{path}: not an ltau-lmp learn manifest")
+            if data["config"] != config:
+                changed = sorted(k for k in config if config[k] != data["config"].get(k))
+                raise ConfigError(f"{run} was started with another configuration (changed: {', '.join(changed)}); "
+                                  f"use another out_dir, or restore the configuration to continue it")
+            return cls(path, data)
+        if run.exists() and any(run.iterdir()):
+            raise ConfigError(f"{run} exists and holds no {MANIFEST}: not a learn run folder; choose another out_dir")
+        run.mkdir(parents=True, exist_ok=True)
+        manifest = cls(path, {"format": FORMAT, "version": VERSION, "config": config, "rounds": [], "stopped": None})
+        manifest.save()
+        return manifest
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+    def stage(self, r: int, name: str) -> dict | None:
+        """What stage ``name`` of round ``r`` recorded, or None if it has not finished."""
+        if r < len(self.data["rounds"]):
+            return self.data["rounds"][r]["stages"].get(name)
+        return None
+
+    def record(self, r: int, name: str, seconds: float, **outputs) -> dict:
+        while len(self.data["rounds"]) <= r:
+            self.data["rounds"].append({"round": len(self.data["rounds"]), "stages": {}})
+        entry = {"seconds": round(seconds, 3), **outputs}
+        self.data["rounds"][r]["stages"][name] = entry
+        self.save()
+        return entry
+
+    @property
+    def labels(self) -> int:
+        return sum((rnd["stages"].get("label") or {}).get("labelled", 0) for rnd in self.data["rounds"])
+
+
+def run_learn(cfg: LearnConfig, base_dir: str | Path = ".", progress: bool = True, executor=None) -> Manifest:
+    """Run (or continue) the loop of ``cfg`` (module docstring); returns the manifest.
+
+    ``executor``: a ``concurrent.futures.Executor`` for the labels (default: from
+    ``cfg.labelling``; the caller keeps ownership of one it passes)."""
+    base = Path(base_dir)
+    run = resolve(cfg.out_dir, base)
+    manifest = Manifest.open(run, cfg)
+    if manifest.data["stopped"]:
+        _say(progress, f"{run}: the loop already ended ({manifest.data['stopped']})")
+        return manifest
+    quiet = 0
+    for r in range(cfg.stop.max_rounds):
+        folder = run / "rounds" / f"{r:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        model_dir = _train(cfg, base, run, manifest, r, folder, progress)
+        results = _explore(cfg, base, run, manifest, r, folder, model_dir, progress)
+        quiet = quiet + 1 if all(res["status"] == "completed" for res in results.values()) else 0
+        if quiet >= cfg.stop.quiet_rounds:
+            return _stop(manifest, f"every protocol completed without an alarm in {quiet} consecutive round(s) "
+                                   f"(round {r})", progress)
+        failed = [name for name, res in results.items() if res["status"] == "failed"]
+        if failed and len(failed) == len(results):
+            raise LTAUError(f"round {r}: every protocol failed ({', '.join(failed)}); see "
+                            f"{folder / 'explore'}/*/log.lammps")
+        selected = _select(cfg, manifest, r, folder, model_dir, results, progress)
+        _label(cfg, manifest, r, folder, selected, executor, progress)
+        if manifest.labels >= cfg.stop.max_labels:
+            return _stop(manifest, f"label budget reached: {manifest.labels} >= {cfg.stop.max_labels}", progress)
+    return _stop(manifest, f"max_rounds {cfg.stop.max_rounds} reached", progress)
+
+
+def resolve(path: str | Path, base: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, flush=True)
+
+
+def _stop(manifest: Manifest, reason: str, progress: bool) -> Manifest:
+    manifest.data["stopped"] = reason
+    manifest.save()
+    _say(progress, f"stopped: {reason}")
+    return manifest
+
+
+# --- the stages -----------------------------------------------------------------------------------
+
+def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, progress: bool) -> Path:
+    """Round r's model and estimator, trained on the initial data and every label so far."""
+    from ase.io import read, write
+
+    from ltau_lmp.learn.label import collect_labels
+    from ltau_lmp.training.trainer import train
+
+    out = folder / "model"
+    if manifest.stage(r, "train"):
+        return out
+    start = time.perf_counter()
+    initial = read(resolve(cfg.initial_data, base), index=":")
+    for k, atoms in enumerate(initial):
+        atoms.info.update({"round": -1, "protocol": "initial", "step": -1, "source": f"{cfg.initial_data}:{k}"})
+    labels = [atoms for q in range(r) for atoms in collect_labels(run / "rounds" / f"{q:03d}" / "labels")
+              if (run / "rounds" / f"{q:03d}" / "labels").is_dir()]
+    data = folder / "train.xyz"
+    write(data, initial + labels, format="extxyz")
+    if out.exists():  # a training killed after writing its folder but before the manifest recorded it
+        shutil.rmtree(out)
+    previous = run / "rounds" / f"{r - 1:03d}" / "model" / "model.pt"
+    train_cfg = replace(cfg.train, out_dir=str(out), init_model=str(previous) if cfg.warm_start and r > 0 else "",
+                        data=replace(cfg.train.data, train=str(data), test={}))
+    result = train(train_cfg, base, show_progress=False)
+    entry = manifest.record(r, "train", time.perf_counter() - start, structures=len(initial) + len(labels),
+                            labels=len(labels), warm_start=bool(train_cfg.init_model),
+                            epochs=len(result.metrics), thresholds=result.summary.get("alarm_thresholds"))
+    _say(progress, f"round {r}: trained on {entry['structures']} structures ({len(labels)} labels) in "
+                   f"{entry['seconds']:.0f} s")
+    return out
+
+
+def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, model_dir: Path,
+             progress: bool) -> dict:
+    """Every protocol's exploration with round r's model; {name: its manifest entry}."""
+    from ltau_lmp.learn.explore import run_protocol
+
+    done = manifest.stage(r, "explore")
+    if done:
+        return done["protocols"]
+    start, results = time.perf_counter(), {}
+    for protocol in cfg.protocols:
+        resume = _resume_point(manifest, r, protocol.name, run)
+        workdir = folder / "explore" / protocol.name
+        if workdir.exists():  # an exploration killed before the manifest recorded it: run it again
+            shutil.rmtree(workdir)
+        res = run_protocol(protocol, model_dir / "model.pt", model_dir / "estimator", workdir, resume_from=resume,
+                           launcher=cfg.launcher, root=base, overwrite=True)
+        results[protocol.name] = {
+            "status": res.status, "start_step": res.start_step, "final_step": res.final_step,
+            "steps_run": res.steps_run, "halt_step": res.halt_step, "frames": len(res.frames),
+            "restart": str(res.restart.relative_to(run)) if res.restart and res.restart.is_relative_to(run) else
+            (str(res.restart) if res.restart else None),
+            "resumed_from": str(resume) if resume else None, "error": res.error, "seconds": round(res.seconds, 3)}
+        _say(progress, f"round {r}: {res.describe()}")
+    manifest.record(r, "explore", time.perf_counter() - start, protocols=results)
+    return results
+
+
+def _resume_point(manifest: Manifest, r: int, name: str, run: Path) -> Path | None:
+    """Where protocol ``name`` starts in round r: the restart before its last alarm, if it halted in
+    the round before; from its data file otherwise."""
+    if r == 0:
+        return None
+    last = manifest.stage(r - 1, "explore")["protocols"].get(name)
+    if last is None or last["status"] != "halted" or not last["restart"]:
+        return None
+    path = Path(last["restart"])
+    return path if path.is_absolute() else run / path
+
+
+def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model_dir: Path, results: dict,
+            progress: bool) -> Path:
+    """The frames to label from the halted protocols' dumps, with their provenance."""
+    from ase import Atoms
+    from ase.io import write
+
+    from ltau_lmp.evaluation.select import SCORE_ARRAY, frame_fingerprints, read_dumps, select_frames
+    from ltau_lmp.model import load_model
+
+    out = folder / "selected.xyz"
+    if manifest.stage(r, "select"):
+        return out
+    start = time.perf_counter()
+    model = load_model(model_dir / "model.pt")
+    picked, per_protocol = [], {}
+    for name, res in results.items():
+        dump = folder / "explore" / name / "frames.xyz"
+        if res["status"] == "completed" or not dump.is_file() or dump.stat().st_size == 0:
+            continue
+        frames = read_dumps([dump])
+        scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
+        n = min(cfg.selection.per_protocol, len(frames))
+        chosen = select_frames(scores, lambda pool: frame_fingerprints(model, [frames[i] for i in pool]), n,
+                               cfg.selection.pool)
+        for i in chosen:
+            src = frames[i]
+            atoms = Atoms(symbols=src.get_chemical_symbols(), positions=src.positions, cell=src.cell, pbc=src.pbc)
+            atoms.info.update({"round": r, "protocol": name, "step": int(src.info.get("timestep", -1)),
+                               "source": str(Path(src.info["source"].rsplit(":", 1)[0]).relative_to(folder))
+                               + ":" + src.info["source"].rsplit(":", 1)[1], "ltau_max": float(scores[i])})
+            picked.append(atoms)
+        per_protocol[name] = len(chosen)
+    if len(picked) > cfg.selection.per_round:  # the most uncertain across protocols
+        picked = sorted(picked, key=lambda a: -a.info["ltau_max"])[:cfg.selection.per_round]
+    tmp = out.with_name(out.name + ".tmp.xyz")
+    write(tmp, picked, format="extxyz")
+    os.replace(tmp, out)
+    manifest.record(r, "select", time.perf_counter() - start, selected=len(picked), per_protocol=per_protocol)
+    _say(progress, f"round {r}: selected {len(picked)} frames ({per_protocol})")
+    return out
+
+
+def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, selected: Path, executor, progress: bool) -> None:
+    """Reference labels of the selected frames (resumable frame by frame)."""
+    from ase.io import read
+
+    from ltau_lmp.learn.label import dask_executor, label_frames
+
+    if manifest.stage(r, "label"):
+        return
+    start = time.perf_counter()
+    frames = read(selected, index=":") if selected.stat().st_size else []
+    own = None
+    if executor is None and cfg.labelling.executor == "dask":
+        own = executor = dask_executor(cfg.labelling.address or None, n_workers=cfg.labelling.workers)
+    try:
+        report = label_frames(frames, {"calculator": cfg.reference.calculator, "kwargs": cfg.reference.kwargs},
+                              folder / "labels", executor=executor, retries=cfg.labelling.retries, progress=progress,
+                              max_workers=cfg.labelling.workers)
+    finally:
+        if own is not None:
+            own.shutdown()
+    failed = [{"key": f.key, "provenance": f.provenance, "error": f.error} for f in report.failed]
+    manifest.record(r, "label", time.perf_counter() - start, labelled=len(report.keys) - len(report.failed),
+                    failed=failed)
+    _say(progress, f"round {r}: labelled {len(report.keys) - len(report.failed)} frames"
+                   + (f", {len(failed)} failed (recorded in {folder / 'labels'})" if failed else ""))

@@ -1,0 +1,121 @@
+"""ltau-lmp learn: a tiny loop (8 SW frames, a small built-in model, 20-step protocols) runs its
+rounds end to end; a protocol that never alarms ends it by the stopping rule; a kill at any stage
+resumes to the same labels as an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.io import write
+
+from ltau_lmp.data.config import from_dict
+from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
+from ltau_lmp.learn import loop
+from ltau_lmp.learn.config import LearnConfig
+from ltau_lmp.learn.explore import SI_NVT_TEMPLATE
+from ltau_lmp.learn.label import collect_labels
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    sets = generate(GenerateConfig(sets={"train": SetSpec(supercells=[2], temperatures=[300], n_frames=8,
+                                                          equil_steps=20, stride=10, seed=1)}),
+                    root / "data", show_progress=False)
+    write(root / "si.data", bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2), format="lammps-data",
+          atom_style="atomic", masses=True)
+    (root / "nvt.in").write_text(SI_NVT_TEMPLATE)
+    return {"root": root, "initial": sets["train"]}
+
+
+def config(inputs, out: str, halt: str, **stop) -> LearnConfig:
+    protocol = {"name": "hot", "template": "nvt.in", "steps": 20, "ranks": 1,
+                "variables": {"data": "si.data", "temp": "900", "every": "5", "restart_every": "5",
+                              "halt": halt, "dump": "1.0"}}
+    return from_dict(LearnConfig, {
+        "out_dir": out, "initial_data": str(inputs["initial"]), "protocols": [protocol],
+        "train": {"epochs": 3, "batch_size": 2, "threads": 1, "schedule": "none", "early_stopping": 0,
+                  "model": {"n_basis": 4, "n_radial": 4, "max_l": 2, "hidden": [16], "latent_dim": 8},
+                  "data": {"val_fraction": 0.25}, "error_log": {"skip_epochs": 1}},
+        "reference": {"calculator": "ltau_lmp.data.reference:LAMMPSCalculator",
+                      "kwargs": {"potential": "Si.sw", "pair_style": "sw", "elements": ["Si"]}},
+        "labelling": {"workers": 1}, "selection": {"per_protocol": 2, "per_round": 2},
+        "stop": {"max_rounds": 2, **stop}}, "learn")
+
+
+def labels_of(run: Path) -> list[tuple]:
+    out = []
+    for folder in sorted((run / "rounds").iterdir()):
+        for atoms in collect_labels(folder / "labels") if (folder / "labels").is_dir() else []:
+            out.append((atoms.info["round"], atoms.info["protocol"], atoms.info["step"], atoms.info["source"],
+                        np.round(atoms.get_forces(), 6).tobytes()))
+    return out
+
+
+def test_two_rounds_end_to_end(inputs):
+    manifest = loop.run_learn(config(inputs, "run", "1.0 over 2"), inputs["root"], progress=False)
+    rounds = manifest.data["rounds"]
+    assert len(rounds) == 2 and manifest.data["stopped"].startswith("max_rounds 2")
+    for rnd in rounds:
+        assert set(rnd["stages"]) == set(loop.STAGES)
+        hot = rnd["stages"]["explore"]["protocols"]["hot"]
+        assert hot["status"] == "halted" and hot["halt_step"] is not None
+        assert rnd["stages"]["label"]["labelled"] == 2 and not rnd["stages"]["label"]["failed"]
+    first, second = (rnd["stages"] for rnd in rounds)
+    assert second["train"]["labels"] == 2 and second["train"]["warm_start"]            # round 0's labels
+    assert second["explore"]["protocols"]["hot"]["resumed_from"].endswith(first["explore"]["protocols"]["hot"]["restart"])
+    assert second["explore"]["protocols"]["hot"]["start_step"] > 0                    # from before the alarm
+    labels = labels_of(inputs["root"] / "run")
+    assert len(labels) == 4 == manifest.labels and {lab[0] for lab in labels} == {0, 1}
+    assert all(lab[1] == "hot" and lab[2] >= 0 and "explore/hot/frames.xyz" in lab[3] for lab in labels)
+
+
+def test_quiet_protocol_ends_the_loop(inputs):
+    manifest = loop.run_learn(config(inputs, "quiet", "1e-300"), inputs["root"], progress=False)
+    assert len(manifest.data["rounds"]) == 1 and "every protocol completed" in manifest.data["stopped"]
+    assert set(manifest.data["rounds"][0]["stages"]) == {"train", "explore"}
+    assert loop.run_learn(config(inputs, "quiet", "1e-300"), inputs["root"], progress=False).labels == 0
+
+
+@pytest.mark.parametrize("stage", ["_explore", "_label", "_train"])
+def test_a_kill_resumes_to_the_same_labels(inputs, stage, monkeypatch):
+    """The loop killed in round 1 (at the start of exploration, labelling after one frame, or
+    training), then run again: the same labels as an uninterrupted run (test_two_rounds_end_to_end)."""
+    reference = labels_of(inputs["root"] / "run")
+    cfg = config(inputs, f"killed_{stage}", "1.0 over 2")
+    real = getattr(loop, stage)
+
+    def killed(*args, **kwargs):
+        r = args[4] if stage != "_label" else args[2]
+        if r == 1:
+            if stage == "_label":  # label one frame, then die
+                from ltau_lmp.learn import label
+
+                monkeypatch.setattr(label, "label_worker", _dies_after_one(label.label_worker))
+                return real(*args, **kwargs)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, stage, killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_learn(cfg, inputs["root"], progress=False)
+    monkeypatch.undo()
+    manifest = loop.run_learn(cfg, inputs["root"], progress=False)
+    assert manifest.data["stopped"].startswith("max_rounds 2")
+    assert labels_of(inputs["root"] / f"killed_{stage}") == reference
+
+
+def _dies_after_one(worker):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return worker(*args, **kwargs)
+    return wrapped
