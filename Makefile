@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet faiss-cpu==1.15.1
-	$(PY) -m pip install --quiet -e ".[cpu,test,mace,metatomic]"
+	$(PY) -m pip install --quiet -e ".[cpu,test,mace,metatomic,dask]"
 	touch $@
 
 # The nequip environment gets ltau_lmp as a regular (non-editable) install built from a copy of

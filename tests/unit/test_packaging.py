@@ -34,7 +34,7 @@ def test_torch_and_faiss_are_not_pinned_but_the_build_is():
 def test_make_setup_pins_the_tested_cpu_stack():
     makefile = (ROOT / "Makefile").read_text()
     torch_at, faiss_at = makefile.index("torch=="), makefile.index("faiss-cpu==")
-    assert torch_at < faiss_at < makefile.index('-e ".[cpu,test,mace,metatomic]"')
+    assert torch_at < faiss_at < makefile.index('-e ".[cpu,test,mace,metatomic,dask]"')
 
 
 def test_missing_faiss_names_the_install_command():
