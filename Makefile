@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 NEQUIP_VENV ?= .venv-nequip
 NEQUIP_PY   := $(NEQUIP_VENV)/bin/python
 
-.PHONY: setup setup-nequip nequip-install demo demo-mace demo-nequip test test-main test-nequip test-slow bench clean
+.PHONY: setup setup-nequip nequip-install demo demo-learn demo-mace demo-nequip test test-main test-nequip test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ nequip-install:
 
 demo: setup
 	$(PY) examples/si/demo.py --out runs/demo
+
+# the learning loop on silicon: cold-crystal data, protocols that leave it, labels from SW (ltau-lmp learn)
+demo-learn: setup
+	$(PY) examples/si_learn/demo.py
 
 # the same story with a MACE model trained by MACE's own trainer (~15 min on 2 cores)
 demo-mace: setup
