@@ -136,10 +136,30 @@ def _say(progress: bool, text: str) -> None:
 
 
 def _stop(manifest: Manifest, reason: str, progress: bool) -> Manifest:
+    from ltau_lmp.learn.report import learn_figures
+
     manifest.data["stopped"] = reason
+    manifest.data["figures"] = {k: str(Path(v).name) for k, v in learn_figures(manifest.data, manifest.path.parent).items()}
     manifest.save()
-    _say(progress, f"stopped: {reason}")
+    _say(progress, f"stopped: {reason}; figures in {manifest.path.parent}")
     return manifest
+
+
+def _errors(folder: Path, keys) -> list[tuple[float, float]]:
+    """(LTAU's largest expected error of the frame when it was flagged, the true max force error of
+    the round's model on it) for each labelled frame."""
+    from ltau_lmp.learn.label import collect_labels
+    from ltau_lmp.model import load_model
+    from ltau_lmp.prediction import predict_frames
+
+    frames = collect_labels(folder / "labels", keys)
+    if not frames:
+        return []
+    model = load_model(folder / "model" / "model.pt")
+    errors = predict_frames(model, frames, [atoms.get_forces() for atoms in frames], forces=False).errors
+    ends = np.cumsum([len(atoms) for atoms in frames])
+    return [(float(atoms.info.get("ltau_max", np.nan)), float(errors[end - len(atoms):end].max()))
+            for atoms, end in zip(frames, ends)]
 
 
 # --- the stages -----------------------------------------------------------------------------------
@@ -279,6 +299,6 @@ def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, selected:
             own.shutdown()
     failed = [{"key": f.key, "provenance": f.provenance, "error": f.error} for f in report.failed]
     manifest.record(r, "label", time.perf_counter() - start, labelled=len(report.keys) - len(report.failed),
-                    failed=failed)
+                    failed=failed, errors=_errors(folder, report.keys))
     _say(progress, f"round {r}: labelled {len(report.keys) - len(report.failed)} frames"
                    + (f", {len(failed)} failed (recorded in {folder / 'labels'})" if failed else ""))

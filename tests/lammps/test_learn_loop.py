@@ -70,6 +70,10 @@ def test_two_rounds_end_to_end(inputs):
     assert second["train"]["labels"] == 2 and second["train"]["warm_start"]            # round 0's labels
     assert second["explore"]["protocols"]["hot"]["resumed_from"].endswith(first["explore"]["protocols"]["hot"]["restart"])
     assert second["explore"]["protocols"]["hot"]["start_step"] > 0                    # from before the alarm
+    for rnd in rounds:  # predicted (when flagged) vs true (SW) error of each labelled frame, both positive
+        assert len(rnd["stages"]["label"]["errors"]) == 2 and np.all(np.array(rnd["stages"]["label"]["errors"]) > 0)
+    for name in manifest.data["figures"].values():
+        assert (inputs["root"] / "run" / name).stat().st_size > 0
     labels = labels_of(inputs["root"] / "run")
     assert len(labels) == 4 == manifest.labels and {lab[0] for lab in labels} == {0, 1}
     assert all(lab[1] == "hot" and lab[2] >= 0 and "explore/hot/frames.xyz" in lab[3] for lab in labels)
