@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.build import bulk
 
 from helpers.mpi_run import mpirun
 
@@ -52,6 +53,20 @@ run             {steps}
 # --------------------------------------------------------------------------------------------
 # reading what the fix writes
 # --------------------------------------------------------------------------------------------
+
+def rattled_latents(model, n_cells: int, seed: int) -> np.ndarray:
+    """The model's float32 latents of ``n_cells`` 64-atom diamond Si cells rattled by 0.05 A."""
+    calc = LTAUCalculator(model)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_cells):
+        atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2)
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        out.append(np.array(calc.results["latent"], dtype=np.float32))
+    return np.concatenate(out)
+
 
 def read_log(path: Path) -> np.ndarray:
     """The rows of a fix ltau log, after checking its header (the fix, then the column names)."""

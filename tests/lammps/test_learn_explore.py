@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.io import write
+from helpers.fix_ltau import rattled_latents
 
-from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.errors import ConfigError
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator.errorlog import ErrorLog
@@ -24,19 +24,6 @@ from ltau_lmp.model import LocalForceField, save_model
 from ltau_lmp.outputs import OutputExistsError
 
 LAUNCHER = "mpirun -np {ranks}"
-
-
-def rattled_latents(model, n_cells: int, seed: int) -> np.ndarray:
-    calc = LTAUCalculator(model)
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_cells):
-        atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2)
-        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
-        atoms.calc = calc
-        atoms.get_potential_energy()
-        out.append(np.array(calc.results["latent"], dtype=np.float32))
-    return np.concatenate(out)
 
 
 @pytest.fixture(scope="module")

@@ -12,41 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ase.build import bulk
 
-from helpers.fix_ltau import EVERY, REF_SCRIPT, STEPS, custom_dumps, read_log
+from helpers.fix_ltau import EVERY, REF_SCRIPT, STEPS, custom_dumps, rattled_latents, read_log
 
-from ltau_lmp.calculator import LTAUCalculator
 from ltau_lmp.estimator import LTAUEstimator
 from ltau_lmp.estimator.errorlog import ErrorLog
 from ltau_lmp.model import LocalForceField, save_model
-
-
-def latent_features(model, n_cells: int, seed: int) -> np.ndarray:
-    calc = LTAUCalculator(model)
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_cells):
-        atoms = bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2)
-        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
-        atoms.calc = calc
-        atoms.get_potential_energy()
-        out.append(np.array(calc.results["latent"], dtype=np.float32))
-    return np.concatenate(out)
 
 
 def build_estimator(model, path: Path, seed: int = 0, held_out: bool = False) -> Path:
     """Estimator from the model's features; every entry has its own error scale. ``held_out``:
     with the OOD reference distribution of eight more rattled cells (512 atoms: enough for a tail
     fit) and alarm thresholds at a rate of 0.5 per evaluation (auto halts within a short test)."""
-    latent = latent_features(model, 4, seed)
+    latent = rattled_latents(model, 4, seed)
     rng = np.random.default_rng(seed)
     log = ErrorLog.log_spaced(len(latent), lo=1e-3, hi=10.0, nbins=50)
     scale = np.exp(rng.normal(-3.0, 0.7, len(latent)))
     for _ in range(5):
         log.update(np.arange(len(latent)), scale * rng.lognormal(0.0, 0.3, len(latent)))
         log.end_epoch()
-    reference = latent_features(model, 8, seed + 100) if held_out else None
+    reference = rattled_latents(model, 8, seed + 100) if held_out else None
     LTAUEstimator.build(latent, log, k=5, metadata={"model_hash": model.model_hash},
                         reference_descriptors=reference, false_alarm_rate=0.5).save(path)
     return path
