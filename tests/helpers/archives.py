@@ -9,7 +9,7 @@ from ase.build import bulk
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 ARCHIVES = Path(__file__).resolve().parents[1] / "data" / "archives"
-# one Si data file behind pair_style ltau with an archive; the tests append their commands
+# one Si data file behind pair_style ltau with a model file; the tests append their commands
 SI_HEADER = """\
 units           metal
 atom_style      atomic

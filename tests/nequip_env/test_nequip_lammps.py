@@ -12,21 +12,14 @@ from ase.io.lammpsdata import write_lammps_data
 
 pytest.importorskip("nequip")
 from helpers.adapter_checks import lammps_results  # noqa: E402
+from helpers.archives import SI_HEADER  # noqa: E402
 from helpers.mpi_run import one_and_two_ranks  # noqa: E402
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform  # noqa: E402
 from nequip.integrations.ase import NequIPCalculator  # noqa: E402
 
 from ltau_lmp.model import load_model  # noqa: E402
 
-HEADER = """\
-units           metal
-atom_style      atomic
-boundary        p p p
-read_data       {data}
-mass            1 28.0855
-pair_style      ltau
-pair_coeff      * * {model} Si
-"""
+HEADER = SI_HEADER
 
 MD = HEADER + """\
 velocity        all create 900 4928459 mom yes rot yes dist gaussian loop geom
