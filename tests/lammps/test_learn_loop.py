@@ -123,3 +123,17 @@ def _dies_after_one(worker):
         calls.append(1)
         return worker(*args, **kwargs)
     return wrapped
+
+
+def test_validation_runs_with_the_reference(inputs):
+    """A round's model rerun along every protocol, never halting, a frame every 5 steps, SW labels:
+    one true max error and one LTAU expected error per frame."""
+    from ltau_lmp.learn.validate import validate_round
+
+    cfg = config(inputs, "run", "1.0 over 2")
+    if not (inputs["root"] / "run" / "manifest.json").is_file():
+        loop.run_learn(cfg, inputs["root"], progress=False)
+    res = validate_round(cfg, inputs["root"], 1, inputs["root"] / "validation", stride=5)["hot"]
+    assert res["status"] == "completed" and res["steps"] == [0, 5, 10, 15, 20]
+    assert len(res["true_max"]) == len(res["expected_max"]) == 5
+    assert np.all(np.array(res["true_max"]) > 0) and np.all(np.array(res["expected_max"]) > 0)

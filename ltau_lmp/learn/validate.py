@@ -1,0 +1,53 @@
+"""Fresh validation runs of a learning loop's protocols, with the reference as the truth.
+
+``validate_rounds(cfg, base, rounds)`` reruns every protocol from its data file with a round's
+model and estimator, never halting (``halt`` at a p-value no atom reaches) and dumping a frame
+every ``stride`` steps whatever its uncertainty, labels the frames with the reference calculator
+and returns each frame's true max force error and LTAU's largest expected error: how good the
+model of each round really is along the trajectories the loop explores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ltau_lmp.learn.config import LearnConfig
+
+NEVER = "1e-300"  # an ood p-value no atom reaches: the run never halts
+
+
+def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int = 100, executor=None) -> dict:
+    """{protocol: {"steps": [...], "true_max": [...], "expected_max": [...], "status": ...}} for round r's model."""
+    from ltau_lmp.evaluation.select import SCORE_ARRAY, read_dumps
+    from ltau_lmp.learn.explore import run_protocol
+    from ltau_lmp.learn.label import collect_labels, label_frames
+    from ltau_lmp.learn.loop import resolve
+    from ltau_lmp.model import load_model
+    from ltau_lmp.prediction import predict_frames
+
+    model_dir = resolve(cfg.out_dir, base) / "rounds" / f"{r:03d}" / "model"
+    model = load_model(model_dir / "model.pt")
+    results = {}
+    for protocol in cfg.protocols:
+        variables = {**protocol.variables, "halt": NEVER, "dump": f"1.0 interval {stride}"}
+        run = run_protocol(replace(protocol, variables=variables), model_dir / "model.pt", model_dir / "estimator",
+                           out / protocol.name, launcher=cfg.launcher, root=base, overwrite=True)
+        frames = read_dumps(run.dumps) if run.dumps else []
+        expected = [float(atoms.arrays[SCORE_ARRAY].max()) for atoms in frames]
+        for atoms in frames:
+            atoms.info.update({"round": r, "protocol": protocol.name, "step": int(atoms.info.get("timestep", -1)),
+                               "source": atoms.info["source"]})
+        report = label_frames(frames, {"calculator": cfg.reference.calculator, "kwargs": cfg.reference.kwargs},
+                              out / protocol.name / "labels", executor=executor, retries=cfg.labelling.retries,
+                              progress=False, max_workers=cfg.labelling.workers)
+        labelled = collect_labels(out / protocol.name / "labels", report.keys)
+        errors = predict_frames(model, labelled, [a.get_forces() for a in labelled], forces=False).errors
+        ends = np.cumsum([len(a) for a in labelled])
+        results[protocol.name] = {
+            "status": run.status, "steps": [a.info["step"] for a in labelled],
+            "true_max": [float(errors[e - len(a):e].max()) for a, e in zip(labelled, ends)],
+            "expected_max": [expected[report.keys.index(a.info["label_key"])] for a in labelled]}
+    return results
