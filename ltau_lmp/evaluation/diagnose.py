@@ -202,7 +202,8 @@ def training_frames(run, which: str = "train"):
         return frames, [(str(own), k) for k in range(len(frames))]
     meta_file = run / "estimator" / "meta.json"
     meta = json.loads(meta_file.read_text()).get("metadata", {}) if meta_file.is_file() else {}
-    source, indices = meta.get("train_file"), meta.get(f"{which}_structures")
+    source = meta.get("val_file", meta.get("train_file")) if which == "reference" else meta.get("train_file")
+    indices = meta.get(f"{which}_structures")
     if source is None or indices is None:
         if which == "reference":
             return [], []

@@ -5,7 +5,11 @@ A round ``r`` (folder ``rounds/NNN/`` of the run folder):
 1. **train**: the built-in trainer on the initial data plus every label so far (``train.xyz``,
    each structure with its provenance), warm-started from the previous round's model unless
    ``warm_start: false``; its own error log gives the new estimator and its calibrated ``auto``
-   thresholds (nothing to tune per round).
+   thresholds (nothing to tune per round). The validation structures are drawn once from the
+   initial data (``validation.xyz``, ``train.data.val_fraction``, seeded) and kept every round:
+   they validate and calibrate the ``ood`` p-value, and every label trains. (Labels of excursions
+   in the validation set made its reference tail so heavy that nothing far out alarmed: the
+   demo's loop stopped with a model whose errors were 17 eV/Å, doc/validation.md.)
 2. **explore**: every protocol runs with that model and estimator (``ltau_lmp.learn.explore``);
    a protocol that halted in an earlier round resumes from its restart file from just before
    the alarm, one that completed starts again from its data file.
@@ -166,7 +170,7 @@ def _errors(folder: Path, keys) -> list[tuple[float, float]]:
 
 def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, progress: bool) -> Path:
     """Round r's model and estimator, trained on the initial data and every label so far."""
-    from ase.io import read, write
+    from ase.io import write
 
     from ltau_lmp.learn.label import collect_labels
     from ltau_lmp.training.trainer import train
@@ -175,9 +179,7 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     if manifest.stage(r, "train"):
         return out
     start = time.perf_counter()
-    initial = read(resolve(cfg.initial_data, base), index=":")
-    for k, atoms in enumerate(initial):
-        atoms.info.update({"round": -1, "protocol": "initial", "step": -1, "source": f"{cfg.initial_data}:{k}"})
+    initial, validation = _initial_split(cfg, base, run)
     labels = [atoms for q in range(r) for atoms in collect_labels(run / "rounds" / f"{q:03d}" / "labels")
               if (run / "rounds" / f"{q:03d}" / "labels").is_dir()]
     data = folder / "train.xyz"
@@ -186,7 +188,8 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
         shutil.rmtree(out)
     previous = run / "rounds" / f"{r - 1:03d}" / "model" / "model.pt"
     train_cfg = replace(cfg.train, out_dir=str(out), init_model=str(previous) if cfg.warm_start and r > 0 else "",
-                        data=replace(cfg.train.data, train=str(data), test={}))
+                        data=replace(cfg.train.data, train=str(data), val=str(validation) if validation else "",
+                                     test={}))
     result = train(train_cfg, base, show_progress=False)
     entry = manifest.record(r, "train", time.perf_counter() - start, structures=len(initial) + len(labels),
                             labels=len(labels), warm_start=bool(train_cfg.init_model),
@@ -194,6 +197,28 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     _say(progress, f"round {r}: trained on {entry['structures']} structures ({len(labels)} labels) in "
                    f"{entry['seconds']:.0f} s")
     return out
+
+
+def _initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path | None]:
+    """The initial frames that train (with their provenance) and the fixed validation file, drawn
+    once with the trainer's seed and val_fraction (``run/validation.xyz``; None without validation)."""
+    from ase.io import read, write
+
+    initial = read(resolve(cfg.initial_data, base), index=":")
+    for k, atoms in enumerate(initial):
+        atoms.info.update({"round": -1, "protocol": "initial", "step": -1, "source": f"{cfg.initial_data}:{k}"})
+    fraction = cfg.train.data.val_fraction
+    if fraction <= 0:
+        return initial, None
+    order = np.random.default_rng(cfg.train.seed).permutation(len(initial))
+    n_val = min(max(int(round(fraction * len(initial))), 1), len(initial) - 1)
+    val_idx = set(order[:n_val].tolist())
+    path = run / "validation.xyz"
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp.xyz")
+        write(tmp, [initial[k] for k in sorted(val_idx)], format="extxyz")
+        os.replace(tmp, path)
+    return [atoms for k, atoms in enumerate(initial) if k not in val_idx], path
 
 
 def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, model_dir: Path,

@@ -21,6 +21,7 @@ SCHEDULES = ("plateau", "cosine", "none")
 class DataOptions:
     train: str = "data/train.xyz"  # labelled extxyz training file (energy + forces)
     val_fraction: float = 0.1  # fraction of training structures held out for validation
+    val: str = ""  # an explicit validation file instead (its structures validate and calibrate; val_fraction ignored)
     test: dict[str, str] = field(default_factory=dict)  # name -> extxyz, scored after training
     # extxyz info key of an optional per-structure loss weight (MACE's key; absent = 1.0; "" = ignore
     # weights): weights multiply the structure's energy and force squared errors in the training loss

@@ -236,6 +236,13 @@ class TrainingData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     weights: np.ndarray | None = None  # per-structure loss weights of all frames (None: unweighted)
+    val_path: Path | None = None       # an explicit validation file: its frames follow the training file's
+
+    @property
+    def val_in_file(self) -> list[int]:
+        """The validation structures' indices in the file they come from."""
+        offset = 0 if self.val_path is None else len(self.frames) - len(self.val_idx)
+        return (self.val_idx - offset).tolist()
 
     @property
     def train_weights(self) -> np.ndarray | None:
@@ -262,12 +269,19 @@ class FitResult:
 
 
 def load_data(cfg: TrainConfig, base_dir: Path, rng: np.random.Generator) -> TrainingData:
-    """Read the training file and split it (the split is the first use of ``rng``)."""
+    """Read the training file and split it (the split is the first use of ``rng``), or take the
+    validation structures from ``data.val``."""
     path = resolve(cfg.data.train, base_dir)
     frames = read_frames(path)
     weights = structure_weights(frames, cfg.data.config_weight_key, path)
-    train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
-    return TrainingData(path, frames, train_idx, val_idx, weights)
+    if not cfg.data.val:
+        train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
+        return TrainingData(path, frames, train_idx, val_idx, weights)
+    val_path = resolve(cfg.data.val, base_dir)
+    val_frames = read_frames(val_path)
+    n = len(frames)
+    weights = None if weights is None else np.concatenate([weights, np.ones(len(val_frames))])
+    return TrainingData(path, frames + val_frames, np.arange(n), np.arange(n, n + len(val_frames)), weights, val_path)
 
 
 def setup_model(cfg: TrainConfig, data: TrainingData, base_dir: str | Path = "."):
@@ -395,7 +409,8 @@ def export(cfg: TrainConfig, model, data: TrainingData, train_set: AtomsDataset,
         out_dir, model, train_set.frames, error_log, cfg.estimator,
         reference_frames=val_set.frames if val_set is not None else (),
         provenance={"train_file": str(data.path), "train_structures": data.train_idx.tolist(),
-                    "reference_structures": data.val_idx.tolist(),
+                    "reference_structures": data.val_in_file,
+                    **({"val_file": str(data.val_path)} if data.val_path else {}),
                     "epochs": len(metrics), "skip_epochs": cfg.error_log.skip_epochs},
         summary=summary, save_frames=False, batch_size=cfg.batch_size, validation_log=fitted.validation_log)
     return TrainResult(model, error_log, artefacts.estimator, metrics, artefacts.summary, out_dir,

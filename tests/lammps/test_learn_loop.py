@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.build import bulk
-from ase.io import write
+from ase.io import read, write
 
 from ltau_lmp.data.config import from_dict
 from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
@@ -68,6 +68,8 @@ def test_two_rounds_end_to_end(inputs):
         assert rnd["stages"]["label"]["labelled"] == 2 and not rnd["stages"]["label"]["failed"]
     first, second = (rnd["stages"] for rnd in rounds)
     assert second["train"]["labels"] == 2 and second["train"]["warm_start"]            # round 0's labels
+    assert first["train"]["structures"] == 6 and second["train"]["structures"] == 8    # 2 of 8 validate, every round
+    assert len(read(inputs["root"] / "run" / "validation.xyz", index=":")) == 2
     assert second["explore"]["protocols"]["hot"]["resumed_from"].endswith(first["explore"]["protocols"]["hot"]["restart"])
     assert second["explore"]["protocols"]["hot"]["start_step"] > 0                    # from before the alarm
     for rnd in rounds:  # predicted (when flagged) vs true (SW) error of each labelled frame, both positive

@@ -170,3 +170,12 @@ def test_warm_start_continues_from_a_model(data, tmp_path):
     assert fresh.model.model_hash != first.model.model_hash
     with pytest.raises(ConfigError, match="init_model"):
         train(small_config(data, tmp_path / "bad", epochs=1, init_model=str(data["train"])), show_progress=False)
+
+
+def test_explicit_validation_file(data, tmp_path):
+    """data.val: its structures validate and calibrate, every structure of data.train trains."""
+    result = train(small_config(data, tmp_path / "run", epochs=2, data={"val": str(data["test"])}), show_progress=False)
+    assert result.summary["n_val_structures"] == 2 and result.summary["train_structures"] == list(range(8))
+    est = LTAUEstimator.load(tmp_path / "run" / "estimator")
+    assert est.metadata["val_file"] == str(data["test"]) and est.metadata["reference_structures"] == [0, 1]
+    assert est.has_ood_reference
