@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "doc" / "validation" / "learn.json")
     args = parser.parse_args()
     from ltau_lmp.learn.config import load_learn_config
-    from ltau_lmp.learn.loop import resolve
+    from ltau_lmp.data.config import resolve
     from ltau_lmp.learn.validate import validate_round
 
     cfg, base = load_learn_config(args.config)

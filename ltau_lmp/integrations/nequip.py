@@ -56,6 +56,20 @@ from ltau_lmp.integrations.replay import REF_FORCES
 ID_KEY = "ltau_atom_id"
 
 
+def _tag(datasets, type_names, what: str) -> tuple[list, list, int]:
+    """(frames, the datasets wrapped so that each atom carries its id, atoms in all): ids count the
+    atoms of every item of every dataset in order."""
+    frames, tagged, offset = [], [], 0
+    for d, dataset in enumerate(datasets):
+        offsets = [offset]
+        for k in range(len(dataset)):
+            frames.append(_atoms(dataset[k], type_names, f"{what} item {k} of dataset {d}"))
+            offset += len(frames[-1])
+            offsets.append(offset)
+        tagged.append(_TaggedDataset(dataset, np.asarray(offsets)))
+    return frames, tagged, offset
+
+
 class _TaggedDataset(Dataset):
     """A training dataset whose items carry their atoms' LTAU ids (``ID_KEY``, int64 per atom)."""
 
@@ -150,24 +164,10 @@ class LTAUCallback(lightning.Callback):
                             "(nequip-train's `data:`); its training atoms cannot be tagged")
         start = time.perf_counter()
         type_names = self._model(pl_module).type_names
-        self.frames, tagged, offset = [], [], 0
-        for d, dataset in enumerate(datamodule.train_dataset):
-            offsets = [offset]
-            for k in range(len(dataset)):
-                self.frames.append(_atoms(dataset[k], type_names, f"training item {k} of dataset {d}"))
-                offset += len(self.frames[-1])
-                offsets.append(offset)
-            tagged.append(_TaggedDataset(dataset, np.asarray(offsets)))
+        self.frames, tagged, offset = _tag(datamodule.train_dataset, type_names, "training")
         if offset == 0:
             raise LTAUError("LTAUCallback: the training set is empty")
-        self.reference_frames, tagged_val, val_offset = [], [], 0
-        for d, dataset in enumerate(datamodule.val_dataset):
-            offsets = [val_offset]
-            for k in range(len(dataset)):
-                self.reference_frames.append(_atoms(dataset[k], type_names, f"validation item {k} of dataset {d}"))
-                val_offset += len(self.reference_frames[-1])
-                offsets.append(val_offset)
-            tagged_val.append(_TaggedDataset(dataset, np.asarray(offsets)))
+        self.reference_frames, tagged_val, val_offset = _tag(datamodule.val_dataset, type_names, "validation")
         register_fields(node_fields=[ID_KEY], long_fields=[ID_KEY])
         datamodule.train_dataset = tagged
         self._tagged = tagged + tagged_val

@@ -104,6 +104,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ltau_lmp.data.config import resolve
 from ltau_lmp.errors import ConfigError, FileFormatError
 from ltau_lmp.outputs import output_dir
 
@@ -249,8 +250,7 @@ def _template(protocol, root: Path) -> tuple[str, str]:
         raise ConfigError(f"protocol {_field(protocol, 'name')!r}: no template")
     if isinstance(template, str) and "\n" in template:
         return template, "text"
-    path = Path(template)
-    path = path if path.is_absolute() else root / path
+    path = resolve(template, root)
     if not path.is_file():
         raise ConfigError(f"protocol {_field(protocol, 'name')!r}: template {path} not found")
     return path.read_text(), str(path.resolve())
@@ -291,8 +291,7 @@ def _variables(protocol, model: Path, estimator: Path, resume_from: Path | None,
         raise ConfigError(f"protocol {name!r}: variable(s) {', '.join(taken)} are set by the explore stage")
     data = given.get("data")
     if data is not None:
-        path = Path(str(data))
-        given["data"] = data = (path if path.is_absolute() else root / path).resolve()
+        given["data"] = data = resolve(str(data), root).resolve()
     if resume_from is not None:
         start = f"read_restart {resume_from}"
     elif data is not None:

@@ -31,7 +31,6 @@ without repeating one. Every label keeps its provenance (round, protocol, step, 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -39,8 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ltau_lmp.data.config import resolve
 from ltau_lmp.errors import ConfigError, LTAUError
 from ltau_lmp.learn.config import LearnConfig
+from ltau_lmp.outputs import replaced_file
+from ltau_lmp.training.trainer import split_structures
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "ltau-learn", 1
@@ -74,9 +76,8 @@ class Manifest:
         return manifest
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        with replaced_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=1))
 
     def stage(self, r: int, name: str) -> dict | None:
         """What stage ``name`` of round ``r`` recorded, or None if it has not finished."""
@@ -129,11 +130,6 @@ def run_learn(cfg: LearnConfig, base_dir: str | Path = ".", progress: bool = Tru
     return _stop(manifest, f"max_rounds {cfg.stop.max_rounds} reached", progress)
 
 
-def resolve(path: str | Path, base: Path) -> Path:
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 def _say(progress: bool, text: str) -> None:
     if progress:
         print(text, flush=True)
@@ -149,21 +145,28 @@ def _stop(manifest: Manifest, reason: str, progress: bool) -> Manifest:
     return manifest
 
 
+def frame_true_max(model, frames) -> list[float]:
+    """The largest ‖F_model − F_ref‖ over each labelled frame's atoms (eV/Å)."""
+    from ltau_lmp.prediction import predict_frames
+
+    if not frames:
+        return []
+    errors = predict_frames(model, frames, [atoms.get_forces() for atoms in frames], forces=False).errors
+    ends = np.cumsum([len(atoms) for atoms in frames])
+    return [float(errors[end - len(atoms):end].max()) for atoms, end in zip(frames, ends)]
+
+
 def _errors(folder: Path, keys) -> list[tuple[float, float]]:
     """(LTAU's largest expected error of the frame when it was flagged, the true max force error of
     the round's model on it) for each labelled frame."""
     from ltau_lmp.learn.label import collect_labels
     from ltau_lmp.model import load_model
-    from ltau_lmp.prediction import predict_frames
 
     frames = collect_labels(folder / "labels", keys)
     if not frames:
         return []
-    model = load_model(folder / "model" / "model.pt")
-    errors = predict_frames(model, frames, [atoms.get_forces() for atoms in frames], forces=False).errors
-    ends = np.cumsum([len(atoms) for atoms in frames])
-    return [(float(atoms.info.get("ltau_max", np.nan)), float(errors[end - len(atoms):end].max()))
-            for atoms, end in zip(frames, ends)]
+    true_max = frame_true_max(load_model(folder / "model" / "model.pt"), frames)
+    return [(float(atoms.info.get("ltau_max", np.nan)), error) for atoms, error in zip(frames, true_max)]
 
 
 # --- the stages -----------------------------------------------------------------------------------
@@ -207,18 +210,15 @@ def _initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path 
     initial = read(resolve(cfg.initial_data, base), index=":")
     for k, atoms in enumerate(initial):
         atoms.info.update({"round": -1, "protocol": "initial", "step": -1, "source": f"{cfg.initial_data}:{k}"})
-    fraction = cfg.train.data.val_fraction
-    if fraction <= 0:
+    train_idx, val_idx = split_structures(len(initial), cfg.train.data.val_fraction,
+                                          np.random.default_rng(cfg.train.seed))
+    if not len(val_idx):
         return initial, None
-    order = np.random.default_rng(cfg.train.seed).permutation(len(initial))
-    n_val = min(max(int(round(fraction * len(initial))), 1), len(initial) - 1)
-    val_idx = set(order[:n_val].tolist())
     path = run / "validation.xyz"
     if not path.is_file():
-        tmp = path.with_name(path.name + ".tmp.xyz")
-        write(tmp, [initial[k] for k in sorted(val_idx)], format="extxyz")
-        os.replace(tmp, path)
-    return [atoms for k, atoms in enumerate(initial) if k not in val_idx], path
+        with replaced_file(path) as tmp:
+            write(tmp, [initial[k] for k in val_idx], format="extxyz")
+    return [initial[k] for k in train_idx], path
 
 
 def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, model_dir: Path,
@@ -256,8 +256,7 @@ def _resume_point(manifest: Manifest, r: int, name: str, run: Path) -> Path | No
     last = manifest.stage(r - 1, "explore")["protocols"].get(name)
     if last is None or last["status"] != "halted" or not last["restart"]:
         return None
-    path = Path(last["restart"])
-    return path if path.is_absolute() else run / path
+    return resolve(last["restart"], run)
 
 
 def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model_dir: Path, results: dict,
@@ -287,16 +286,16 @@ def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model_di
         for i in chosen:
             src = frames[i]
             atoms = Atoms(symbols=src.get_chemical_symbols(), positions=src.positions, cell=src.cell, pbc=src.pbc)
+            dump_file, index = src.info["source"].rsplit(":", 1)
             atoms.info.update({"round": r, "protocol": name, "step": int(src.info.get("timestep", -1)),
-                               "source": str(Path(src.info["source"].rsplit(":", 1)[0]).relative_to(folder))
-                               + ":" + src.info["source"].rsplit(":", 1)[1], "ltau_max": float(scores[i])})
+                               "source": f"{Path(dump_file).relative_to(folder)}:{index}",
+                               "ltau_max": float(scores[i])})
             picked.append(atoms)
         per_protocol[name] = len(chosen)
     if len(picked) > cfg.selection.per_round:  # the most uncertain across protocols
         picked = sorted(picked, key=lambda a: -a.info["ltau_max"])[:cfg.selection.per_round]
-    tmp = out.with_name(out.name + ".tmp.xyz")
-    write(tmp, picked, format="extxyz")
-    os.replace(tmp, out)
+    with replaced_file(out) as tmp:
+        write(tmp, picked, format="extxyz")
     manifest.record(r, "select", time.perf_counter() - start, selected=len(picked), per_protocol=per_protocol)
     _say(progress, f"round {r}: selected {len(picked)} frames ({per_protocol})")
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 from ltau_lmp.learn.config import LearnConfig
 
@@ -24,9 +23,9 @@ def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int 
     from ltau_lmp.evaluation.select import SCORE_ARRAY, read_dumps
     from ltau_lmp.learn.explore import run_protocol
     from ltau_lmp.learn.label import collect_labels, label_frames
-    from ltau_lmp.learn.loop import resolve
+    from ltau_lmp.learn.loop import frame_true_max
+    from ltau_lmp.data.config import resolve
     from ltau_lmp.model import load_model
-    from ltau_lmp.prediction import predict_frames
 
     model_dir = resolve(cfg.out_dir, base) / "rounds" / f"{r:03d}" / "model"
     model = load_model(model_dir / "model.pt")
@@ -44,10 +43,8 @@ def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int 
                               out / protocol.name / "labels", executor=executor, retries=cfg.labelling.retries,
                               progress=False, max_workers=cfg.labelling.workers)
         labelled = collect_labels(out / protocol.name / "labels", report.keys)
-        errors = predict_frames(model, labelled, [a.get_forces() for a in labelled], forces=False).errors
-        ends = np.cumsum([len(a) for a in labelled])
         results[protocol.name] = {
             "status": run.status, "steps": [a.info["step"] for a in labelled],
-            "true_max": [float(errors[e - len(a):e].max()) for a, e in zip(labelled, ends)],
+            "true_max": frame_true_max(model, labelled),
             "expected_max": [expected[report.keys.index(a.info["label_key"])] for a in labelled]}
     return results

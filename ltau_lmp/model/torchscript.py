@@ -260,6 +260,19 @@ class MACEArchive(MACEModule):
         return {"family": self.family, "archive": "MACE TorchScript", "head": int(self.head_index),
                 **_archive_hash(self.archive, self._metadata)}
 
+    def _unrolled(self) -> "MACELayers":
+        """The layer-by-layer runner of the MACE inside, built once (not copied: a copy rebuilds it
+        over its own modules)."""
+        unrolled = self.__dict__.get("_unrolled_memo")
+        if unrolled is None:
+            unrolled = self.__dict__["_unrolled_memo"] = MACELayers(self.mace)
+        return unrolled
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_unrolled_memo", None)
+        return state
+
     def _own(self, positions, species, centers, neighbors, shifts) -> tuple[Tensor, Tensor]:
         """(node energies, node_feats) of the MACE's own forward on every node of the graph."""
         data = mace_graph(positions, species, centers, neighbors, shifts, len(self.species), self.head_index)
@@ -279,8 +292,8 @@ class MACEArchive(MACEModule):
         if exchange is None:
             energy, feats = self._own(positions, species, centers, neighbors, shifts)
         else:
-            energy, feats = MACELayers(self.mace)(positions, species, centers, neighbors, shifts, self.head_index,
-                                                  exchange)
+            energy, feats = self._unrolled()(positions, species, centers, neighbors, shifts, self.head_index,
+                                             exchange)
         return energy[:n_local], feats[:n_local].index_select(1, self.latent_columns)
 
 

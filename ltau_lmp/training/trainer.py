@@ -100,7 +100,7 @@ def evaluate_dataset(model, dataset: AtomsDataset, batch_size: int,
     return _evaluate(model, dataset, batch_size, logger).rmse()
 
 
-def structure_weights(frames, key: str, path) -> np.ndarray | None:
+def read_loss_weights(frames, key: str, path) -> np.ndarray | None:
     """Per-structure loss weights from ``atoms.info[key]`` (1.0 where a frame lacks the key);
     None when ``key`` is empty or no frame has it (the unweighted loss).
 
@@ -164,7 +164,7 @@ def initialize_model(model, dataset: AtomsDataset, batch_size: int = 8) -> None:
     model.reference_energy.copy_(torch.as_tensor(reference, dtype=model.reference_energy.dtype))
 
 
-def _split(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_structures(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random (train, validation) structure indices; at least one of each when val_fraction > 0."""
     order = rng.permutation(n)
     n_val = min(max(int(round(val_fraction * n)), 1), n - 1) if val_fraction > 0 else 0
@@ -273,9 +273,9 @@ def load_data(cfg: TrainConfig, base_dir: Path, rng: np.random.Generator) -> Tra
     validation structures from ``data.val``."""
     path = resolve(cfg.data.train, base_dir)
     frames = read_frames(path)
-    weights = structure_weights(frames, cfg.data.config_weight_key, path)
+    weights = read_loss_weights(frames, cfg.data.config_weight_key, path)
     if not cfg.data.val:
-        train_idx, val_idx = _split(len(frames), cfg.data.val_fraction, rng)
+        train_idx, val_idx = split_structures(len(frames), cfg.data.val_fraction, rng)
         return TrainingData(path, frames, train_idx, val_idx, weights)
     val_path = resolve(cfg.data.val, base_dir)
     val_frames = read_frames(val_path)
@@ -290,11 +290,11 @@ def setup_model(cfg: TrainConfig, data: TrainingData, base_dir: str | Path = "."
     validation sets."""
     if cfg.init_model:
         model = warm_start_model(resolve(cfg.init_model, base_dir), data.frames)
-        train_set, val_set = data.datasets(model)
-        return model, train_set, val_set
-    model = build_model(cfg, data.frames)
+    else:
+        model = build_model(cfg, data.frames)
     train_set, val_set = data.datasets(model)
-    initialize_model(model, train_set)
+    if not cfg.init_model:
+        initialize_model(model, train_set)
     return model, train_set, val_set
 
 

@@ -13,7 +13,7 @@ from ltau_lmp.errors import FileFormatError
 from ltau_lmp.estimator import ErrorLog
 from ltau_lmp.estimator.errorlog import epoch_curve
 from ltau_lmp.training.config import config_from_dict
-from ltau_lmp.training.trainer import batch_loss, structure_weights, train
+from ltau_lmp.training.trainer import batch_loss, read_loss_weights, train
 from helpers.training import small_config
 
 def config(train_file, out_dir, **overrides):
@@ -195,13 +195,13 @@ def test_weights_change_training_and_are_summarised(data, tmp_path):
 def test_custom_key_and_bad_weights_are_clear_errors(data, tmp_path, capsys):
     frames = read_frames(data["train"])[:3]
     frames[1].info["w"] = 2
-    np.testing.assert_array_equal(structure_weights(frames, "w", "f.xyz"), [1.0, 2.0, 1.0])
-    assert structure_weights(frames, "config_weight", "f.xyz") is None  # no frame has it: unweighted
-    assert structure_weights(frames, "", "f.xyz") is None
+    np.testing.assert_array_equal(read_loss_weights(frames, "w", "f.xyz"), [1.0, 2.0, 1.0])
+    assert read_loss_weights(frames, "config_weight", "f.xyz") is None  # no frame has it: unweighted
+    assert read_loss_weights(frames, "", "f.xyz") is None
     for bad in (0.0, -1.0, math.nan, math.inf, "heavy", True, [1.0, 2.0]):
         frames[2].info["w"] = bad
         with pytest.raises(FileFormatError, match=r"f\.xyz: frame 2 has w=.*finite number > 0"):
-            structure_weights(frames, "w", "f.xyz")
+            read_loss_weights(frames, "w", "f.xyz")
 
     path = with_weights(data["train"], tmp_path / "zero.xyz", [None] * 5 + [0.0, None, None])
     from ltau_lmp.cli import main
@@ -241,4 +241,4 @@ def test_mace_reads_config_weight_written_by_ase(data, tmp_path):
 
     assert [config_from_atoms(a, keys).weight for a in read(path, ":")] == weights
     # ltau_lmp's trainer reads the same file to the same weights
-    np.testing.assert_array_equal(structure_weights(read(path, ":"), "config_weight", path), weights)
+    np.testing.assert_array_equal(read_loss_weights(read(path, ":"), "config_weight", path), weights)

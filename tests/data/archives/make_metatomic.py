@@ -155,7 +155,9 @@ def export_epochs(workdir: Path, epochs_dir: Path) -> None:
 
     epochs_dir.mkdir(parents=True, exist_ok=True)
     for ckpt_path in sorted(workdir.glob("outputs/*/*/model_*.ckpt"), key=lambda q: int(q.stem.split("_")[1])):
-        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")  # metatrain's own pickle
+        # metatrain writes pickles holding TorchScript objects; these are the ones this script's own mtt train
+        # run just wrote into its work folder (never a file from elsewhere)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         model = import_architecture(ckpt["architecture_name"]).__model__.load_checkpoint(ckpt, context="restart")
         model.export().save(str(epochs_dir / f"epoch_{ckpt_path.stem.split('_')[1]}.pt"))
     print(f"per-epoch exports in {epochs_dir}")
