@@ -1,7 +1,7 @@
 """The ``learn:`` section of a config file: everything one ``ltau-lmp learn`` run needs.
 
 Relative paths are relative to the config file's folder. Unknown keys are errors. A complete,
-commented example: examples/si/learn.yaml.
+commented example: examples/si_learn/learn.yaml.
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ class LearnConfig:
 
     out_dir: str = "learn"                             # the run folder: manifest.json, rounds/NNN/...
     initial_data: str = ""                             # labelled extxyz the first model trains on
-    train: TrainConfig = field(default_factory=TrainConfig)  # the built-in trainer's options (`train:` section)
+    trainer: str = "builtin"                           # model family: builtin | mace (ltau_lmp.learn.trainers)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the built-in trainer's options (`train:` section);
+    # seed and data.val_fraction draw the validation structures, error_log / estimator serve every trainer
+    mace: dict[str, object] = field(default_factory=dict)    # trainer mace: mace_run_train options (no dashes)
     warm_start: bool = True                            # each retraining continues from the previous model
     launcher: str = "mpirun -np {ranks}"               # how LAMMPS is started ({ranks}); srun works too
     protocols: list[Protocol] = field(default_factory=list)
@@ -101,6 +104,12 @@ class LearnConfig:
     def validate(self, where: str) -> None:
         if not self.initial_data:
             raise ConfigError(f"{where}.initial_data: the labelled extxyz the first model trains on is missing")
+        from ltau_lmp.learn.trainers import FAMILIES
+
+        if self.trainer not in FAMILIES:
+            raise ConfigError(f"{where}.trainer: one of {', '.join(FAMILIES)}, got {self.trainer!r}")
+        if self.trainer == "mace" and not self.mace:
+            raise ConfigError(f"{where}.mace: trainer mace needs its mace_run_train options (name, model, r_max, ...)")
         if not self.protocols:
             raise ConfigError(f"{where}.protocols: give at least one exploration protocol")
         names = [p.name for p in self.protocols]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ import numpy as np
 from ltau_lmp.data.config import resolve
 from ltau_lmp.errors import ConfigError, LTAUError
 from ltau_lmp.learn.config import LearnConfig
+from ltau_lmp.learn.trainers import RoundModel, train_round
 from ltau_lmp.outputs import replaced_file
 from ltau_lmp.training.trainer import split_structures
 
@@ -113,8 +114,8 @@ def run_learn(cfg: LearnConfig, base_dir: str | Path = ".", progress: bool = Tru
     for r in range(cfg.stop.max_rounds):
         folder = run / "rounds" / f"{r:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        model_dir = _train(cfg, base, run, manifest, r, folder, progress)
-        results = _explore(cfg, base, run, manifest, r, folder, model_dir, progress)
+        model = _train(cfg, base, run, manifest, r, folder, progress)
+        results = _explore(cfg, base, run, manifest, r, folder, model, progress)
         quiet = quiet + 1 if all(res["status"] == "completed" for res in results.values()) else 0
         if quiet >= cfg.stop.quiet_rounds:
             return _stop(manifest, f"every protocol completed without an alarm in {quiet} consecutive round(s) "
@@ -123,8 +124,8 @@ def run_learn(cfg: LearnConfig, base_dir: str | Path = ".", progress: bool = Tru
         if failed and len(failed) == len(results):
             raise LTAUError(f"round {r}: every protocol failed ({', '.join(failed)}); see "
                             f"{folder / 'explore'}/*/log.lammps")
-        selected = _select(cfg, manifest, r, folder, model_dir, results, progress)
-        _label(cfg, manifest, r, folder, selected, executor, progress)
+        selected = _select(cfg, manifest, r, folder, model, results, progress)
+        _label(cfg, manifest, r, folder, model, selected, executor, progress)
         if manifest.labels >= cfg.stop.max_labels:
             return _stop(manifest, f"label budget reached: {manifest.labels} >= {cfg.stop.max_labels}", progress)
     return _stop(manifest, f"max_rounds {cfg.stop.max_rounds} reached", progress)
@@ -156,50 +157,43 @@ def frame_true_max(model, frames) -> list[float]:
     return [float(errors[end - len(atoms):end].max()) for atoms, end in zip(frames, ends)]
 
 
-def _errors(folder: Path, keys) -> list[tuple[float, float]]:
+def _errors(folder: Path, model: RoundModel, keys) -> list[tuple[float, float]]:
     """(LTAU's largest expected error of the frame when it was flagged, the true max force error of
     the round's model on it) for each labelled frame."""
     from ltau_lmp.learn.label import collect_labels
-    from ltau_lmp.model import load_model
 
     frames = collect_labels(folder / "labels", keys)
     if not frames:
         return []
-    true_max = frame_true_max(load_model(folder / "model" / "model.pt"), frames)
+    true_max = frame_true_max(model.load(), frames)
     return [(float(atoms.info.get("ltau_max", np.nan)), error) for atoms, error in zip(frames, true_max)]
 
 
 # --- the stages -----------------------------------------------------------------------------------
 
-def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, progress: bool) -> Path:
+def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path,
+           progress: bool) -> RoundModel:
     """Round r's model and estimator, trained on the initial data and every label so far."""
     from ase.io import write
 
     from ltau_lmp.learn.label import collect_labels
-    from ltau_lmp.training.trainer import train
 
-    out = folder / "model"
-    if manifest.stage(r, "train"):
-        return out
+    done = manifest.stage(r, "train")
+    if done:
+        return RoundModel.from_json(done, run)
     start = time.perf_counter()
     initial, validation = _initial_split(cfg, base, run)
     labels = [atoms for q in range(r) for atoms in collect_labels(run / "rounds" / f"{q:03d}" / "labels")
               if (run / "rounds" / f"{q:03d}" / "labels").is_dir()]
     data = folder / "train.xyz"
     write(data, initial + labels, format="extxyz")
-    if out.exists():  # a training killed after writing its folder but before the manifest recorded it
-        shutil.rmtree(out)
-    previous = run / "rounds" / f"{r - 1:03d}" / "model" / "model.pt"
-    train_cfg = replace(cfg.train, out_dir=str(out), init_model=str(previous) if cfg.warm_start and r > 0 else "",
-                        data=replace(cfg.train.data, train=str(data), val=str(validation) if validation else "",
-                                     test={}))
-    result = train(train_cfg, base, show_progress=False)
+    previous = RoundModel.from_json(manifest.stage(r - 1, "train"), run) if cfg.warm_start and r > 0 else None
+    trained = train_round(cfg, base, data, validation, previous, folder / "model")
     entry = manifest.record(r, "train", time.perf_counter() - start, structures=len(initial) + len(labels),
-                            labels=len(labels), warm_start=bool(train_cfg.init_model),
-                            epochs=len(result.metrics), thresholds=result.summary.get("alarm_thresholds"))
+                            labels=len(labels), warm_start=previous is not None, **trained.to_json(run))
     _say(progress, f"round {r}: trained on {entry['structures']} structures ({len(labels)} labels) in "
                    f"{entry['seconds']:.0f} s")
-    return out
+    return trained
 
 
 def _initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path | None]:
@@ -221,7 +215,7 @@ def _initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path 
     return [initial[k] for k in train_idx], path
 
 
-def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, model_dir: Path,
+def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, model: RoundModel,
              progress: bool) -> dict:
     """Every protocol's exploration with round r's model; {name: its manifest entry}."""
     from ltau_lmp.learn.explore import run_protocol
@@ -235,7 +229,7 @@ def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int
         workdir = folder / "explore" / protocol.name
         if workdir.exists():  # an exploration killed before the manifest recorded it: run it again
             shutil.rmtree(workdir)
-        res = run_protocol(protocol, model_dir / "model.pt", model_dir / "estimator", workdir, resume_from=resume,
+        res = run_protocol(protocol, model.model, model.estimator, workdir, resume_from=resume,
                            launcher=cfg.launcher, root=base, overwrite=True)
         results[protocol.name] = {
             "status": res.status, "start_step": res.start_step, "final_step": res.final_step,
@@ -259,20 +253,18 @@ def _resume_point(manifest: Manifest, r: int, name: str, run: Path) -> Path | No
     return resolve(last["restart"], run)
 
 
-def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model_dir: Path, results: dict,
+def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: RoundModel, results: dict,
             progress: bool) -> Path:
     """The frames to label from the halted protocols' dumps, with their provenance."""
     from ase import Atoms
     from ase.io import write
 
     from ltau_lmp.evaluation.select import SCORE_ARRAY, frame_fingerprints, read_dumps, select_frames
-    from ltau_lmp.model import load_model
-
     out = folder / "selected.xyz"
     if manifest.stage(r, "select"):
         return out
     start = time.perf_counter()
-    model = load_model(model_dir / "model.pt")
+    network = model.load()
     picked, per_protocol = [], {}
     for name, res in results.items():
         dump = folder / "explore" / name / "frames.xyz"
@@ -281,7 +273,7 @@ def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model_di
         frames = read_dumps([dump])
         scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
         n = min(cfg.selection.per_protocol, len(frames))
-        chosen = select_frames(scores, lambda pool: frame_fingerprints(model, [frames[i] for i in pool]), n,
+        chosen = select_frames(scores, lambda pool: frame_fingerprints(network, [frames[i] for i in pool]), n,
                                cfg.selection.pool)
         for i in chosen:
             src = frames[i]
@@ -301,7 +293,8 @@ def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model_di
     return out
 
 
-def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, selected: Path, executor, progress: bool) -> None:
+def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: RoundModel, selected: Path, executor,
+           progress: bool) -> None:
     """Reference labels of the selected frames (resumable frame by frame)."""
     from ase.io import read
 
@@ -323,6 +316,6 @@ def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, selected:
             own.shutdown()
     failed = [{"key": f.key, "provenance": f.provenance, "error": f.error} for f in report.failed]
     manifest.record(r, "label", time.perf_counter() - start, labelled=len(report.keys) - len(report.failed),
-                    failed=failed, errors=_errors(folder, report.keys))
+                    failed=failed, errors=_errors(folder, model, report.keys))
     _say(progress, f"round {r}: labelled {len(report.keys) - len(report.failed)} frames"
                    + (f", {len(failed)} failed (recorded in {folder / 'labels'})" if failed else ""))

@@ -9,11 +9,13 @@ model of each round really is along the trajectories the loop explores.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 
 from ltau_lmp.learn.config import LearnConfig
+from ltau_lmp.learn.trainers import RoundModel
 
 NEVER = "1e-300"  # an ood p-value no atom reaches: the run never halts
 
@@ -23,16 +25,16 @@ def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int 
     from ltau_lmp.evaluation.select import SCORE_ARRAY, read_dumps
     from ltau_lmp.learn.explore import run_protocol
     from ltau_lmp.learn.label import collect_labels, label_frames
-    from ltau_lmp.learn.loop import frame_true_max
+    from ltau_lmp.learn.loop import MANIFEST, frame_true_max
     from ltau_lmp.data.config import resolve
-    from ltau_lmp.model import load_model
 
-    model_dir = resolve(cfg.out_dir, base) / "rounds" / f"{r:03d}" / "model"
-    model = load_model(model_dir / "model.pt")
+    run_dir = resolve(cfg.out_dir, base)
+    trained = RoundModel.from_json(json.loads((run_dir / MANIFEST).read_text())["rounds"][r]["stages"]["train"], run_dir)
+    model = trained.load()
     results = {}
     for protocol in cfg.protocols:
         variables = {**protocol.variables, "halt": NEVER, "dump": f"1.0 interval {stride}"}
-        run = run_protocol(replace(protocol, variables=variables), model_dir / "model.pt", model_dir / "estimator",
+        run = run_protocol(replace(protocol, variables=variables), trained.model, trained.estimator,
                            out / protocol.name, launcher=cfg.launcher, root=base, overwrite=True)
         frames = read_dumps(run.dumps) if run.dumps else []
         expected = [float(atoms.arrays[SCORE_ARRAY].max()) for atoms in frames]
