@@ -23,14 +23,15 @@ class Protocol:
     variables: dict[str, str] = field(default_factory=dict)  # passed as -var NAME VALUE
     steps: int = 1000
     ranks: int = 1
+    replicas: int = 1                                  # runs from the same state, velocities drawn afresh
 
     def validate(self, where: str) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{where}.name: give a name of letters, digits, '-' and '_' (got {self.name!r})")
         if not self.template:
             raise ConfigError(f"{where}.template: the LAMMPS input template is missing")
-        if self.steps < 1 or self.ranks < 1:
-            raise ConfigError(f"{where}: steps and ranks must be >= 1")
+        if self.steps < 1 or self.ranks < 1 or self.replicas < 1:
+            raise ConfigError(f"{where}: steps, ranks and replicas must be >= 1")
 
 
 @dataclass

@@ -17,7 +17,8 @@ Any object (``ltau_lmp.learn.config.Protocol``) or dict with
 * ``variables``: ``{name: value}``, the template's own variables (temperature, pressure, ...) and
   ``data``, the LAMMPS data file of the starting structure (relative: to ``root``), needed unless
   the run resumes from a restart file;
-* ``steps``: the step the trajectory runs to (LAMMPS's step counter); ``ranks``: MPI ranks.
+* ``steps``: the step the trajectory runs to (LAMMPS's step counter); ``ranks``: MPI ranks;
+* ``replicas`` (optional, 1): how many runs of it the loop starts (``${replica}`` below).
 
 The template contract
 ---------------------
@@ -41,6 +42,13 @@ template's defaults only serve a run by hand. Variables the stage sets:
 ``frames``            fix ltau's dump file: ``dump ${frames} ${dump}``
 ``ltau_log``          fix ltau's log file: ``log ${ltau_log}``
 ``restart_file``      ``restart.*``: ``restart ${restart_every} ${restart_file}``
+``replica``           ``0``, ``1``, ...: replica 0 continues the protocol's trajectory; a replica
+                      ``k > 0`` starts from the same state with velocities drawn afresh,
+                      ``if "${resumed} == 0 || ${replica} > 0" then "velocity all create ..."``,
+                      with a seed that depends on ``${replica}`` (optional when one replica runs)
+``trajectory``        ``trajectory.lammpstrj``: the whole trajectory, for a baseline drawn at
+                      random from it, ``dump traj all custom N ${trajectory} id element x y z``
+                      (optional)
 ====================  =========================================================================
 
 and defaults the protocol's ``variables`` may replace: ``halt`` (``auto``) and ``dump``
@@ -73,6 +81,7 @@ an earlier result is replaced only with ``overwrite=True``. Its files:
 ``ltau.log``       fix ltau's log (one line per evaluation)
 ``frames.xyz``     fix ltau's dump: the flagged frames (``ltau_lmp.evaluation.select.read_dumps``)
 ``restart.STEP``   LAMMPS restart files
+``trajectory.lammpstrj``  the template's trajectory dump, where it writes one
 ``explore.json``   the result (paths relative to the folder): ``load_result(workdir)``
 =================  ==========================================================================
 
@@ -111,12 +120,12 @@ from ltau_lmp.outputs import output_dir
 KIND = "explore"
 RESULT_FILE = "explore.json"
 INPUT, LAMMPS_LOG, STDOUT, STDERR = "in.lmp", "log.lammps", "stdout.txt", "stderr.txt"
-LTAU_LOG, FRAMES, RESTART = "ltau.log", "frames.xyz", "restart.*"
+LTAU_LOG, FRAMES, RESTART, TRAJECTORY = "ltau.log", "frames.xyz", "restart.*", "trajectory.lammpstrj"
 STATUSES = ("completed", "halted", "failed")
 
 # Variables the stage sets and the template must use; the protocol cannot set them.
 REQUIRED = ("model", "estimator", "start", "steps", "frames", "ltau_log", "restart_file")
-RESERVED = REQUIRED + ("resumed",)
+RESERVED = REQUIRED + ("resumed", "replica", "trajectory")
 END_MARKER = "LTAU_EXPLORE_END step"
 _END = re.compile(rf"^{END_MARKER} (-?\d+)\s*$", re.M)
 _HALT = re.compile(r"Fix ltau (\S+) condition met on step (\d+)[^\n]*")
@@ -140,6 +149,8 @@ variable        frames        index frames.xyz
 variable        ltau_log      index ltau.log
 variable        restart_every index 100
 variable        restart_file  index restart.*
+variable        replica       index 0
+variable        trajectory    index trajectory.lammpstrj
 variable        temp          index 1200
 variable        seed          index 4928459
 variable        element       index Si
@@ -152,9 +163,11 @@ ${start}
 mass            1 ${mass}
 pair_style      ltau
 pair_coeff      * * ${model} ${element}
-if "${resumed} == 0" then "velocity all create ${temp} ${seed} mom yes rot yes dist gaussian"
+if "${resumed} == 0 || ${replica} > 0" then "velocity all create ${temp} $(v_seed+v_replica) mom yes rot yes dist gaussian"
 timestep        0.001
 fix             md all nvt temp ${temp} ${temp} 0.1
+dump            traj all custom ${restart_every} ${trajectory} id element x y z
+dump_modify     traj element ${element} sort id
 fix             u all ltau ${estimator} every ${every} metric ood halt ${halt} error soft &
                 dump ${frames} ${dump} log ${ltau_log}
 thermo          ${every}
@@ -200,6 +213,8 @@ class ExploreResult:
     restart_step: int | None = None
     restarts: dict[int, Path] = field(default_factory=dict)  # every restart file, by step
     ltau_log: Path | None = None
+    trajectory: Path | None = None       # the template's trajectory dump, if it writes one
+    replica: int = 0
     lammps_log: Path | None = None
     stdout: Path | None = None
     stderr: Path | None = None
@@ -256,8 +271,11 @@ def _template(protocol, root: Path) -> tuple[str, str]:
     return path.read_text(), str(path.resolve())
 
 
-def check_template(text: str, name: str = "template") -> None:
+def check_template(text: str, name: str = "template", replicas: int = 1) -> None:
     """Raise ``ConfigError`` naming what ``text`` lacks of the template contract (module docstring)."""
+    if replicas > 1 and "${replica}" not in text and "v_replica" not in text:
+        raise ConfigError(f"{name}: {replicas} replicas would all run the same trajectory: draw velocities with a "
+                          f"seed that depends on ${{replica}} (ltau_lmp.learn.explore contract)")
     missing = [v for v in REQUIRED if "${" + v + "}" not in text]
     if missing:
         raise ConfigError(f"{name}: the template must use the variable(s) "
@@ -279,7 +297,8 @@ def _restart_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _variables(protocol, model: Path, estimator: Path, resume_from: Path | None, root: Path) -> dict[str, str]:
+def _variables(protocol, model: Path, estimator: Path, resume_from: Path | None, root: Path,
+               replica: int = 0) -> dict[str, str]:
     name = _field(protocol, "name")
     steps = int(_field(protocol, "steps"))
     given = {str(k): v for k, v in dict(_field(protocol, "variables") or {}).items()}
@@ -305,7 +324,7 @@ def _variables(protocol, model: Path, estimator: Path, resume_from: Path | None,
     values.update(given)
     values.update({"model": model, "estimator": estimator, "start": start,
                    "resumed": int(resume_from is not None), "steps": steps, "frames": FRAMES,
-                   "ltau_log": LTAU_LOG, "restart_file": RESTART})
+                   "ltau_log": LTAU_LOG, "restart_file": RESTART, "replica": replica, "trajectory": TRAJECTORY})
     out = {}
     for key, value in values.items():
         out[key] = str(int(value)) if isinstance(value, bool) else str(value)
@@ -347,7 +366,7 @@ def _launcher(launcher: str | None, ranks: int) -> list[str]:
 
 def run_protocol(protocol, model, estimator, workdir, resume_from=None, launcher: str | None = "mpirun -np {ranks}",
                  ranks: int | None = None, timeout: float | None = None, *, root=None,
-                 overwrite: bool = False) -> ExploreResult:
+                 overwrite: bool = False, replica: int = 0) -> ExploreResult:
     """Run ``protocol`` once with ``model`` and ``estimator``; its files go to ``workdir``.
 
     ``resume_from``: a LAMMPS restart file (an earlier result's ``restart``) to start from instead
@@ -355,7 +374,8 @@ def run_protocol(protocol, model, estimator, workdir, resume_from=None, launcher
     ``{ranks}`` (``"mpirun -np {ranks}"``, ``"srun -n {ranks}"``; ``None``: no launcher, one rank);
     ``ranks``: replaces the protocol's. ``timeout``: seconds, after which the launcher's process
     group is stopped (SIGTERM, then SIGKILL) and the run is ``failed``. ``root``: the folder
-    relative template and data paths refer to (default: the working folder). The subprocess gets
+    relative template and data paths refer to (default: the working folder). ``replica``: the
+    template's ``${replica}`` (0: the protocol's own trajectory). The subprocess gets
     this Python's ``bin`` first on ``PATH`` (the virtual environment's ``mpirun``).
 
     Raises ``ConfigError`` for a protocol or template that breaks the contract (module
@@ -373,7 +393,7 @@ def run_protocol(protocol, model, estimator, workdir, resume_from=None, launcher
     if ranks < 1:
         raise ConfigError(f"protocol {name!r}: ranks must be >= 1, got {ranks}")
     text, source = _template(protocol, root)
-    check_template(text, f"protocol {name!r} template {source}")
+    check_template(text, f"protocol {name!r} template {source}", int(_field(protocol, "replicas", 1) or 1))
     model, estimator = Path(model).resolve(), Path(estimator).resolve()
     if not model.exists():
         raise ConfigError(f"model {model} not found")
@@ -387,7 +407,7 @@ def run_protocol(protocol, model, estimator, workdir, resume_from=None, launcher
         if at is not None and at >= steps:
             raise ConfigError(f"protocol {name!r}: restart file {resume_from.name} is at step {at}, "
                               f"at or beyond the protocol's {steps} steps: nothing left to run")
-    variables = _variables(protocol, model, estimator, resume_from, root)
+    variables = _variables(protocol, model, estimator, resume_from, root, replica)
     command = _launcher(launcher, ranks) + [_ltau_lmp(), "run", INPUT, "-log", LAMMPS_LOG]
     provenance = {"protocol": {"name": name, "template": source, "steps": steps, "ranks": ranks,
                                "variables": {str(k): str(v) for k, v in
@@ -404,6 +424,7 @@ def run_protocol(protocol, model, estimator, workdir, resume_from=None, launcher
                           ltau_lmp_version=_version())
         record = _collect(tmp, name, steps, returncode, timed_out, timeout, seconds, command, variables,
                           resume_from, provenance)
+        record["replica"] = replica
         (tmp / RESULT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return load_result(workdir)
 
@@ -562,6 +583,7 @@ def _collect(directory: Path, protocol: str, steps: int, returncode, timed_out: 
         "dumps": [FRAMES] if frames else [], "restart": restart, "restart_step": restart_step,
         "restarts": {str(k): v for k, v in sorted(restarts.items())},
         "ltau_log": LTAU_LOG if (directory / LTAU_LOG).is_file() else None,
+        "trajectory": TRAJECTORY if (directory / TRAJECTORY).is_file() else None,
         "lammps_log": LAMMPS_LOG if (directory / LAMMPS_LOG).is_file() else None,
         "stdout": STDOUT, "stderr": STDERR, "input": INPUT, "seconds": seconds, "returncode": returncode,
         "timed_out": timed_out, "command": command, "variables": variables,
@@ -591,6 +613,7 @@ def load_result(workdir) -> ExploreResult:
         halt_message=d["halt_message"], error=d["error"], log_tail=d["log_tail"], frames=frames,
         dumps=[workdir / p for p in d["dumps"]], restart=at(d["restart"]), restart_step=d["restart_step"],
         restarts={int(k): workdir / v for k, v in d["restarts"].items()}, ltau_log=at(d["ltau_log"]),
+        trajectory=at(d.get("trajectory")), replica=d.get("replica", 0),
         lammps_log=at(d["lammps_log"]), stdout=at(d["stdout"]), stderr=at(d["stderr"]), input=at(d["input"]),
         seconds=d["seconds"], returncode=d["returncode"], timed_out=d["timed_out"], command=d["command"],
         variables=d["variables"], resume_from=at(d["resume_from"]), provenance=d["provenance"])

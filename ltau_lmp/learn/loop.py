@@ -2,19 +2,23 @@
 
 A round ``r`` (folder ``rounds/NNN/`` of the run folder):
 
-1. **train**: the built-in trainer on the initial data plus every label so far (``train.xyz``,
-   each structure with its provenance), warm-started from the previous round's model unless
+1. **train**: the model family's trainer (``ltau_lmp.learn.trainers``) on the initial data plus
+   every label so far (``train.xyz``, each structure with its provenance), warm-started from the
+   previous round's model unless
    ``warm_start: false``; its own error log gives the new estimator and its calibrated ``auto``
    thresholds (nothing to tune per round). The validation structures are drawn once from the
    initial data (``validation.xyz``, ``train.data.val_fraction``, seeded) and kept every round:
    they validate and calibrate the ``ood`` p-value, and every label trains. (Labels of excursions
    in the validation set made its reference tail so heavy that nothing far out alarmed: the
    demo's loop stopped with a model whose errors were 17 eV/Å, doc/validation.md.)
-2. **explore**: every protocol runs with that model and estimator (``ltau_lmp.learn.explore``);
-   a protocol that halted in an earlier round resumes from its restart file from just before
-   the alarm, one that completed starts again from its data file.
+2. **explore**: every protocol runs with that model and estimator (``ltau_lmp.learn.explore``),
+   ``replicas`` times: replica 0 continues the trajectory, the others start from the same state
+   with fresh velocities (more candidates where a resumed run halts again within a few steps).
+   A protocol that halted in an earlier round resumes from the restart file written before the
+   furthest alarm of its replicas; one that completed starts again from its data file.
 3. **stop?** every protocol completed without a halt for ``stop.quiet_rounds`` consecutive rounds,
-   or ``stop.max_rounds`` / ``stop.max_labels`` reached.
+   or ``stop.max_rounds`` / ``stop.max_labels`` reached; a budget stop trains once more on every
+   label (a round with only a train stage), so the loop's result has seen them all.
 4. **select**: from the frames the halted protocols dumped, the most unusual and mutually diverse
    ones (``ltau_lmp.evaluation.select``), at most ``per_protocol`` each and ``per_round`` in all.
 5. **label**: the reference calculator on each selected frame (``ltau_lmp.learn.label``; any
@@ -55,6 +59,7 @@ class Manifest:
 
     def __init__(self, path: Path, data: dict):
         self.path, self.data = path, data
+        self.on_record = lambda: None  # e.g. redraw the live summary
 
     @classmethod
     def open(cls, run: Path, cfg: LearnConfig) -> "Manifest":
@@ -92,6 +97,7 @@ class Manifest:
         entry = {"seconds": round(seconds, 3), **outputs}
         self.data["rounds"][r]["stages"][name] = entry
         self.save()
+        self.on_record()
         return entry
 
     @property
@@ -103,46 +109,62 @@ def run_learn(cfg: LearnConfig, base_dir: str | Path = ".", progress: bool = Tru
     """Run (or continue) the loop of ``cfg`` (module docstring); returns the manifest.
 
     ``executor``: a ``concurrent.futures.Executor`` for the labels (default: from
-    ``cfg.labelling``; the caller keeps ownership of one it passes)."""
+    ``cfg.labelling``; the caller keeps ownership of one it passes). ``progress``: the live
+    per-round table (``ltau_lmp.learn.summary``) and a line per finished step."""
+    from ltau_lmp.learn.summary import live_summary
+
     base = Path(base_dir)
     run = resolve(cfg.out_dir, base)
     manifest = Manifest.open(run, cfg)
-    if manifest.data["stopped"]:
-        _say(progress, f"{run}: the loop already ended ({manifest.data['stopped']})")
-        return manifest
+    with live_summary(manifest.data, progress) as summary:
+        manifest.on_record = summary.update
+        if manifest.data["stopped"]:
+            summary.say(f"{run}: the loop already ended ({manifest.data['stopped']})")
+            return manifest
+        return _rounds(cfg, base, run, manifest, executor, summary)
+
+
+def _rounds(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, executor, summary) -> Manifest:
     quiet = 0
     for r in range(cfg.stop.max_rounds):
         folder = run / "rounds" / f"{r:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        model = _train(cfg, base, run, manifest, r, folder, progress)
-        results = _explore(cfg, base, run, manifest, r, folder, model, progress)
+        model = _train(cfg, base, run, manifest, r, folder, summary)
+        results = _explore(cfg, base, run, manifest, r, folder, model, summary)
         quiet = quiet + 1 if all(res["status"] == "completed" for res in results.values()) else 0
         if quiet >= cfg.stop.quiet_rounds:
             return _stop(manifest, f"every protocol completed without an alarm in {quiet} consecutive round(s) "
-                                   f"(round {r})", progress)
+                                   f"(round {r})", summary)
         failed = [name for name, res in results.items() if res["status"] == "failed"]
         if failed and len(failed) == len(results):
             raise LTAUError(f"round {r}: every protocol failed ({', '.join(failed)}); see "
-                            f"{folder / 'explore'}/*/log.lammps")
-        selected = _select(cfg, manifest, r, folder, model, results, progress)
-        _label(cfg, manifest, r, folder, model, selected, executor, progress)
+                            f"{folder / 'explore'}/*/*/log.lammps")
+        selected = _select(cfg, manifest, r, folder, model, results, summary)
+        _label(cfg, manifest, r, folder, model, selected, executor, summary)
         if manifest.labels >= cfg.stop.max_labels:
-            return _stop(manifest, f"label budget reached: {manifest.labels} >= {cfg.stop.max_labels}", progress)
-    return _stop(manifest, f"max_rounds {cfg.stop.max_rounds} reached", progress)
+            return _final(cfg, base, run, manifest, r + 1,
+                          f"label budget reached: {manifest.labels} >= {cfg.stop.max_labels}", summary)
+    return _final(cfg, base, run, manifest, cfg.stop.max_rounds, f"max_rounds {cfg.stop.max_rounds} reached", summary)
 
 
-def _say(progress: bool, text: str) -> None:
-    if progress:
-        print(text, flush=True)
+def _final(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, reason: str, summary) -> Manifest:
+    """A budget ended the loop: round r only trains, on every label (none is left unused), and its
+    model and estimator are the loop's result."""
+    folder = run / "rounds" / f"{r:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _train(cfg, base, run, manifest, r, folder, summary)
+    return _stop(manifest, reason + f"; round {r} trained on every label", summary)
 
 
-def _stop(manifest: Manifest, reason: str, progress: bool) -> Manifest:
+def _stop(manifest: Manifest, reason: str, summary) -> Manifest:
     from ltau_lmp.learn.report import learn_figures
 
     manifest.data["stopped"] = reason
+    manifest.data["final_round"] = max(rnd["round"] for rnd in manifest.data["rounds"] if "train" in rnd["stages"])
     manifest.data["figures"] = {k: str(Path(v).name) for k, v in learn_figures(manifest.data, manifest.path.parent).items()}
     manifest.save()
-    _say(progress, f"stopped: {reason}; figures in {manifest.path.parent}")
+    summary.say(f"stopped: {reason}; the model of round {manifest.data['final_round']} is the result; "
+                f"figures in {manifest.path.parent}")
     return manifest
 
 
@@ -172,7 +194,7 @@ def _errors(folder: Path, model: RoundModel, keys) -> list[tuple[float, float]]:
 # --- the stages -----------------------------------------------------------------------------------
 
 def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path,
-           progress: bool) -> RoundModel:
+           summary) -> RoundModel:
     """Round r's model and estimator, trained on the initial data and every label so far."""
     from ase.io import write
 
@@ -188,10 +210,13 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     data = folder / "train.xyz"
     write(data, initial + labels, format="extxyz")
     previous = RoundModel.from_json(manifest.stage(r - 1, "train"), run) if cfg.warm_start and r > 0 else None
+    trainer_start = time.perf_counter()
     trained = train_round(cfg, base, data, validation, previous, folder / "model")
-    entry = manifest.record(r, "train", time.perf_counter() - start, structures=len(initial) + len(labels),
-                            labels=len(labels), warm_start=previous is not None, **trained.to_json(run))
-    _say(progress, f"round {r}: trained on {entry['structures']} structures ({len(labels)} labels) in "
+    trainer_seconds = time.perf_counter() - trainer_start
+    entry = manifest.record(r, "train", time.perf_counter() - start, trainer_seconds=round(trainer_seconds, 3),
+                            structures=len(initial) + len(labels), labels=len(labels),
+                            warm_start=previous is not None, **trained.to_json(run))
+    summary.say(f"round {r}: trained on {entry['structures']} structures ({len(labels)} labels) in "
                    f"{entry['seconds']:.0f} s")
     return trained
 
@@ -216,30 +241,51 @@ def _initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path 
 
 
 def _explore(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, folder: Path, model: RoundModel,
-             progress: bool) -> dict:
-    """Every protocol's exploration with round r's model; {name: its manifest entry}."""
+             summary) -> dict:
+    """Every protocol's exploration (each of its replicas) with round r's model; {name: its manifest entry}."""
     from ltau_lmp.learn.explore import run_protocol
 
     done = manifest.stage(r, "explore")
     if done:
         return done["protocols"]
-    start, results = time.perf_counter(), {}
+    start, results, md_seconds = time.perf_counter(), {}, 0.0
     for protocol in cfg.protocols:
         resume = _resume_point(manifest, r, protocol.name, run)
-        workdir = folder / "explore" / protocol.name
-        if workdir.exists():  # an exploration killed before the manifest recorded it: run it again
-            shutil.rmtree(workdir)
-        res = run_protocol(protocol, model.model, model.estimator, workdir, resume_from=resume,
-                           launcher=cfg.launcher, root=base, overwrite=True)
-        results[protocol.name] = {
-            "status": res.status, "start_step": res.start_step, "final_step": res.final_step,
-            "steps_run": res.steps_run, "halt_step": res.halt_step, "frames": len(res.frames),
-            "restart": str(res.restart.relative_to(run)) if res.restart and res.restart.is_relative_to(run) else
-            (str(res.restart) if res.restart else None),
-            "resumed_from": str(resume) if resume else None, "error": res.error, "seconds": round(res.seconds, 3)}
-        _say(progress, f"round {r}: {res.describe()}")
-    manifest.record(r, "explore", time.perf_counter() - start, protocols=results)
+        runs = []
+        for k in range(protocol.replicas):
+            workdir = folder / "explore" / protocol.name / str(k)
+            if workdir.exists():  # an exploration killed before the manifest recorded it: run it again
+                shutil.rmtree(workdir)
+            runs.append(run_protocol(protocol, model.model, model.estimator, workdir, resume_from=resume,
+                                     launcher=cfg.launcher, root=base, overwrite=True, replica=k))
+            summary.say(f"round {r}: {runs[-1].describe()}" + (f" (replica {k})" if protocol.replicas > 1 else ""))
+        md_seconds += sum(res.seconds for res in runs)
+        results[protocol.name] = _protocol_entry(runs, resume, run)
+    manifest.record(r, "explore", time.perf_counter() - start, md_seconds=round(md_seconds, 3), protocols=results)
     return results
+
+
+def _protocol_entry(runs, resume: Path | None, run: Path) -> dict:
+    """A protocol's round in the manifest: ``completed`` when every replica completed, ``halted`` when
+    any halted (resumed next round from the restart of the replica that got furthest before its
+    alarm), ``failed`` otherwise; each replica's own record under ``replicas``."""
+    def rel(path):
+        return None if path is None else str(path.relative_to(run)) if path.is_relative_to(run) else str(path)
+
+    replicas = [{"status": res.status, "start_step": res.start_step, "final_step": res.final_step,
+                 "steps_run": res.steps_run, "halt_step": res.halt_step, "frames": len(res.frames),
+                 "restart": rel(res.restart), "trajectory": rel(res.trajectory), "error": res.error,
+                 "seconds": round(res.seconds, 3)} for res in runs]
+    statuses = {res.status for res in runs}
+    status = "completed" if statuses == {"completed"} else "halted" if "halted" in statuses else "failed"
+    halted = [rep for rep in replicas if rep["status"] == "halted"]
+    lead = max(halted, key=lambda rep: rep["halt_step"]) if halted else replicas[0]
+    errors = [f"replica {k}: {rep['error']}" for k, rep in enumerate(replicas) if rep["error"]]
+    return {"status": status, "start_step": replicas[0]["start_step"],
+            "final_step": max((rep["final_step"] or 0) for rep in replicas), "steps_run": sum(rep["steps_run"] for rep in replicas),
+            "halt_step": lead["halt_step"], "frames": sum(rep["frames"] for rep in replicas), "restart": lead["restart"],
+            "resumed_from": str(resume) if resume else None, "error": "\n".join(errors) or None,
+            "seconds": round(sum(rep["seconds"] for rep in replicas), 3), "replicas": replicas}
 
 
 def _resume_point(manifest: Manifest, r: int, name: str, run: Path) -> Path | None:
@@ -254,7 +300,7 @@ def _resume_point(manifest: Manifest, r: int, name: str, run: Path) -> Path | No
 
 
 def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: RoundModel, results: dict,
-            progress: bool) -> Path:
+            summary) -> Path:
     """The frames to label from the halted protocols' dumps, with their provenance."""
     from ase import Atoms
     from ase.io import write
@@ -267,10 +313,10 @@ def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: R
     network = model.load()
     picked, per_protocol = [], {}
     for name, res in results.items():
-        dump = folder / "explore" / name / "frames.xyz"
-        if res["status"] == "completed" or not dump.is_file() or dump.stat().st_size == 0:
+        dumps = [d for d in sorted((folder / "explore" / name).glob("*/frames.xyz")) if d.stat().st_size]
+        if res["status"] == "completed" or not dumps:
             continue
-        frames = read_dumps([dump])
+        frames = read_dumps(dumps)
         scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
         n = min(cfg.selection.per_protocol, len(frames))
         chosen = select_frames(scores, lambda pool: frame_fingerprints(network, [frames[i] for i in pool]), n,
@@ -289,12 +335,12 @@ def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: R
     with replaced_file(out) as tmp:
         write(tmp, picked, format="extxyz")
     manifest.record(r, "select", time.perf_counter() - start, selected=len(picked), per_protocol=per_protocol)
-    _say(progress, f"round {r}: selected {len(picked)} frames ({per_protocol})")
+    summary.say(f"round {r}: selected {len(picked)} frames ({per_protocol})")
     return out
 
 
 def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: RoundModel, selected: Path, executor,
-           progress: bool) -> None:
+           summary) -> None:
     """Reference labels of the selected frames (resumable frame by frame)."""
     from ase.io import read
 
@@ -309,7 +355,8 @@ def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: Ro
         own = executor = dask_executor(cfg.labelling.address or None, n_workers=cfg.labelling.workers)
     try:
         report = label_frames(frames, {"calculator": cfg.reference.calculator, "kwargs": cfg.reference.kwargs},
-                              folder / "labels", executor=executor, retries=cfg.labelling.retries, progress=progress,
+                              folder / "labels", executor=executor, retries=cfg.labelling.retries,
+                              progress=summary.enabled and summary.live is None,
                               max_workers=cfg.labelling.workers)
     finally:
         if own is not None:
@@ -317,5 +364,5 @@ def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: Ro
     failed = [{"key": f.key, "provenance": f.provenance, "error": f.error} for f in report.failed]
     manifest.record(r, "label", time.perf_counter() - start, labelled=len(report.keys) - len(report.failed),
                     failed=failed, errors=_errors(folder, model, report.keys))
-    _say(progress, f"round {r}: labelled {len(report.keys) - len(report.failed)} frames"
+    summary.say(f"round {r}: labelled {len(report.keys) - len(report.failed)} frames"
                    + (f", {len(failed)} failed (recorded in {folder / 'labels'})" if failed else ""))

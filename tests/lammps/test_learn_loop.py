@@ -33,8 +33,8 @@ def inputs(tmp_path_factory):
     return {"root": root, "initial": sets["train"]}
 
 
-def config(inputs, out: str, halt: str, **stop) -> LearnConfig:
-    protocol = {"name": "hot", "template": "nvt.in", "steps": 20, "ranks": 1,
+def config(inputs, out: str, halt: str, replicas: int = 1, **stop) -> LearnConfig:
+    protocol = {"name": "hot", "template": "nvt.in", "steps": 20, "ranks": 1, "replicas": replicas,
                 "variables": {"data": "si.data", "temp": "900", "every": "5", "restart_every": "5",
                               "halt": halt, "dump": "1.0"}}
     return from_dict(LearnConfig, {
@@ -59,8 +59,10 @@ def labels_of(run: Path) -> list[tuple]:
 
 def test_two_rounds_end_to_end(inputs):
     manifest = loop.run_learn(config(inputs, "run", "1.0 over 2"), inputs["root"], progress=False)
-    rounds = manifest.data["rounds"]
-    assert len(rounds) == 2 and manifest.data["stopped"].startswith("max_rounds 2")
+    rounds, final = manifest.data["rounds"][:2], manifest.data["rounds"][2]
+    assert len(manifest.data["rounds"]) == 3 and manifest.data["stopped"].startswith("max_rounds 2")
+    assert set(final["stages"]) == {"train"} and final["stages"]["train"]["labels"] == 4   # no label left unused
+    assert manifest.data["final_round"] == 2
     for rnd in rounds:
         assert set(rnd["stages"]) == set(loop.STAGES)
         hot = rnd["stages"]["explore"]["protocols"]["hot"]
@@ -78,7 +80,28 @@ def test_two_rounds_end_to_end(inputs):
         assert (inputs["root"] / "run" / name).stat().st_size > 0
     labels = labels_of(inputs["root"] / "run")
     assert len(labels) == 4 == manifest.labels and {lab[0] for lab in labels} == {0, 1}
-    assert all(lab[1] == "hot" and lab[2] >= 0 and "explore/hot/frames.xyz" in lab[3] for lab in labels)
+    assert all(lab[1] == "hot" and lab[2] >= 0 and "explore/hot/0/frames.xyz" in lab[3] for lab in labels)
+
+
+def test_replicas_explore_from_the_same_state(inputs):
+    """Two replicas per round: replica 1 starts from replica 0's state with fresh velocities (round 1:
+    from the restart before the furthest alarm of round 0), both dump candidates, both write their
+    trajectories; frames are selected from both."""
+    from ase.io import read as read_any
+
+    manifest = loop.run_learn(config(inputs, "replicas", "1.0 over 2", replicas=2), inputs["root"], progress=False)
+    run = inputs["root"] / "replicas"
+    first, second = (rnd["stages"]["explore"]["protocols"]["hot"] for rnd in manifest.data["rounds"][:2])
+    assert [len(p["replicas"]) for p in (first, second)] == [2, 2] and first["status"] == "halted"
+    assert second["resumed_from"].endswith(first["restart"])
+    assert first["restart"] in [rep["restart"] for rep in first["replicas"]]
+    for p in (first, second):
+        trajectories = [read_any(run / rep["trajectory"], index=":", format="lammps-dump-text") for rep in p["replicas"]]
+        assert np.allclose(trajectories[0][0].positions, trajectories[1][0].positions)      # the same start
+        assert not np.allclose(trajectories[0][-1].positions, trajectories[1][-1].positions)  # then apart
+        assert set(trajectories[0][0].get_chemical_symbols()) == {"Si"}
+    sources = {atoms.info["source"].split("/")[2] for atoms in collect_labels(run / "rounds" / "000" / "labels")}
+    assert manifest.labels == 4 and sources <= {"0", "1"}
 
 
 def test_quiet_protocol_ends_the_loop(inputs):
