@@ -204,7 +204,7 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     if done:
         return RoundModel.from_json(done, run)
     start = time.perf_counter()
-    initial, validation = _initial_split(cfg, base, run)
+    initial, validation = initial_split(cfg, base, run)
     labels = [atoms for q in range(r) for atoms in collect_labels(run / "rounds" / f"{q:03d}" / "labels")
               if (run / "rounds" / f"{q:03d}" / "labels").is_dir()]
     data = folder / "train.xyz"
@@ -221,7 +221,7 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     return trained
 
 
-def _initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path | None]:
+def initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path | None]:
     """The initial frames that train (with their provenance) and the fixed validation file, drawn
     once with the trainer's seed and val_fraction (``run/validation.xyz``; None without validation)."""
     from ase.io import read, write

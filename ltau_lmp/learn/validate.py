@@ -1,9 +1,9 @@
 """Fresh validation runs of a learning loop's protocols, with the reference as the truth.
 
-``validate_rounds(cfg, base, rounds)`` reruns every protocol from its data file with a round's
-model and estimator, never halting (``halt`` at a p-value no atom reaches) and dumping a frame
-every ``stride`` steps whatever its uncertainty, labels the frames with the reference calculator
-and returns each frame's true max force error and LTAU's largest expected error: how good the
+``validate_round(cfg, base, r, out)`` (``validate_model`` for any trained model) reruns every
+protocol from its data file with a round's model and estimator, never halting (``halt`` at a
+p-value no atom reaches) and dumping a frame every ``stride`` steps whatever its uncertainty,
+labels the frames with the reference calculator and returns each frame's true max force error and LTAU's largest expected error: how good the
 model of each round really is along the trajectories the loop explores.
 """
 
@@ -21,15 +21,24 @@ NEVER = "1e-300"  # an ood p-value no atom reaches: the run never halts
 
 
 def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int = 100, executor=None) -> dict:
-    """{protocol: {"steps": [...], "true_max": [...], "expected_max": [...], "status": ...}} for round r's model."""
+    """``validate_model`` for the model the loop trained in round r."""
+    from ltau_lmp.data.config import resolve
+    from ltau_lmp.learn.loop import MANIFEST
+
+    run_dir = resolve(cfg.out_dir, base)
+    trained = json.loads((run_dir / MANIFEST).read_text())["rounds"][r]["stages"]["train"]
+    return validate_model(cfg, base, RoundModel.from_json(trained, run_dir), out, stride, executor)
+
+
+def validate_model(cfg: LearnConfig, base: Path, trained: RoundModel, out: Path, stride: int = 100,
+                   executor=None) -> dict:
+    """{protocol: {"steps": [...], "true_max": [...], "expected_max": [...], "status": ...}}: every
+    protocol of ``cfg`` run afresh with ``trained``, a frame every ``stride`` steps labelled by the reference."""
     from ltau_lmp.evaluation.select import SCORE_ARRAY, read_dumps
     from ltau_lmp.learn.explore import run_protocol
     from ltau_lmp.learn.label import collect_labels, label_frames
-    from ltau_lmp.learn.loop import MANIFEST, frame_true_max
-    from ltau_lmp.data.config import resolve
+    from ltau_lmp.learn.loop import frame_true_max
 
-    run_dir = resolve(cfg.out_dir, base)
-    trained = RoundModel.from_json(json.loads((run_dir / MANIFEST).read_text())["rounds"][r]["stages"]["train"], run_dir)
     model = trained.load()
     results = {}
     for protocol in cfg.protocols:
@@ -39,7 +48,7 @@ def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int 
         frames = read_dumps(run.dumps) if run.dumps else []
         expected = [float(atoms.arrays[SCORE_ARRAY].max()) for atoms in frames]
         for atoms in frames:
-            atoms.info.update({"round": r, "protocol": protocol.name, "step": int(atoms.info.get("timestep", -1)),
+            atoms.info.update({"round": -1, "protocol": protocol.name, "step": int(atoms.info.get("timestep", -1)),
                                "source": atoms.info["source"]})
         report = label_frames(frames, {"calculator": cfg.reference.calculator, "kwargs": cfg.reference.kwargs},
                               out / protocol.name / "labels", executor=executor, retries=cfg.labelling.retries,

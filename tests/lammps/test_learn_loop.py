@@ -162,3 +162,32 @@ def test_validation_runs_with_the_reference(inputs):
     assert res["status"] == "completed" and res["steps"] == [0, 5, 10, 15, 20]
     assert len(res["true_max"]) == len(res["expected_max"]) == 5
     assert np.all(np.array(res["true_max"]) > 0) and np.all(np.array(res["expected_max"]) > 0)
+
+
+def test_random_baseline_and_scratch_training(inputs):
+    """The random baseline draws from the loop's own trajectories (each run's first frame, its
+    starting state, left out), labels with the reference; a from-scratch model trains on the
+    initial frames plus those labels without warm start."""
+    import json
+
+    from ase.io import read as read_any
+
+    from ltau_lmp.learn.baseline import loop_labels, random_labels, train_from_scratch, trajectory_frames
+
+    cfg = config(inputs, "run", "1.0 over 2")
+    run = inputs["root"] / "run"
+    if not (run / "manifest.json").is_file():
+        loop.run_learn(cfg, inputs["root"], progress=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    pool = trajectory_frames(run, manifest)
+    dumped = [rep["trajectory"] for rnd in manifest["rounds"][:2]
+              for rep in rnd["stages"]["explore"]["protocols"]["hot"]["replicas"]]
+    assert len(pool) == sum(len(read_any(run / t, index=":", format="lammps-dump-text")) - 1 for t in dumped) > 3
+    assert all(atoms.info["step"] > 0 or atoms.info["round"] > 0 for atoms in pool)
+    drawn = random_labels(cfg, run, manifest, 3, seed=0, progress=False)
+    assert len(drawn) == 3 and {a.info["source"] for a in drawn} <= {a.info["source"] for a in pool}
+    assert all(abs(a.get_forces()).max() > 0 for a in drawn)
+    assert len(loop_labels(run, manifest, manifest["final_round"])) == manifest["rounds"][-1]["stages"]["train"]["labels"]
+    model = train_from_scratch(cfg, inputs["root"], run, "random_scratch", drawn, epochs=2)
+    assert model.epochs == 2 and model.model.is_file() and (model.estimator / "meta.json").is_file()
+    assert len(read_any(run / "baselines" / "random_scratch" / "train.xyz", index=":")) == 6 + 3

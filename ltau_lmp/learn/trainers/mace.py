@@ -70,9 +70,6 @@ def train_mace(cfg, base: Path, train_file: Path, validation: Path | None, previ
     from ltau_lmp.model import load_model
     from ltau_lmp.pipeline import write_artefacts
 
-    if out.exists():  # a training killed after writing its folder but before the manifest recorded it
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     foundation = None
     if previous is not None:
         # The previous round's NAME.model is a pickle this loop wrote (MACE's torch.load unpickles
@@ -83,9 +80,15 @@ def train_mace(cfg, base: Path, train_file: Path, validation: Path | None, previ
                             f"set learn.warm_start: false or start a new out_dir")
     args = mace_arguments(cfg.mace, train_file, validation, out / "mace", foundation)
     try:
-        parse_mace_args(args)
+        epochs = parse_mace_args(args).max_num_epochs
     except SystemExit:  # argparse has printed the option it refused
         raise ConfigError("learn.mace: mace_run_train refused these options (its message is above)") from None
+    if cfg.train.error_log.skip_epochs >= epochs:
+        raise ConfigError(f"learn.train.error_log.skip_epochs ({cfg.train.error_log.skip_epochs}) must be smaller "
+                          f"than learn.mace.max_num_epochs ({epochs}): no epoch would be logged")
+    if out.exists():  # a training killed after writing its folder but before the manifest recorded it
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     result = train_with_ltau(args, out_dir=out / "ltau", error_log=cfg.train.error_log,
                              estimator=cfg.train.estimator)
     compiled = result.model_path.with_name(result.model_path.name.removesuffix(".model") + "_compiled.model")
