@@ -94,6 +94,8 @@ class LearnConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # the built-in trainer's options (`train:` section);
     # seed and data.val_fraction draw the validation structures, error_log / estimator serve every trainer
     mace: dict[str, object] = field(default_factory=dict)    # trainer mace: mace_run_train options (no dashes)
+    nequip: dict[str, object] = field(default_factory=dict)  # trainer nequip: nequip-train config (trainers/nequip.py)
+    allow_pickle: bool = False                         # trainer nequip: load the checkpoints it writes (pickles)
     warm_start: bool = True                            # each retraining continues from the previous model
     launcher: str = "mpirun -np {ranks}"               # how LAMMPS is started ({ranks}); srun works too
     protocols: list[Protocol] = field(default_factory=list)
@@ -111,6 +113,12 @@ class LearnConfig:
             raise ConfigError(f"{where}.trainer: one of {', '.join(FAMILIES)}, got {self.trainer!r}")
         if self.trainer == "mace" and not self.mace:
             raise ConfigError(f"{where}.mace: trainer mace needs its mace_run_train options (name, model, r_max, ...)")
+        if self.trainer == "nequip" and not self.nequip:
+            raise ConfigError(f"{where}.nequip: trainer nequip needs its nequip-train configuration")
+        if self.trainer == "nequip" and not self.allow_pickle:
+            raise ConfigError(f"{where}.allow_pickle: nequip checkpoints are pickles, which run code when loaded; "
+                              f"set allow_pickle: true to let the loop load the ones its own training writes "
+                              f"(and give `pair_style ltau allow_pickle yes` in the protocol templates)")
         if not self.protocols:
             raise ConfigError(f"{where}.protocols: give at least one exploration protocol")
         names = [p.name for p in self.protocols]
