@@ -11,15 +11,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "learn",
         help="the learning loop: explore with fix ltau, label what it flags, retrain, resume",
         description=(
-            "Run the active-learning loop of CONFIG's `learn:` section (examples/si/learn.yaml): each round "
-            "trains the built-in model on the initial data and every label so far (warm start), runs every "
-            "exploration protocol in LAMMPS with fix ltau (halt auto, dump auto: thresholds from the training "
-            "itself), selects the most unusual diverse frames of the protocols that halted, labels them with "
+            "Run the active-learning loop of CONFIG's `learn:` section (examples/si_learn/learn.yaml): each round "
+            "trains the model (built-in, MACE or NequIP) on the initial data and every label so far (warm start), "
+            "runs every exploration protocol (and its replicas) in LAMMPS with fix ltau (halt auto, dump auto: "
+            "thresholds from the training itself), selects the most unusual diverse frames of the protocols that halted, labels them with "
             "the reference calculator (local processes or dask), and resumes each halted protocol from just "
             "before its alarm. Run it again after an interruption: it continues where it stopped."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("config", type=Path, help="YAML file with a `learn:` section")
-    p.add_argument("--quiet", action="store_true", help="no per-stage messages")
+    p.add_argument("--quiet", action="store_true", help="no live table, no per-stage messages")
     p.set_defaults(func=_learn)
 
 
@@ -29,6 +29,9 @@ def _learn(args) -> int:
 
     cfg, base = load_learn_config(args.config)
     manifest = run_learn(cfg, base, progress=not args.quiet)
-    rounds = len(manifest.data["rounds"])
-    print(f"{rounds} round(s), {manifest.labels} labels; {manifest.data['stopped']}; manifest: {manifest.path}")
+    final = manifest.data.get("final_round", len(manifest.data["rounds"]) - 1)
+    trained = manifest.data["rounds"][final]["stages"]["train"]
+    print(f"{len(manifest.data['rounds'])} round(s), {manifest.labels} labels; {manifest.data['stopped']}; "
+          f"model {manifest.path.parent / trained['model']}, estimator {manifest.path.parent / trained['estimator']}; "
+          f"manifest: {manifest.path}")
     return 0

@@ -111,6 +111,26 @@ def test_quiet_protocol_ends_the_loop(inputs):
     assert loop.run_learn(config(inputs, "quiet", "1e-300"), inputs["root"], progress=False).labels == 0
 
 
+def test_the_command_line(inputs, capsys):
+    """`ltau-lmp learn CONFIG` runs the loop of a YAML file and names the resulting model; a changed
+    configuration in the same run folder is refused with the keys that changed."""
+    import yaml
+
+    from dataclasses import asdict
+
+    from ltau_lmp.cli import main
+
+    section = asdict(config(inputs, "cli", "1e-300"))
+    (inputs["root"] / "learn.yaml").write_text(yaml.safe_dump({"learn": section}))
+    assert main(["learn", str(inputs["root"] / "learn.yaml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "every protocol completed" in out and "rounds/000/model/model.pt" in out
+    section["stop"]["max_rounds"] = 3
+    (inputs["root"] / "learn.yaml").write_text(yaml.safe_dump({"learn": section}))
+    assert main(["learn", str(inputs["root"] / "learn.yaml"), "--quiet"]) == 2
+    assert "another configuration (changed: stop)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage", ["_explore", "_label", "_train"])
 def test_a_kill_resumes_to_the_same_labels(inputs, stage, monkeypatch):
     """The loop killed in round 1 (at the start of exploration, labelling after one frame, or
