@@ -49,9 +49,11 @@ nequip-install:
 demo: setup
 	$(PY) examples/si/demo.py --out runs/demo
 
-# the learning loop on silicon: cold-crystal data, protocols that leave it, labels from SW (ltau-lmp learn)
+# the learning loop on silicon: cold-crystal data, protocols that leave it, labels from SW (ltau-lmp learn),
+# then its evidence: fresh validation runs, the random baseline, warm vs scratch (doc/validation/learn.json)
 demo-learn: setup
 	$(PY) examples/si_learn/demo.py
+	$(PY) examples/si_learn/validate.py
 
 # the same story with a MACE model trained by MACE's own trainer (~15 min on 2 cores)
 demo-mace: setup
