@@ -90,7 +90,7 @@ class LearnConfig:
 
     out_dir: str = "learn"                             # the run folder: manifest.json, rounds/NNN/...
     initial_data: str = ""                             # labelled extxyz the first model trains on
-    trainer: str = "builtin"                           # model family: builtin | mace (ltau_lmp.learn.trainers)
+    trainer: str = "builtin"                           # model family: builtin | mace | nequip (ltau_lmp.learn.trainers)
     train: TrainConfig = field(default_factory=TrainConfig)  # the built-in trainer's options (`train:` section);
     # seed and data.val_fraction draw the validation structures, error_log / estimator serve every trainer
     mace: dict[str, object] = field(default_factory=dict)    # trainer mace: mace_run_train options (no dashes)
@@ -116,9 +116,12 @@ class LearnConfig:
         if self.trainer == "nequip" and not self.nequip:
             raise ConfigError(f"{where}.nequip: trainer nequip needs its nequip-train configuration")
         if self.trainer == "nequip" and not self.allow_pickle:
-            raise ConfigError(f"{where}.allow_pickle: nequip checkpoints are pickles, which run code when loaded; "
-                              f"set allow_pickle: true to let the loop load the ones its own training writes "
-                              f"(and give `pair_style ltau allow_pickle yes` in the protocol templates)")
+            raise ConfigError(f"{where}.allow_pickle: nequip checkpoints are a pickle format; set allow_pickle: true "
+                              f"to let the loop load the ones its own training writes (templates need "
+                              f"`pair_style ltau allow_pickle yes` only for model parts ltau_lmp does not know)")
+        if self.trainer == "nequip" and not self.train.data.val_fraction and not self.train.data.val:
+            raise ConfigError(f"{where}.train.data: nequip-train needs validation structures; give val_fraction > 0 "
+                              f"or an explicit val file")
         if not self.protocols:
             raise ConfigError(f"{where}.protocols: give at least one exploration protocol")
         names = [p.name for p in self.protocols]
