@@ -55,11 +55,14 @@ def candidate_pool(scores: np.ndarray, n: int, pool_factor: int = 4) -> np.ndarr
 
 
 def farthest_point_order(fingerprints: np.ndarray, n: int) -> list[int]:
-    """Greedy farthest-point sampling of ``n`` rows, starting from row 0."""
+    """Greedy farthest-point sampling of ``n`` rows, starting from row 0; it stops early when only
+    rows identical to chosen ones are left (labelling a frame twice teaches nothing)."""
     chosen = [0]
     gap = np.linalg.norm(fingerprints - fingerprints[0], axis=1)
     while len(chosen) < min(n, len(fingerprints)):
         nxt = int(np.argmax(gap))
+        if gap[nxt] <= 0:
+            break
         chosen.append(nxt)
         gap = np.minimum(gap, np.linalg.norm(fingerprints - fingerprints[nxt], axis=1))
     return chosen

@@ -123,21 +123,23 @@ class Decider:
         Records a dump step and feeds the halt persistence (with ``check_halt``)."""
         metric = self.opts.metric
         out = Outcome.of(metric, rows)
-        dump = self.chosen["dump"] is not None and out.n_dump > 0 and self._dump_allowed(step)
-        if dump:
-            self.dump_steps.append(step)
         halt = None
         if check_halt and self.chosen["halt"] is not None and self.persistence.update(out.n_halt > 0):
             side = "is at or below" if metric == "ood" else "exceeds"
             halt = (f"{self.fix_id} condition met on step {step} with value {out.worst:.6g}: {metric} "
                     f"uncertainty {side} the halt threshold {thresholds['halt']:g} (atom tag {out.worst_tag}, "
                     f"{plural(out.n_halt, 'atom')} over{self.persistence.describe()})")
+        dump = self.chosen["dump"] is not None and out.n_dump > 0 and self._dump_allowed(step, halt is not None)
+        if dump:
+            self.dump_steps.append(step)
         return Decision(out, thresholds, dump, halt)
 
-    def _dump_allowed(self, step: int) -> bool:
+    def _dump_allowed(self, step: int, halting: bool) -> bool:
+        """One frame per step, ``interval`` apart, at most ``max``; the frame that halts the run is
+        dumped whatever the interval: it is the one to label."""
         steps, o = self.dump_steps, self.opts
         if steps and step <= steps[-1]:
             return False
-        if steps and step - steps[-1] < o.dump_interval:
+        if steps and step - steps[-1] < o.dump_interval and not halting:
             return False
         return o.dump_max is None or len(steps) < o.dump_max

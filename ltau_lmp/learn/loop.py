@@ -313,10 +313,16 @@ def _select(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: R
     network = model.load()
     picked, per_protocol = [], {}
     for name, res in results.items():
-        dumps = [d for d in sorted((folder / "explore" / name).glob("*/frames.xyz")) if d.stat().st_size]
-        if res["status"] == "completed" or not dumps:
+        if res["status"] == "completed":
             continue
-        frames = read_dumps(dumps)
+        # the step each replica started at: its first frame is the state it started from (the data
+        # file, or the restart the last round's run already evaluated), the same in every replica
+        starts = {folder / "explore" / name / str(k) / "frames.xyz": rep["start_step"]
+                  for k, rep in enumerate(res["replicas"])}
+        frames = [atoms for atoms in read_dumps([d for d in starts if d.is_file() and d.stat().st_size])
+                  if int(atoms.info.get("timestep", -1)) != starts[Path(atoms.info["source"].rsplit(":", 1)[0])]]
+        if not frames:
+            continue
         scores = np.array([atoms.arrays[SCORE_ARRAY].max() for atoms in frames])
         n = min(cfg.selection.per_protocol, len(frames))
         chosen = select_frames(scores, lambda pool: frame_fingerprints(network, [frames[i] for i in pool]), n,
@@ -362,7 +368,8 @@ def _label(cfg: LearnConfig, manifest: Manifest, r: int, folder: Path, model: Ro
         if own is not None:
             own.shutdown()
     failed = [{"key": f.key, "provenance": f.provenance, "error": f.error} for f in report.failed]
-    manifest.record(r, "label", time.perf_counter() - start, labelled=len(report.keys) - len(report.failed),
-                    failed=failed, errors=_errors(folder, model, report.keys))
-    summary.say(f"round {r}: labelled {len(report.keys) - len(report.failed)} frames"
+    keys = list(dict.fromkeys(report.keys))  # a frame selected twice is one label
+    manifest.record(r, "label", time.perf_counter() - start, labelled=len(keys) - len(report.failed),
+                    failed=failed, errors=_errors(folder, model, keys))
+    summary.say(f"round {r}: labelled {len(keys) - len(report.failed)} frames"
                    + (f", {len(failed)} failed (recorded in {folder / 'labels'})" if failed else ""))

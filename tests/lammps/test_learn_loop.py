@@ -102,6 +102,10 @@ def test_replicas_explore_from_the_same_state(inputs):
         assert set(trajectories[0][0].get_chemical_symbols()) == {"Si"}
     sources = {atoms.info["source"].split("/")[2] for atoms in collect_labels(run / "rounds" / "000" / "labels")}
     assert manifest.labels == 4 and sources <= {"0", "1"}
+    # the state both replicas started from (round 1: the restart round 0 already evaluated) is no candidate
+    for r, p in enumerate((first, second)):
+        steps = {atoms.info["step"] for atoms in collect_labels(run / "rounds" / f"{r:03d}" / "labels")}
+        assert p["start_step"] not in steps
 
 
 def test_quiet_protocol_ends_the_loop(inputs):

@@ -202,3 +202,13 @@ def test_evaluation_does_not_import_the_trainer():
             "ltau_lmp.prediction; print([m for m in sys.modules if m.startswith('ltau_lmp.training')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_select_never_picks_a_frame_twice():
+    """Identical frames (replicas dumping the state they all started from) are one candidate: the
+    selection stops short of n rather than repeat it."""
+    scores = np.array([0.9, 0.8, 0.7, 0.5])
+    prints = np.array([[1.0], [1.0], [1.0], [1.0]])
+    assert select_frames(scores, lambda pool: prints[pool], 4, pool_factor=1) == [0]
+    prints[3] = 2.0
+    assert select_frames(scores, lambda pool: prints[pool], 4, pool_factor=1) == [0, 3]

@@ -128,6 +128,18 @@ def test_decider_rate_limits_dumps_and_never_repeats_a_step():
     assert not d.decide(50, one_rank_rows(0.1, 0), d.thresholds(10), False).dump
 
 
+def test_the_halting_frame_is_dumped_whatever_the_interval():
+    opts = FixOptions.parse("e halt 0.8 dump f.xyz 0.5 interval 20".split())
+    d = Decider("u", opts, opts.halt, opts.dump_threshold, None, [])
+    under_halt = one_rank_rows(0.6, 1)
+    under_halt[0, 3] = 0                                                              # n over halt
+    assert d.decide(150, under_halt, d.thresholds(10), True).dump                    # over dump, under halt
+    quiet = d.decide(160, under_halt, d.thresholds(10), True)
+    assert not quiet.dump and quiet.halt is None                                      # within the interval
+    halting = d.decide(170, one_rank_rows(0.9, 1), d.thresholds(10), True)
+    assert halting.halt is not None and halting.dump and d.dump_steps == [150, 170]
+
+
 def test_auto_thresholds_follow_the_watched_atoms():
     alarm = {"false_alarm_rate": 0.01, "n_reference": 99, "expected": 0.7, "ood": 0.01,
              "distance_tail": {"fitted": True}, "expected_tail": None}
