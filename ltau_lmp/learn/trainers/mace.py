@@ -40,7 +40,12 @@ OWNED = ("train_file", "valid_file", "energy_key", "forces_key", "work_dir", "mo
 
 def mace_arguments(options: dict, train_file: Path, validation: Path | None, work_dir: Path,
                    foundation: Path | None) -> list[str]:
-    """The mace_run_train command line of one round from ``learn.mace``."""
+    """The mace_run_train command line of one round from ``learn.mace``: ``key: value`` becomes
+    ``--key=value``; a flag without a value (``ema: true``) is given when its value is the one
+    the flag sets."""
+    from mace import tools
+
+    flags = {action.dest: action for action in tools.build_default_arg_parser()._actions if action.nargs == 0}
     for key in options:
         if key.startswith("-"):
             raise ConfigError(f"learn.mace.{key}: give mace_run_train options without the leading dashes")
@@ -55,7 +60,18 @@ def mace_arguments(options: dict, train_file: Path, validation: Path | None, wor
         loop["valid_file"] = validation
     if foundation is not None:
         loop.update(foundation_model=foundation, multiheads_finetuning=False)
-    return [f"--{key}={value}" for key, value in {**options, **loop}.items()]
+    args = []
+    for key, value in {**options, **loop}.items():
+        flag = flags.get(key)
+        if flag is None:
+            args.append(f"--{key}={value}")
+        elif not isinstance(value, bool):
+            raise ConfigError(f"learn.mace.{key}: true or false (mace_run_train's --{key} takes no value)")
+        elif value == flag.const:
+            args.append(f"--{key}")
+        elif value != flag.default:
+            raise ConfigError(f"learn.mace.{key}: mace_run_train's --{key} can only make it {flag.const}")
+    return args
 
 
 def pickle_of(compiled: Path) -> Path:
