@@ -92,6 +92,15 @@ def main() -> None:
     labels = loop_labels(run, manifest, final)
     out = {"config": str(args.config.relative_to(ROOT)), "stopped": manifest["stopped"], "final_round": final,
            "labels": len(labels), "rounds": round_rows(manifest), "seconds": {}}
+    print("| round | labels trained | labelled | train s | explore s | select + label s | bookkeeping | steps reached |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for row in out["rounds"]:
+        sec = row["seconds"]
+        share = "" if row["bookkeeping_share"] is None else f"{row['bookkeeping_seconds']:.1f} s ({100 * row['bookkeeping_share']:.1f} %)"
+        print(f"| {row['round']} | {row['labels_trained']} | {row['labelled']} | {sec['train']:.0f} | "
+              f"{sec.get('explore', 0):.0f} | {sec.get('select', 0) + sec.get('label', 0):.1f} | {share} | "
+              + ", ".join(f"{n} {p['status']} {p['halt_step'] if p['status'] == 'halted' else p['final_step']}"
+                          for n, p in row["protocols"].items()) + " |", flush=True)
 
     t = time.perf_counter()
     models["loop labels, from scratch"] = _cached(run, "selected_scratch", lambda: train_from_scratch(

@@ -17,7 +17,7 @@ from pathlib import Path
 from ltau_lmp.learn.config import LearnConfig
 from ltau_lmp.learn.trainers import RoundModel
 
-NEVER = "1e-300"  # an ood p-value no atom reaches: the run never halts
+NEVER = "0 over 1000000000"  # p = 0 in a billion evaluations in a row: the run never halts
 
 
 def validate_round(cfg: LearnConfig, base: Path, r: int, out: Path, stride: int = 100, executor=None) -> dict:
