@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 
@@ -23,11 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_learn)
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _learn(args) -> int:
     from ltau_lmp.learn.config import load_learn_config
     from ltau_lmp.learn.loop import run_learn
 
     cfg, base = load_learn_config(args.config)
+    # SIGTERM (a batch system's time limit, kill) ends the loop like Ctrl-C: the running LAMMPS or
+    # labelling children are stopped with it, and a rerun continues from the manifest
+    signal.signal(signal.SIGTERM, _terminated)
     manifest = run_learn(cfg, base, progress=not args.quiet)
     final = manifest.data.get("final_round", len(manifest.data["rounds"]) - 1)
     trained = manifest.data["rounds"][final]["stages"]["train"]

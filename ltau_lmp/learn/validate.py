@@ -1,10 +1,11 @@
 """Fresh validation runs of a learning loop's protocols, with the reference as the truth.
 
 ``validate_round(cfg, base, r, out)`` (``validate_model`` for any trained model) reruns every
-protocol from its data file with a round's model and estimator, never halting (``halt`` at a
-p-value no atom reaches) and dumping a frame every ``stride`` steps whatever its uncertainty,
-labels the frames with the reference calculator and returns each frame's true max force error and LTAU's largest expected error: how good the
-model of each round really is along the trajectories the loop explores.
+protocol from its data file with a round's model and estimator, never halting (``NEVER``) and
+dumping a frame every ``stride`` steps whatever its uncertainty (``OUT/PROTOCOL/md``), labels the
+frames with the reference calculator (``OUT/PROTOCOL/labels``, resumable) and returns each
+frame's true max force error and LTAU's largest expected error: how good the model of each round
+really is along the trajectories the loop explores.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def validate_model(cfg: LearnConfig, base: Path, trained: RoundModel, out: Path,
     for protocol in cfg.protocols:
         variables = {**protocol.variables, "halt": NEVER, "dump": f"1.0 interval {stride}"}
         run = run_protocol(replace(protocol, variables=variables), trained.model, trained.estimator,
-                           out / protocol.name, launcher=cfg.launcher, root=base, overwrite=True)
+                           out / protocol.name / "md", launcher=cfg.launcher, root=base, overwrite=True)
         frames = read_dumps(run.dumps) if run.dumps else []
         expected = [float(atoms.arrays[SCORE_ARRAY].max()) for atoms in frames]
         for atoms in frames:

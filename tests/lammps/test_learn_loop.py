@@ -184,6 +184,8 @@ def test_validation_runs_with_the_reference(inputs):
         loop.run_learn(cfg, inputs["root"], progress=False)
     res = validate_round(cfg, inputs["root"], 1, inputs["root"] / "validation", stride=5)["hot"]
     assert res["status"] == "completed" and res["steps"] == [0, 5, 10, 15, 20]
+    again = validate_round(cfg, inputs["root"], 1, inputs["root"] / "validation", stride=5)["hot"]  # a rerun
+    assert again["steps"] == res["steps"] and np.allclose(again["true_max"], res["true_max"])
     assert len(res["true_max"]) == len(res["expected_max"]) == 5
     assert np.all(np.array(res["true_max"]) > 0) and np.all(np.array(res["expected_max"]) > 0)
 
@@ -215,3 +217,46 @@ def test_random_baseline_and_scratch_training(inputs):
     model = train_from_scratch(cfg, inputs["root"], run, "random_scratch", drawn, epochs=2)
     assert model.epochs == 2 and model.model.is_file() and (model.estimator / "meta.json").is_file()
     assert len(read_any(run / "baselines" / "random_scratch" / "train.xyz", index=":")) == 6 + 3
+
+
+def test_sigterm_stops_the_loop_and_its_lammps(inputs):
+    """A batch system's SIGTERM to `ltau-lmp learn` ends it like Ctrl-C (exit 130) and stops the
+    LAMMPS run it started; nothing keeps running in the run folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    import yaml
+
+    from ltau_lmp.learn.validate import NEVER
+
+    section = asdict(config(inputs, "sigterm", NEVER))
+    section["protocols"][0]["steps"] = 10_000_000
+    (inputs["root"] / "long.yaml").write_text(yaml.safe_dump({"learn": section}))
+    run = inputs["root"] / "sigterm"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ltau-lmp"), "learn", "long.yaml", "--quiet"],
+                            cwd=inputs["root"], env=env, stderr=subprocess.PIPE)
+
+    def in_run():  # processes whose working folder is inside the run folder
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/cwd").startswith(str(run)):
+                    found.append(int(pid))
+            except OSError:
+                continue
+        return found
+
+    deadline = time.time() + 120
+    while not list(run.glob("rounds/000/explore/hot/.0.*/log.lammps")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    assert in_run(), "LAMMPS did not start"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130 and b"interrupted" in proc.stderr.read()
+    time.sleep(1)
+    assert not in_run()
