@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ase.build import bulk
-from ase.io import read, write
+from ase.io import read
 
+from helpers.learn import SW, tiny_loop_inputs
 from ltau_lmp.data.config import from_dict
-from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
 from ltau_lmp.learn import loop
 from ltau_lmp.learn.config import LearnConfig
-from ltau_lmp.learn.explore import SI_NVT_TEMPLATE
 from ltau_lmp.learn.label import collect_labels
 
 pytestmark = pytest.mark.mpi
@@ -24,13 +22,7 @@ pytestmark = pytest.mark.mpi
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    sets = generate(GenerateConfig(sets={"train": SetSpec(supercells=[2], temperatures=[300], n_frames=8,
-                                                          equil_steps=20, stride=10, seed=1)}),
-                    root / "data", show_progress=False)
-    write(root / "si.data", bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2), format="lammps-data",
-          atom_style="atomic", masses=True)
-    (root / "nvt.in").write_text(SI_NVT_TEMPLATE)
-    return {"root": root, "initial": sets["train"]}
+    return {"root": root, "initial": tiny_loop_inputs(root)}
 
 
 def config(inputs, out: str, halt: str, replicas: int = 1, **stop) -> LearnConfig:
@@ -42,8 +34,7 @@ def config(inputs, out: str, halt: str, replicas: int = 1, **stop) -> LearnConfi
         "train": {"epochs": 3, "batch_size": 2, "threads": 1, "schedule": "none", "early_stopping": 0,
                   "model": {"n_basis": 4, "n_radial": 4, "max_l": 2, "hidden": [16], "latent_dim": 8},
                   "data": {"val_fraction": 0.25}, "error_log": {"skip_epochs": 1}},
-        "reference": {"calculator": "ltau_lmp.data.reference:LAMMPSCalculator",
-                      "kwargs": {"potential": "Si.sw", "pair_style": "sw", "elements": ["Si"]}},
+        "reference": SW,
         "labelling": {"workers": 1}, "selection": {"per_protocol": 2, "per_round": 2},
         "stop": {"max_rounds": 2, **stop}}, "learn")
 

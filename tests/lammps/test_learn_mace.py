@@ -9,17 +9,15 @@ import json
 
 import numpy as np
 import pytest
-from ase.build import bulk
 from ase.io import read, write
 
 from ltau_lmp.data.config import from_dict
-from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate
 from ltau_lmp.learn import loop
 from ltau_lmp.learn.config import LearnConfig
-from ltau_lmp.learn.explore import SI_NVT_TEMPLATE
 
 pytest.importorskip("mace")
 from helpers.archives import SI_HEADER  # noqa: E402
+from helpers.learn import tiny_loop_inputs  # noqa: E402
 from helpers.fix_ltau import in_process  # noqa: E402
 
 from ltau_lmp.errors import ConfigError  # noqa: E402
@@ -36,17 +34,12 @@ MACE = {"name": "si", "model": "MACE", "r_max": 4.0, "num_channels": 8, "max_L":
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn_mace")
-    sets = generate(GenerateConfig(sets={"train": SetSpec(supercells=[2], temperatures=[300], n_frames=8,
-                                                          equil_steps=20, stride=10, seed=1)}),
-                    root / "data", show_progress=False)
-    write(root / "si.data", bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2), format="lammps-data",
-          atom_style="atomic", masses=True)
-    (root / "nvt.in").write_text(SI_NVT_TEMPLATE)
+    initial = tiny_loop_inputs(root)
     protocol = {"name": "hot", "template": "nvt.in", "steps": 20, "ranks": 1,
                 "variables": {"data": "si.data", "temp": "900", "every": "5", "restart_every": "5",
                               "halt": "1.0 over 2", "dump": "1.0"}}
     cfg = from_dict(LearnConfig, {
-        "out_dir": "run", "initial_data": str(sets["train"]), "trainer": "mace", "mace": MACE,
+        "out_dir": "run", "initial_data": str(initial), "trainer": "mace", "mace": MACE,
         "protocols": [protocol], "launcher": "env OMP_NUM_THREADS=1 mpirun -np {ranks}",  # learn_mace.yaml's
         "train": {"seed": 0, "data": {"val_fraction": 0.25}, "error_log": {"skip_epochs": 1}},
         "reference": {"calculator": "ltau_lmp.data.reference:LAMMPSCalculator",

@@ -8,15 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
-from ase.io import read, write
+from ase.io import read
 
 pytest.importorskip("nequip")
+from helpers.learn import tiny_loop_inputs  # noqa: E402
 from helpers.paths import ROOT  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ltau_lmp.data.config import from_dict  # noqa: E402
-from ltau_lmp.data.generate import GenerateConfig, SetSpec, generate  # noqa: E402
 from ltau_lmp.errors import ConfigError  # noqa: E402
 from ltau_lmp.estimator import LTAUEstimator  # noqa: E402
 from ltau_lmp.learn import loop  # noqa: E402
@@ -48,16 +47,11 @@ def config(root, initial, **changes) -> LearnConfig:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn_nequip")
-    sets = generate(GenerateConfig(sets={"train": SetSpec(supercells=[2], temperatures=[300], n_frames=8,
-                                                          equil_steps=20, stride=10, seed=1)}),
-                    root / "data", show_progress=False)
-    write(root / "si.data", bulk("Si", "diamond", a=5.431, cubic=True) * (2, 2, 2), format="lammps-data",
-          atom_style="atomic", masses=True)
     assert PAIR in SI_NVT_TEMPLATE
-    (root / "nvt.in").write_text(SI_NVT_TEMPLATE.replace(PAIR, "pair_style      ltau allow_pickle yes\n"))
+    initial = tiny_loop_inputs(root, SI_NVT_TEMPLATE.replace(PAIR, "pair_style      ltau allow_pickle yes\n"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # nequip-train and LAMMPS: one thread each on the shared cores
-        manifest = loop.run_learn(config(root, sets["train"]), root, progress=False)
+        manifest = loop.run_learn(config(root, initial), root, progress=False)
     return root, manifest
 
 
