@@ -22,3 +22,22 @@ def tiny_loop_inputs(root: Path, template: str = SI_NVT_TEMPLATE) -> Path:
           atom_style="atomic", masses=True)
     (root / "nvt.in").write_text(template)
     return sets["train"]
+
+
+class FailsOnFirstStep:
+    """A stand-in reference (SW) that always raises on the frames of the first step it is asked
+    about (recorded in ``log``): a calculation that fails for good, inside a running loop."""
+
+    def __new__(cls, log, **kwargs):
+        from ltau_lmp.data.reference import LAMMPSCalculator
+
+        class _Failing(LAMMPSCalculator):
+            def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+                path, step = Path(log), atoms.info.get("step")
+                if not path.exists():
+                    path.write_text(str(step))
+                if str(step) == path.read_text():
+                    raise RuntimeError(f"SCF did not converge at step {step}")
+                super().calculate(atoms, properties, system_changes)
+
+        return _Failing(**kwargs)

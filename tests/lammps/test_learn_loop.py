@@ -4,6 +4,7 @@ resumes to the same labels as an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,28 @@ def test_replicas_explore_from_the_same_state(inputs):
         assert p["start_step"] not in steps
 
 
+def test_a_failing_reference_is_recorded_retried_and_the_loop_goes_on(inputs):
+    """The reference raises on one selected frame every time: it is tried 1 + retries times,
+    recorded with its error in the manifest and the labels folder, and the loop trains the next
+    round on the other frame."""
+    from dataclasses import replace
+
+    from ltau_lmp.learn.config import Reference
+
+    log = inputs["root"] / "failing_calls.txt"
+    cfg = replace(config(inputs, "failing", "1.0 over 2"), reference=Reference(
+        "helpers.learn:FailsOnFirstStep", {"log": str(log), **SW["kwargs"]}))
+    manifest = loop.run_learn(cfg, inputs["root"], progress=False)
+    first, second = (rnd["stages"] for rnd in manifest.data["rounds"][:2])
+    assert first["label"]["labelled"] == 1 and len(first["label"]["failed"]) == 1
+    failure = first["label"]["failed"][0]
+    assert "SCF did not converge" in failure["error"] and failure["provenance"]["round"] == 0
+    record = json.loads((inputs["root"] / "failing" / "rounds" / "000" / "labels" / "labels"
+                         / f"{failure['key']}.json").read_text())
+    assert record["status"] == "failed" and record["attempts"] == 1 + cfg.labelling.retries
+    assert second["train"]["labels"] == 1 and manifest.data["stopped"].startswith("max_rounds 2")
+
+
 def test_quiet_protocol_ends_the_loop(inputs):
     manifest = loop.run_learn(config(inputs, "quiet", "1e-300"), inputs["root"], progress=False)
     assert len(manifest.data["rounds"]) == 1 and "every protocol completed" in manifest.data["stopped"]
@@ -185,7 +208,6 @@ def test_random_baseline_and_scratch_training(inputs):
     """The random baseline draws from the loop's own trajectories (each run's first frame, its
     starting state, left out), labels with the reference; a from-scratch model trains on the
     initial frames plus those labels without warm start."""
-    import json
 
     from ase.io import read as read_any
 
