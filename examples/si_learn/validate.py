@@ -75,9 +75,10 @@ def main() -> None:
 
     from ltau_lmp.data.config import resolve
     from ltau_lmp.data.generate import generate, load_generate_config
-    from ltau_lmp.learn.baseline import loop_labels, random_labels, train_from_scratch
+    from ltau_lmp.learn.baseline import random_labels, train_from_scratch
     from ltau_lmp.learn.config import load_learn_config
     from ltau_lmp.learn.label import collect_labels
+    from ltau_lmp.learn.loop import labels_before
     from ltau_lmp.learn.trainers import RoundModel
     from ltau_lmp.learn.validate import validate_model
 
@@ -89,7 +90,7 @@ def main() -> None:
     final = manifest["final_round"]
     models = {"round 0": RoundModel.from_json(manifest["rounds"][0]["stages"]["train"], run),
               "loop (warm start)": RoundModel.from_json(manifest["rounds"][final]["stages"]["train"], run)}
-    labels = loop_labels(run, manifest, final)
+    labels = labels_before(run, final)
     out = {"config": str(args.config.relative_to(ROOT)), "stopped": manifest["stopped"], "final_round": final,
            "labels": len(labels), "rounds": round_rows(manifest), "seconds": {}}
     print("| round | labels trained | labelled | train s | explore s | select + label s | bookkeeping | steps reached |")

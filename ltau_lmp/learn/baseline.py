@@ -61,14 +61,6 @@ def random_labels(cfg: LearnConfig, run: Path, manifest: dict, n: int, seed: int
     return collect_labels(out, [key for key in report.keys if key not in {f.key for f in report.failed}])
 
 
-def loop_labels(run: Path, manifest: dict, final_round: int) -> list:
-    """The labels the loop's model of ``final_round`` trained on (every round before it)."""
-    from ltau_lmp.learn.label import collect_labels
-
-    folders = [run / "rounds" / f"{q:03d}" / "labels" for q in range(final_round)]
-    return [atoms for folder in folders if folder.is_dir() for atoms in collect_labels(folder)]
-
-
 def train_from_scratch(cfg: LearnConfig, base: Path, run: Path, name: str, labels: list,
                        epochs: int | None = None) -> RoundModel:
     """The loop's trainer, without warm start, on the initial training frames + ``labels``."""

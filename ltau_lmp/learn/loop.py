@@ -198,15 +198,12 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     """Round r's model and estimator, trained on the initial data and every label so far."""
     from ase.io import write
 
-    from ltau_lmp.learn.label import collect_labels
-
     done = manifest.stage(r, "train")
     if done:
         return RoundModel.from_json(done, run)
     start = time.perf_counter()
     initial, validation = initial_split(cfg, base, run)
-    labels = [atoms for q in range(r) for atoms in collect_labels(run / "rounds" / f"{q:03d}" / "labels")
-              if (run / "rounds" / f"{q:03d}" / "labels").is_dir()]
+    labels = labels_before(run, r)
     data = folder / "train.xyz"
     write(data, initial + labels, format="extxyz")
     previous = RoundModel.from_json(manifest.stage(r - 1, "train"), run) if cfg.warm_start and r > 0 else None
@@ -219,6 +216,14 @@ def _train(cfg: LearnConfig, base: Path, run: Path, manifest: Manifest, r: int, 
     summary.say(f"round {r}: trained on {entry['structures']} structures ({len(labels)} labels) in "
                    f"{entry['seconds']:.0f} s")
     return trained
+
+
+def labels_before(run: Path, r: int) -> list:
+    """Every label of rounds 0 .. r-1, with its provenance: what round r trains on."""
+    from ltau_lmp.learn.label import collect_labels
+
+    folders = [run / "rounds" / f"{q:03d}" / "labels" for q in range(r)]
+    return [atoms for folder in folders if folder.is_dir() for atoms in collect_labels(folder)]
 
 
 def initial_split(cfg: LearnConfig, base: Path, run: Path) -> tuple[list, Path | None]:

@@ -211,7 +211,7 @@ def test_random_baseline_and_scratch_training(inputs):
 
     from ase.io import read as read_any
 
-    from ltau_lmp.learn.baseline import loop_labels, random_labels, train_from_scratch, trajectory_frames
+    from ltau_lmp.learn.baseline import random_labels, train_from_scratch, trajectory_frames
 
     cfg = config(inputs, "run", "1.0 over 2")
     run = inputs["root"] / "run"
@@ -226,7 +226,7 @@ def test_random_baseline_and_scratch_training(inputs):
     drawn = random_labels(cfg, run, manifest, 3, seed=0, progress=False)
     assert len(drawn) == 3 and {a.info["source"] for a in drawn} <= {a.info["source"] for a in pool}
     assert all(abs(a.get_forces()).max() > 0 for a in drawn)
-    assert len(loop_labels(run, manifest, manifest["final_round"])) == manifest["rounds"][-1]["stages"]["train"]["labels"]
+    assert len(loop.labels_before(run, manifest["final_round"])) == manifest["rounds"][-1]["stages"]["train"]["labels"]
     model = train_from_scratch(cfg, inputs["root"], run, "random_scratch", drawn, epochs=2)
     assert model.epochs == 2 and model.model.is_file() and (model.estimator / "meta.json").is_file()
     assert len(read_any(run / "baselines" / "random_scratch" / "train.xyz", index=":")) == 6 + 3
